@@ -1,0 +1,36 @@
+# The README's two commands: `make run` (the main job) and `make test` (the harness's tests).
+# Both install what is missing first (ci/setup.sh is idempotent and fast when all is there).
+
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: all setup run test test-unit test-slow bench lint clean-runs
+
+all: run
+
+setup:
+	ci/setup.sh
+
+run: setup
+	$(BIN)/pkvm-harness run $(ARGS)
+
+# Unit tests and the integration tests that build (or reuse) and boot real pKVM kernels.
+test: setup lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/boot.py $(ARGS)
+
+lint:
+	shellcheck ci/*.sh .ci/run
+
+clean-runs:
+	rm -rf runs

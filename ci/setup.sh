@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for the pKVM harness on Debian 12 (bookworm).
+# Used by `make run`, `make test`, CI and the Vagrantfile, so every place installs the same things.
+# Usage: ci/setup.sh [--venv DIR]   (run as root, or with sudo available)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv="${here}/.venv"
+if [ "${1:-}" = "--venv" ]; then venv="$2"; fi
+
+# Debian packages the harness needs on the host: one list, shared with `pkvm-harness doctor`.
+mapfile -t host_pkgs < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "${here}/ci/debian-packages.txt" | awk '{print $1}')
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for p in "${host_pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+# arm64 user space (busybox-static:arm64 and later dropbear) is fetched with `apt-get download`,
+# which needs the foreign architecture enabled.
+need_update=0
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "setup: enabling the arm64 architecture for arm64 user-space packages"
+  as_root dpkg --add-architecture arm64
+  need_update=1
+fi
+if [ "${#missing[@]}" -gt 0 ] || [ "$need_update" = 1 ] \
+   || ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+  echo "setup: apt-get update"
+  as_root apt-get update -q
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "setup: Debian packages present"
+fi
+
+# Python virtual environment with pinned dependencies; re-installed only when the pins change.
+stamp="${venv}/.requirements.sha256"
+want=$(cat "${here}/requirements.lock" "${here}/pyproject.toml" | sha256sum | cut -d' ' -f1)
+if [ ! -x "${venv}/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating the Python environment in ${venv}"
+  python3 -m venv "$venv"
+  "${venv}/bin/pip" install -q --upgrade pip
+  "${venv}/bin/pip" install -q -r "${here}/requirements.lock"
+  "${venv}/bin/pip" install -q --no-deps -e "$here"
+  echo "$want" > "$stamp"
+else
+  echo "setup: Python environment up to date"
+fi

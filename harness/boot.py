@@ -1,0 +1,87 @@
+"""Boot a pKVM host under QEMU and judge it: the boot stage of every run."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+
+from harness import verdict
+from harness.errors import UsageError
+from harness.targets.qemu import QemuMachine, QemuSpec
+
+# Kernel output that proves QEMU got as far as running the kernel.
+_KERNEL_STARTED = "Booting Linux on physical CPU"
+# After a panic line, keep reading this long for the rest of the trace (QEMU exits by itself).
+_PANIC_GRACE = 5.0
+_POWEROFF_DEADLINE = 15.0
+
+
+@dataclass
+class BootResult:
+    verdict: verdict.BootVerdict
+    seconds_to_pkvm: float | None
+    seconds_to_ready: float | None
+    seconds_total: float
+    qemu_exit: int | None
+    console_log: Path
+
+
+class QemuStartError(UsageError):
+    """QEMU exited before the kernel printed anything: almost always a bad option."""
+    stage = "boot"
+
+
+def _compile(rx: str) -> re.Pattern[bytes]:
+    return re.compile(rx.encode())
+
+
+def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str,
+         expect_mode: str | None = None, keep_running=None) -> BootResult:
+    """Boot, wait for the ready marker (or a failure), power off, and judge the console.
+
+    `keep_running(machine, console)` is called once the shell is ready, before power-off: later
+    stages (suites) hook in there. Whatever happens, QEMU is stopped before this returns.
+    """
+    panic_rx = "|".join(p.regex.pattern for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC)
+    patterns = [_compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(ready_marker) + r" "),
+                _compile(panic_rx), pexpect.EOF, pexpect.TIMEOUT]
+    t_pkvm = t_ready = None
+    timed_out = False
+    with QemuMachine(spec, console_log) as machine:
+        console = machine.start()
+        t0 = machine.started_at
+        deadline = t0 + timeout
+        while True:
+            idx = console.expect(patterns, deadline)
+            now = time.monotonic() - t0
+            if idx == 0:
+                t_pkvm = t_pkvm or now
+                continue
+            if idx == 1:
+                t_ready = now
+                break
+            if idx == 2:
+                console.drain(_PANIC_GRACE)
+                break
+            if idx == 4:
+                timed_out = True
+            break
+        if t_ready is not None:
+            if keep_running:
+                keep_running(machine, console)
+            console.sendline("poweroff -f")
+            machine.wait_exit(_POWEROFF_DEADLINE)
+        machine.stop()
+        text = console.text()
+    total = time.monotonic() - t0
+    if _KERNEL_STARTED not in text and not timed_out:
+        qemu_says = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = qemu_says[-1] if qemu_says else "no output"
+        raise QemuStartError(f"QEMU exited at start (status {machine.exit_status}): {detail[:300]}",
+                             hint="check --cpu, --smp, --mem and --qemu-arg; the command is in qemu-cmd.sh")
+    v = verdict.judge(text, ready_marker=ready_marker, timed_out=timed_out, expect_mode=expect_mode)
+    return BootResult(v, t_pkvm, t_ready, total, machine.exit_status, console_log)

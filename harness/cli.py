@@ -1,0 +1,165 @@
+"""pkvm-harness: one subcommand per user task.
+
+Exit codes (also in the README): 0 pass, 1 test failure, 2 bad usage or missing prerequisite,
+3 kernel or EL2 panic, 4 timeout, 5 infrastructure error, 6 kernel build failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from harness import doctor, pipeline
+from harness.errors import ExitCode, HarnessError
+from harness.paths import default_cache_dir, default_runs_dir
+
+EPILOG = ("exit codes: 0 pass, 1 test failure, 2 bad usage/missing prerequisite, 3 kernel or EL2 panic, "
+          "4 timeout, 5 infrastructure error, 6 kernel build failure, 130 interrupted")
+
+
+def _kernel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kernel")
+    g.add_argument("--kernel-src", type=Path, metavar="PATH",
+                   help="kernel tree (git or plain) or source tarball; default: Debian's linux-source-6.12")
+    g.add_argument("--config", action="append", default=[], metavar="FRAGMENT", dest="fragments",
+                   help="extra config fragment: a path or a name in kernel_configs/ (repeatable; "
+                        "pkvm.config is always applied first)")
+    g.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y",
+                   help="one extra config option, applied last (repeatable)")
+    g.add_argument("--cross-compile", default="aarch64-linux-gnu-", metavar="PREFIX",
+                   help="cross toolchain prefix (default: %(default)s)")
+    g.add_argument("-j", "--jobs", type=int, metavar="N", help="make jobs (default: one per core)")
+    g.add_argument("--build-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="deadline for one kernel build (default: %(default)s)")
+
+
+def _boot_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("boot")
+    g.add_argument("--cpu", default="max",
+                   help="QEMU -cpu: max gives hVHE, cortex-a72 gives nVHE (default: %(default)s)")
+    g.add_argument("--smp", type=int, default=2, help="vCPUs of the pKVM host (default: %(default)s)")
+    g.add_argument("--mem", default="1024", help="QEMU -m, MiB or with a suffix (default: %(default)s)")
+    g.add_argument("--append", action="append", default=[], metavar="ARGS",
+                   help="extra kernel command-line arguments (repeatable)")
+    g.add_argument("--qemu", default="qemu-system-aarch64", metavar="PATH", help="QEMU binary")
+    g.add_argument("--qemu-arg", action="append", default=[], dest="qemu_args", metavar="ARG",
+                   help="extra QEMU argument (repeatable; use --qemu-arg=-foo for dashes)")
+    g.add_argument("--boot-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="deadline from QEMU start to the shell (default: %(default)s)")
+    g.add_argument("--expect-mode", choices=["nvhe", "hvhe"],
+                   help="fail unless pKVM comes up in this mode")
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="kernel sources, builds and images (default: %(default)s; env PKVM_HARNESS_CACHE)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="pkvm-harness", description="Build, boot and test arm64 protected KVM.",
+                                  epilog=EPILOG)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="list prerequisites, whether each is there, and the fix")
+    _common_args(p)
+
+    p = sub.add_parser("build", help="configure and build the kernel (or reuse the cache)", epilog=EPILOG)
+    _common_args(p)
+    _kernel_args(p)
+
+    p = sub.add_parser("rootfs", help="assemble the initramfs and print its path", epilog=EPILOG)
+    _common_args(p)
+
+    for name, helptext in (("run", "build, boot with kvm-arm.mode=protected, run the checks (the main job)"),
+                           ("boot", "build and boot; --interactive hands you the console")):
+        p = sub.add_parser(name, help=helptext, epilog=EPILOG)
+        _common_args(p)
+        _kernel_args(p)
+        _boot_args(p)
+        p.add_argument("--runs-dir", type=Path, default=default_runs_dir(),
+                       help="where run directories go (default: %(default)s; env PKVM_HARNESS_RUNS)")
+        if name == "boot":
+            p.add_argument("--interactive", action="store_true",
+                           help="after the ready marker, attach your terminal to the console (Ctrl-] detaches)")
+    return top
+
+
+def _kernel_options(a: argparse.Namespace) -> pipeline.KernelOptions:
+    return pipeline.KernelOptions(kernel_src=a.kernel_src, fragments=a.fragments, kconfig=a.kconfig,
+                                  cross_compile=a.cross_compile, jobs=a.jobs, build_timeout=a.build_timeout)
+
+
+def _boot_options(a: argparse.Namespace) -> pipeline.BootOptions:
+    mode = {"nvhe": "nVHE", "hvhe": "hVHE"}.get(a.expect_mode or "")
+    return pipeline.BootOptions(cpu=a.cpu, smp=a.smp, mem=a.mem, append=a.append, qemu=a.qemu,
+                                qemu_args=a.qemu_args, timeout=a.boot_timeout, expect_mode=mode)
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    results = doctor.checks(a.cache_dir)
+    print(doctor.render(results))
+    return ExitCode.PASS if all(c.ok for c in results) else ExitCode.USAGE
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from harness.kernel.build import build
+    k = build(pipeline.build_request(_kernel_options(a), a.cache_dir, quiet=a.quiet))
+    how = "reused from cache" if k.reused else f"built in {k.meta['build_seconds']:.0f}s"
+    print(f"kernel {k.meta['version']} ({how}): {k.dir}")
+    return ExitCode.PASS
+
+
+def cmd_rootfs(a: argparse.Namespace) -> int:
+    from harness.image.initramfs import build_initramfs
+    img = build_initramfs(a.cache_dir)
+    print(f"initramfs {img.path} sha256 {img.sha256} from {', '.join(img.packages)}")
+    return ExitCode.PASS
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    bopts = _boot_options(a)
+    interactive = getattr(a, "interactive", False)
+    out = pipeline.run(_kernel_options(a), bopts, a.cache_dir, a.runs_dir, quiet=a.quiet,
+                       interactive=interactive)
+    r = out.result
+    k = r.get("kernel", {})
+    b = r.get("boot", {})
+    if k:
+        how = "reused" if k["reused"] else f"built in {k['build_seconds']:.0f}s"
+        print(f"kernel: Linux {k['version']} ({how}, key {k['cache_key']})")
+    if b:
+        print(f"boot:   -cpu {b['cpu']} -smp {b['smp']} -m {b['mem']}: pKVM {b['pkvm_mode'] or 'not up'}"
+              f" at {b['seconds_to_pkvm']}s, shell at {b['seconds_to_ready']}s")
+    print(f"result: {r['outcome'].upper()}: {r['reason']}")
+    for event in r.get("events", [])[:1]:
+        print(f"--- console around line {event['line_no']} ({event['kind']}) ---")
+        print("\n".join(event["excerpt"][:30]))
+    print(f"run dir: {out.run_dir}")
+    return out.exit_code
+
+
+COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so every `finally` and context manager stops what it started
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(COMMANDS[args.command](args))
+    except HarnessError as e:
+        print(f"pkvm-harness: error: {e.one_line()}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("pkvm-harness: interrupted; QEMU and make were stopped", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""`pkvm-harness doctor`: every prerequisite, whether it is there, and the command that fixes it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import REPO_ROOT
+from harness.kernel.source import DEFAULT_TARBALL
+
+PACKAGES_FILE = REPO_ROOT / "ci" / "debian-packages.txt"
+PYTHON_MODULES = {"pexpect": "pexpect", "elftools": "pyelftools", "paramiko": "paramiko",
+                  "jinja2": "jinja2", "qemu.qmp": "qemu.qmp", "pytest": "pytest"}
+TOOLS = ("qemu-system-aarch64", "aarch64-linux-gnu-gcc", "gdb-multiarch", "make", "tar", "git", "dpkg-deb")
+MIN_FREE_GIB = 8
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str
+
+
+def debian_packages() -> list[str]:
+    names = []
+    for line in PACKAGES_FILE.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
+    return names
+
+
+def _installed(packages: list[str]) -> set[str]:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *packages],
+                       capture_output=True, text=True)
+    return {line.split()[0] for line in r.stdout.splitlines() if line.endswith("install ok installed")}
+
+
+def checks(cache_dir: Path) -> list[Check]:
+    out: list[Check] = []
+    pkgs = debian_packages()
+    have = _installed(pkgs) if shutil.which("dpkg-query") else set()
+    for p in pkgs:
+        out.append(Check(f"deb {p}", p in have, "installed" if p in have else "missing",
+                         f"apt-get install -y {p}   (or: make setup)"))
+    foreign = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True,
+                             text=True).stdout.split() if shutil.which("dpkg") else []
+    out.append(Check("dpkg arch arm64", "arm64" in foreign,
+                     "enabled" if "arm64" in foreign else "not enabled (needed for busybox-static:arm64)",
+                     "dpkg --add-architecture arm64 && apt-get update"))
+    for tool in TOOLS:
+        path = shutil.which(tool)
+        out.append(Check(f"tool {tool}", bool(path), path or "not on PATH", "make setup"))
+    out.append(Check("kernel source", DEFAULT_TARBALL.is_file(), str(DEFAULT_TARBALL),
+                     "apt-get install -y linux-source-6.12"))
+    for module, dist in PYTHON_MODULES.items():
+        found = importlib.util.find_spec(module.split(".")[0]) is not None
+        if found and "." in module:
+            found = importlib.util.find_spec(module) is not None
+        out.append(Check(f"python {dist}", found, "importable" if found else "missing",
+                         "make setup   (creates .venv with requirements.lock)"))
+    probe = cache_dir if cache_dir.exists() else next(p for p in cache_dir.parents if p.exists())
+    free = shutil.disk_usage(probe).free / 2**30
+    out.append(Check("disk space", free >= MIN_FREE_GIB, f"{free:.0f} GiB free at {probe}",
+                     f"free at least {MIN_FREE_GIB} GiB or pass --cache-dir on a bigger disk"))
+    return out
+
+
+def render(results: list[Check]) -> str:
+    width = max(len(c.name) for c in results)
+    lines = []
+    for c in results:
+        status = "ok     " if c.ok else "MISSING"
+        line = f"{status} {c.name:<{width}}  {c.detail}"
+        if not c.ok:
+            line += f"\n        {'':<{width}}  fix: {c.fix}"
+        lines.append(line)
+    missing = sum(not c.ok for c in results)
+    lines.append(f"{len(results) - missing} ok, {missing} missing")
+    return "\n".join(lines)

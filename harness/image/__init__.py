@@ -1,0 +1,1 @@
+"""Root filesystem assembly: newc cpio written from Python, arm64 packages, init template."""

@@ -1,0 +1,72 @@
+"""arm64 Debian packages for the initramfs: fetched once with `apt-get download`, cached, and
+read with `dpkg-deb --fsys-tarfile`, so nothing is installed on the host."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import REPO_ROOT
+from harness.errors import InfraError, UsageError
+from harness.fsutil import file_lock
+
+PACKAGES_FILE = REPO_ROOT / "rootfs" / "packages.txt"
+
+
+@dataclass(frozen=True)
+class PackageFiles:
+    package: str
+    files: tuple[str, ...]   # paths inside the package, without a leading "./"
+
+
+def read_package_list(path: Path = PACKAGES_FILE) -> list[PackageFiles]:
+    out = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].split()
+        if not line:
+            continue
+        if len(line) < 2:
+            raise UsageError(f"{path}:{lineno}: expected 'package file...'", hint="name the files to take")
+        out.append(PackageFiles(line[0], tuple(line[1:])))
+    return out
+
+
+def fetch_deb(package: str, cache_dir: Path) -> Path:
+    """The cached .deb of `package` for arm64, downloading it the first time."""
+    debs = cache_dir / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    with file_lock(debs / ".lock"):
+        found = sorted(debs.glob(f"{package}_*_arm64.deb"))
+        if found:
+            return found[-1]
+        r = subprocess.run(["apt-get", "download", f"{package}:arm64"], cwd=debs,
+                           capture_output=True, text=True)
+        found = sorted(debs.glob(f"{package}_*_arm64.deb"))
+        if r.returncode != 0 or not found:
+            reason = (r.stderr.strip().splitlines() or ["no .deb appeared"])[-1]
+            raise InfraError(f"could not download {package}:arm64: {reason}",
+                             hint="run `make setup` (it enables the arm64 architecture and runs apt-get update)")
+        return found[-1]
+
+
+def extract(deb: Path, members: tuple[str, ...]) -> dict[str, tuple[bytes, int]]:
+    """Read files out of a .deb: {path: (bytes, permission bits)}; symlinks are followed."""
+    r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+    if r.returncode != 0:
+        raise InfraError(f"cannot read {deb}: {r.stderr.decode(errors='replace').strip()}",
+                         hint=f"delete {deb} and run again to download it afresh")
+    out: dict[str, tuple[bytes, int]] = {}
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        for member in members:
+            try:
+                info = tar.getmember("./" + member)
+            except KeyError:
+                raise InfraError(f"{deb.name} has no {member}",
+                                 hint=f"fix {PACKAGES_FILE.name}") from None
+            f = tar.extractfile(info)
+            assert f is not None
+            out[member] = (f.read(), info.mode & 0o7777)
+    return out

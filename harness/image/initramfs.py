@@ -1,0 +1,65 @@
+"""Assemble the pKVM host's initramfs: busybox, /dev/console and a rendered /init.
+
+Images are content-addressed in the cache (initramfs/<sha256>.cpio), so a run records exactly
+which image it booted and equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from harness import REPO_ROOT
+from harness.fsutil import atomic_write_bytes
+from harness.image import debs
+from harness.image.cpio import Entry, write_newc
+
+READY_MARKER = "PKVM-HARNESS-READY"
+PROMPT = "pkvm-host# "
+TEMPLATE_DIR = REPO_ROOT / "rootfs"
+
+
+@dataclass(frozen=True)
+class Initramfs:
+    path: Path
+    sha256: str
+    packages: tuple[str, ...]   # .deb file names it was made from
+
+
+def render_init(ready_marker: str = READY_MARKER, prompt: str = PROMPT, hostname: str = "pkvm-host") -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    return env.get_template("init.j2").render(ready_marker=ready_marker, prompt=prompt, hostname=hostname)
+
+
+def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
+    items = [
+        Entry.file("init", render_init().encode(), 0o755),
+        # The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
+        Entry.chardev("dev/console", 5, 1),
+        Entry.directory("proc"), Entry.directory("sys"), Entry.directory("tmp", 0o1777),
+        Entry.directory("root", 0o700), Entry.directory("etc"),
+        Entry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        Entry.file("etc/group", b"root:x:0:\n"),
+        Entry.symlink("bin/sh", "busybox"),
+    ]
+    used = []
+    for pkg in debs.read_package_list():
+        deb = debs.fetch_deb(pkg.package, cache_dir)
+        used.append(deb.name)
+        for path, (data, perm) in debs.extract(deb, pkg.files).items():
+            items.append(Entry.file(path, data, perm))
+    return items, tuple(used)
+
+
+def build_initramfs(cache_dir: Path) -> Initramfs:
+    items, used = entries(cache_dir)
+    data = write_newc(items)
+    digest = hashlib.sha256(data).hexdigest()
+    path = cache_dir / "initramfs" / f"{digest[:24]}.cpio"
+    if not path.is_file():
+        atomic_write_bytes(path, data)
+    return Initramfs(path, digest, used)

@@ -1,0 +1,1 @@
+"""Kernel source, configuration, build and artifact cache."""

@@ -1,0 +1,184 @@
+"""Find the kernel source to build and say exactly which source it is.
+
+The identity string feeds the build cache key: a git commit plus a hash of any uncommitted
+change, the hash of a tarball, or a hash of a plain tree's file list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import InfraError, UsageError
+from harness.fsutil import atomic_dir, atomic_write_text, file_lock, sha256_file
+from harness.progress import Progress
+
+DEFAULT_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
+TARBALL_SUFFIXES = (".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tgz")
+# A file only pKVM kernels have: its presence says the tree can run protected mode at all.
+PKVM_MARKER = Path("arch/arm64/kvm/hyp/nvhe/page_alloc.c")
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    tree: Path        # what `make -C` gets; never written to (builds use O=)
+    identity: str     # stable id of the exact source content
+    version: str      # e.g. "6.12.117"
+    origin: str       # what the user gave, for reports
+
+    @property
+    def version_tuple(self) -> tuple[int, int, int]:
+        nums = [int(x) for x in re.findall(r"\d+", self.version)[:3]]
+        return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
+
+
+def resolve(kernel_src: Path | None, cache_dir: Path, *, quiet: bool = False) -> KernelSource:
+    """Resolve --kernel-src (a tree or a tarball) or the default Debian tarball."""
+    if kernel_src is None:
+        if not DEFAULT_TARBALL.is_file():
+            raise UsageError(f"the default kernel source {DEFAULT_TARBALL} is missing",
+                             hint="run `make setup` (installs linux-source-6.12) or pass --kernel-src PATH")
+        return _from_tarball(DEFAULT_TARBALL, cache_dir, quiet=quiet)
+    path = kernel_src.expanduser()
+    if not path.exists():
+        raise UsageError(f"--kernel-src {kernel_src} does not exist",
+                         hint="pass the root of a Linux kernel tree, or a linux-source tarball")
+    path = path.resolve()
+    if path.is_file():
+        if not path.name.endswith(TARBALL_SUFFIXES):
+            raise UsageError(f"--kernel-src {path} is a file but not a tarball",
+                             hint="pass a kernel tree directory or a .tar.xz/.tar.gz source tarball")
+        return _from_tarball(path, cache_dir, quiet=quiet)
+    return _from_tree(path)
+
+
+def check_linux_tree(tree: Path) -> str:
+    """Validate a tree and return its kernel version; raise a UsageError that says what to do."""
+    makefile = tree / "Makefile"
+    version = _makefile_version(makefile) if makefile.is_file() else None
+    if version is None or not (tree / "Kconfig").is_file() or not (tree / "arch/arm64").is_dir():
+        raise UsageError(f"{tree} is not a Linux kernel tree (no top-level Makefile with VERSION, "
+                         "Kconfig and arch/arm64)",
+                         hint="pass the root of a kernel checkout to --kernel-src")
+    if not (tree / PKVM_MARKER).is_file():
+        raise UsageError(f"{tree} (Linux {version}) has no {PKVM_MARKER}, so it cannot run pKVM",
+                         hint="use Linux 5.13 or later")
+    for leftover in (".config", "include/config/auto.conf", "include/generated"):
+        if (tree / leftover).exists():
+            raise UsageError(f"{tree} holds in-tree build output ({leftover}); the harness builds "
+                             "with O= and kbuild refuses an unclean source tree",
+                             hint=f"run `make -C {tree} mrproper` or pass a clean checkout")
+    return version
+
+
+def _makefile_version(makefile: Path) -> str | None:
+    fields: dict[str, str] = {}
+    with open(makefile, errors="replace") as f:
+        for _, line in zip(range(20), f):
+            m = re.match(r"^(VERSION|PATCHLEVEL|SUBLEVEL|EXTRAVERSION)\s*=\s*(\S*)", line)
+            if m:
+                fields[m.group(1)] = m.group(2)
+    if not fields.get("VERSION", "").isdigit():
+        return None
+    version = f"{fields['VERSION']}.{fields.get('PATCHLEVEL', '0')}"
+    if fields.get("SUBLEVEL", "0") not in ("", "0"):
+        version += f".{fields['SUBLEVEL']}"
+    return version + fields.get("EXTRAVERSION", "")
+
+
+def _from_tree(tree: Path) -> KernelSource:
+    version = check_linux_tree(tree)
+    if (tree / ".git").exists():
+        identity = _git_identity(tree)
+    else:
+        identity = "tree:" + _tree_listing_hash(tree)
+    return KernelSource(tree=tree, identity=identity, version=version, origin=str(tree))
+
+
+def _git(tree: Path, *args: str) -> bytes:
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # reading must not rewrite the user's index
+    try:
+        return subprocess.run(["git", "-C", str(tree), *args], check=True, env=env,
+                              capture_output=True).stdout
+    except FileNotFoundError:
+        raise UsageError("git is not installed", hint="run `make setup`") from None
+    except subprocess.CalledProcessError as e:
+        raise UsageError(f"git {' '.join(args)} failed in {tree}: "
+                         f"{e.stderr.decode(errors='replace').strip()}",
+                         hint="check that --kernel-src is a healthy git checkout") from None
+
+
+def _git_identity(tree: Path) -> str:
+    """Commit id, plus a hash of tracked changes and untracked files if the tree is dirty."""
+    commit = _git(tree, "rev-parse", "HEAD").decode().strip()
+    h = hashlib.sha256()
+    diff = _git(tree, "diff", "HEAD", "--binary")
+    h.update(diff)
+    untracked = [p for p in _git(tree, "ls-files", "-o", "--exclude-standard", "-z").split(b"\0") if p]
+    for rel in sorted(untracked):
+        h.update(rel + b"\0")
+        f = tree / rel.decode(errors="surrogateescape")
+        if f.is_file():
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    if diff or untracked:
+        return f"git:{commit}+dirty:{h.hexdigest()[:16]}"
+    return f"git:{commit}"
+
+
+def _tree_listing_hash(tree: Path) -> str:
+    """Hash of every file's path, size and mtime: a plain tree has no better identity."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(tree):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            h.update(f"{os.path.relpath(p, tree)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _tarball_sha256(tarball: Path, cache_dir: Path) -> str:
+    """sha256 of a tarball, remembered by (path, size, mtime) so warm runs do not rehash."""
+    memo_path = cache_dir / "src" / "tarball-ids.json"
+    st = tarball.stat()
+    key = f"{tarball}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (FileNotFoundError, ValueError):
+        memo = {}
+    if key not in memo:
+        memo[key] = sha256_file(tarball)
+        atomic_write_text(memo_path, json.dumps(memo, indent=1))
+    return memo[key]
+
+
+def _from_tarball(tarball: Path, cache_dir: Path, *, quiet: bool) -> KernelSource:
+    digest = _tarball_sha256(tarball, cache_dir)
+    stem = tarball.name
+    for suffix in TARBALL_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    entry = cache_dir / "src" / f"{stem}-{digest[:12]}"
+    with file_lock(cache_dir / "src" / f".{entry.name}.lock"):
+        if not entry.is_dir():
+            progress = Progress("unpack", quiet=quiet)
+            progress.note(f"unpacking {tarball} into {entry} (once)")
+            with atomic_dir(entry) as tmp:
+                r = subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp)],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise InfraError(f"could not unpack {tarball}: {r.stderr.strip()[:300]}",
+                                     hint="check the tarball and free disk space")
+            progress.done("unpacked")
+    children = [c for c in entry.iterdir() if c.is_dir()]
+    tree = children[0] if len(children) == 1 else entry
+    version = check_linux_tree(tree)
+    return KernelSource(tree=tree, identity=f"tarball:{digest}", version=version,
+                        origin=str(tarball))

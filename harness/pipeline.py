@@ -1,0 +1,146 @@
+"""The `run` pipeline: source -> config -> build -> initramfs -> boot -> verdict -> run directory.
+
+Inputs are validated before anything is written; each stage's failure is recorded in the run
+directory's result.json with the exit code of its kind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import rundir
+from harness.boot import BootResult, boot
+from harness.errors import BuildError, ExitCode, HarnessError
+from harness.image.initramfs import READY_MARKER, Initramfs, build_initramfs
+from harness.kernel import config as kconfig
+from harness.kernel import source as ksource
+from harness.kernel.build import BuildRequest, KernelArtifacts, build
+from harness.targets.qemu import QemuSpec, find_qemu, qmp_socket_path
+
+
+@dataclass
+class KernelOptions:
+    kernel_src: Path | None = None
+    fragments: list[str] = field(default_factory=list)
+    kconfig: list[str] = field(default_factory=list)
+    cross_compile: str = "aarch64-linux-gnu-"
+    jobs: int | None = None
+    build_timeout: float = 3600.0
+
+
+@dataclass
+class BootOptions:
+    cpu: str = "max"
+    smp: int = 2
+    mem: str = "1024"
+    append: list[str] = field(default_factory=list)
+    qemu: str = "qemu-system-aarch64"
+    qemu_args: list[str] = field(default_factory=list)
+    timeout: float = 120.0
+    expect_mode: str | None = None
+
+
+def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> BuildRequest:
+    """Validate the kernel inputs (no build yet): source, fragments, compiler."""
+    requested = kconfig.merge(opts.fragments, opts.kconfig)
+    source = ksource.resolve(opts.kernel_src, cache_dir, quiet=quiet)
+    req = BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
+                       cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,
+                       **({"jobs": opts.jobs} if opts.jobs else {}))
+    return req
+
+
+def qemu_spec(b: BootOptions, kernel: KernelArtifacts, initramfs: Initramfs, run_dir: Path) -> QemuSpec:
+    return QemuSpec(kernel=kernel.image, initrd=initramfs.path, qmp_socket=qmp_socket_path(run_dir),
+                    cpu=b.cpu, smp=b.smp, mem=b.mem, append=" ".join(b.append), qemu=b.qemu,
+                    extra_args=tuple(b.qemu_args))
+
+
+def kernel_summary(k: KernelArtifacts) -> dict:
+    return {"version": k.meta["version"], "source": k.meta["source"], "origin": k.meta["origin"],
+            "cache_key": k.key, "reused": k.reused, "build_seconds": k.meta["build_seconds"],
+            "cold_build": k.meta["cold"], "artifacts": str(k.dir)}
+
+
+def boot_summary(spec: QemuSpec, r: BootResult) -> dict:
+    return {"cpu": spec.cpu, "smp": spec.smp, "mem": spec.mem, "cmdline": spec.cmdline(),
+            "qemu_exit": r.qemu_exit, "pkvm_mode": r.verdict.pkvm_mode,
+            "seconds_to_pkvm": _round(r.seconds_to_pkvm), "seconds_to_ready": _round(r.seconds_to_ready),
+            "seconds_total": _round(r.seconds_total)}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+@dataclass
+class RunOutcome:
+    exit_code: ExitCode
+    run_dir: Path
+    result: dict
+
+
+def run(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path,
+        quiet: bool = False, interactive: bool = False) -> RunOutcome:
+    req = build_request(kopts, cache_dir, quiet=quiet)   # bad input fails here, before any write
+    find_qemu(bopts.qemu)
+    run_dir = rundir.create(runs_dir)
+    started = time.time()
+    result: dict = {"command": "run", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "run_dir": str(run_dir.resolve())}
+    stage = "build"
+    try:
+        kernel = build(req)
+        result["kernel"] = kernel_summary(kernel)
+        shutil.copy2(kernel.config, run_dir / "kernel.config")
+        stage = "rootfs"
+        initramfs = build_initramfs(cache_dir)
+        result["initramfs"] = {"path": str(initramfs.path), "sha256": initramfs.sha256,
+                               "packages": list(initramfs.packages)}
+        stage = "boot"
+        spec = qemu_spec(bopts, kernel, initramfs, run_dir)
+        rundir.write_qemu_command(run_dir, spec.shell_line())
+        r = boot(spec, run_dir / "console.log", timeout=bopts.timeout, ready_marker=READY_MARKER,
+                 expect_mode=bopts.expect_mode, keep_running=_interact if interactive else None)
+        result["boot"] = boot_summary(spec, r)
+        result.update(outcome=r.verdict.outcome.value, reason=r.verdict.reason,
+                      stage="pass" if r.verdict.exit_code == ExitCode.PASS else _failed_stage(r),
+                      events=[e.__dict__ for e in r.verdict.events])
+        code = r.verdict.exit_code
+    except HarnessError as e:
+        if isinstance(e, BuildError) and e.log.is_file():
+            shutil.copy2(e.log, run_dir / "build.log")
+        result.update(outcome="error", stage=e.stage if e.stage != "usage" else stage,
+                      reason=e.one_line(), events=[])
+        code = e.exit_code
+        _finish(run_dir, result, code, started)
+        raise
+    except KeyboardInterrupt:
+        result.update(outcome="interrupted", stage=stage, reason="interrupted (Ctrl-C or SIGTERM)", events=[])
+        _finish(run_dir, result, ExitCode.INTERRUPTED, started)
+        raise
+    _finish(run_dir, result, code, started)
+    return RunOutcome(code, run_dir, result)
+
+
+def _interact(machine, console) -> None:
+    print("pkvm-harness: console attached; Ctrl-] detaches and powers the machine off", flush=True)
+    console.child.interact(escape_character="\x1d")
+
+
+def _failed_stage(r: BootResult) -> str:
+    kinds = {e.kind for e in r.verdict.events}
+    if kinds & {"el2-panic", "el2-bug"}:
+        return "el2-panic"
+    if r.verdict.outcome.value == "timeout":
+        return "boot-timeout"
+    return "pkvm-init" if r.verdict.pkvm_mode is None else "boot-checks"
+
+
+def _finish(run_dir: Path, result: dict, code: ExitCode, started: float) -> None:
+    result["exit_code"] = int(code)
+    result["duration_s"] = round(time.time() - started, 2)
+    rundir.write_result(run_dir, result)

@@ -1,0 +1,46 @@
+"""Run directories: one per run, holding everything needed to understand it later.
+
+  console.log    the serial console, raw
+  qemu-cmd.sh    the exact QEMU command, pasteable
+  kernel.config  the .config that was built
+  result.json    the machine-readable verdict (schema_version 1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from harness.fsutil import atomic_write_text
+
+RESULT_SCHEMA_VERSION = 1
+
+
+def create(runs_dir: Path, name: str | None = None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_dir / (name or f"{stamp}-{secrets.token_hex(3)}")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    latest = runs_dir / "latest"
+    try:
+        tmp = runs_dir / f".latest.{os.getpid()}"
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)
+    except OSError:
+        pass  # a convenience only
+    return run_dir
+
+
+def write_qemu_command(run_dir: Path, shell_line: str) -> Path:
+    path = run_dir / "qemu-cmd.sh"
+    atomic_write_text(path, f"#!/bin/sh\n# The QEMU command of this run; paste it to boot the same machine.\n{shell_line}\n")
+    path.chmod(0o755)
+    return path
+
+
+def write_result(run_dir: Path, result: dict) -> Path:
+    path = run_dir / "result.json"
+    atomic_write_text(path, json.dumps({"schema_version": RESULT_SCHEMA_VERSION, **result}, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Everything that talks to a machine under test: QEMU processes and their consoles."""

@@ -1,0 +1,140 @@
+"""Start and stop qemu-system-aarch64 for a pKVM host.
+
+The machine is always `virt,virtualization=on` (EL2 for the host kernel) with GICv3; the kernel
+command line always asks for `kvm-arm.mode=protected`. QEMU is always ended, by its PID: first
+politely over QMP, then by signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+
+from harness.errors import UsageError
+from harness.targets import qmp
+from harness.targets.console import Console
+
+MACHINE = "virt,virtualization=on,gic-version=3"
+BASE_CMDLINE = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 rdinit=/init"
+# AF_UNIX paths are limited to 108 bytes; longer run-dir paths get a socket in /tmp.
+_SUN_PATH_MAX = 100
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    kernel: Path
+    initrd: Path
+    qmp_socket: Path
+    cpu: str = "max"
+    smp: int = 2
+    mem: str = "1024"
+    append: str = ""
+    qemu: str = "qemu-system-aarch64"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def cmdline(self) -> str:
+        return f"{BASE_CMDLINE} {self.append}".strip()
+
+    def argv(self) -> list[str]:
+        return [
+            self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), "-m", self.mem,
+            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline(),
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            *self.extra_args,
+        ]
+
+    def shell_line(self) -> str:
+        """The exact command, pasteable into a shell."""
+        return shlex.join(self.argv())
+
+
+def qmp_socket_path(run_dir: Path) -> Path:
+    path = run_dir.resolve() / "qmp.sock"
+    if len(str(path)) <= _SUN_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="pkvm-qmp-")) / "qmp.sock"
+
+
+def find_qemu(qemu: str) -> str:
+    found = shutil.which(qemu)
+    if not found:
+        raise UsageError(f"QEMU binary {qemu} not found",
+                         hint="run `make setup` (installs qemu-system-arm) or pass --qemu PATH")
+    return found
+
+
+class QemuMachine:
+    """A running QEMU with its serial console. Use as a context manager: exit always stops it."""
+
+    def __init__(self, spec: QemuSpec, console_log: Path) -> None:
+        self.spec = spec
+        self.console_log = console_log
+        self.child: pexpect.spawn | None = None
+        self.console: Console | None = None
+        self.started_at = 0.0
+        self.exit_status: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
+
+    def start(self) -> Console:
+        find_qemu(self.spec.qemu)
+        self.spec.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.qmp_socket.unlink()
+        argv = self.spec.argv()
+        self.started_at = time.monotonic()
+        # A wide pty, so long console lines are not wrapped by the terminal layer.
+        self.child = pexpect.spawn(argv[0], argv[1:], encoding=None, echo=False,
+                                   dimensions=(50, 4000), env=dict(os.environ, TERM="dumb"))
+        self.console = Console(self.child, self.console_log)
+        return self.console
+
+    def alive(self) -> bool:
+        return bool(self.child and self.child.isalive())
+
+    def wait_exit(self, seconds: float) -> bool:
+        """Wait up to `seconds` for QEMU to exit by itself (power-off, panic with -no-reboot)."""
+        deadline = time.monotonic() + seconds
+        while self.alive() and time.monotonic() < deadline:
+            with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
+                assert self.child is not None
+                self.child.expect(pexpect.EOF, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+        return not self.alive()
+
+    def stop(self) -> None:
+        """End QEMU: QMP `quit`, then SIGTERM/SIGKILL to its PID. Idempotent."""
+        if self.child is None:
+            return
+        if self.alive():
+            self._qmp_quit()
+            if not self.wait_exit(3.0):
+                self.child.terminate(force=True)
+        with contextlib.suppress(Exception):
+            self.child.close(force=True)
+        self.exit_status = self.child.exitstatus if self.child.exitstatus is not None else self.child.signalstatus
+        if self.console:
+            self.console.close()
+
+    def _qmp_quit(self) -> None:
+        if not self.spec.qmp_socket.exists():
+            return
+        # QEMU may close the socket before it answers `quit`, or be gone already: signals follow.
+        with contextlib.suppress(Exception):
+            qmp.execute(self.spec.qmp_socket, "quit", timeout=2.0)
+
+    def __enter__(self) -> "QemuMachine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
