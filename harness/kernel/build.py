@@ -1,7 +1,7 @@
 """Configure and build an arm64 pKVM kernel with O=, and cache the artifacts.
 
 Cache layout under the cache directory:
-  build/<work-id>/      kbuild output dir (O=), reused so rebuilds are incremental
+  build/<tree-id>/      kbuild output dir (O=) per source tree, reused so rebuilds are incremental
   kernels/<key>/        finished artifacts: Image, vmlinux, System.map, config, build.log, meta.json
 A kernels/<key> entry appears by an atomic rename only after a successful build, so an
 interrupted build never leaves an entry a later run trusts.
@@ -86,9 +86,10 @@ def cache_key(source_identity: str, fragment: str, compiler: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def work_dir_for(req: BuildRequest, fragment: str) -> Path:
-    """One O= directory per (source tree, config): switching between the two never thrashes."""
-    wid = hashlib.sha256(f"{req.source.tree}\0{fragment}".encode()).hexdigest()[:16]
+def work_dir_for(req: BuildRequest) -> Path:
+    """One O= directory per source tree: kbuild rebuilds only what a source or config change
+    touches, so config tweaks and bisect steps stay incremental."""
+    wid = hashlib.sha256(str(req.source.tree).encode()).hexdigest()[:16]
     return req.cache_dir / "build" / wid
 
 
@@ -111,7 +112,7 @@ def build(req: BuildRequest) -> KernelArtifacts:
     kconfig.check_combinations({o.name: o.value for o in req.requested.values()}, explicit_only=True)
 
     fragment = kconfig.fragment_text(req.requested)
-    work = work_dir_for(req, fragment)
+    work = work_dir_for(req)
     with file_lock(work.with_name(work.name + ".lock")):
         if (entry / "meta.json").is_file():  # another run built it while we waited
             return KernelArtifacts(key, entry, json.loads((entry / "meta.json").read_text()), reused=True)

@@ -1,0 +1,106 @@
+import subprocess
+
+import pytest
+
+from harness.fsutil import atomic_dir
+from harness.kernel import source
+from harness.kernel.build import cache_key
+
+
+def test_cache_key_depends_on_every_input():
+    base = cache_key("git:abc", "CONFIG_A=y\n", "gcc 12")
+    assert base == cache_key("git:abc", "CONFIG_A=y\n", "gcc 12")
+    assert len({base, cache_key("git:abd", "CONFIG_A=y\n", "gcc 12"),
+                cache_key("git:abc", "CONFIG_A=n\n", "gcc 12"),
+                cache_key("git:abc", "CONFIG_A=y\n", "gcc 13")}) == 4
+
+
+def _linux_tree(path):
+    (path / "arch/arm64/kvm/hyp/nvhe").mkdir(parents=True)
+    (path / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").write_text("// buddy\n")
+    (path / "Kconfig").write_text("mainmenu \"Linux\"\n")
+    (path / "Makefile").write_text("# SPDX\nVERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 117\nEXTRAVERSION =\n")
+    return path
+
+
+def _git(tree, *args):
+    subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True)
+
+
+def test_git_identity_tracks_commit_diff_and_untracked_files(tmp_path):
+    tree = _linux_tree(tmp_path)
+    _git(tree, "init", "-q")
+    _git(tree, "add", "-A")
+    _git(tree, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    clean = source.resolve(tree, tmp_path / "cache")
+    assert clean.identity.startswith("git:") and "+dirty" not in clean.identity
+    assert clean.version == "6.12.117" and clean.version_tuple == (6, 12, 117)
+    index_before = (tree / ".git/index").read_bytes()
+
+    (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").write_text("// buddy, patched\n")
+    dirty = source.resolve(tree, tmp_path / "cache").identity
+    assert dirty.startswith(clean.identity + "+dirty:")
+    (tree / "new.c").write_text("int x;\n")
+    with_untracked = source.resolve(tree, tmp_path / "cache").identity
+    assert with_untracked not in (dirty, clean.identity)
+    assert source.resolve(tree, tmp_path / "cache").identity == with_untracked   # stable
+    assert (tree / ".git/index").read_bytes() == index_before                  # never written
+
+
+def test_plain_tree_identity_changes_with_content(tmp_path):
+    tree = _linux_tree(tmp_path)
+    first = source.resolve(tree, tmp_path / "cache").identity
+    assert first.startswith("tree:")
+    (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").write_text("// changed size\n")
+    assert source.resolve(tree, tmp_path / "cache").identity != first
+
+
+def test_tarball_identity_is_its_hash_and_is_remembered(tmp_path):
+    tree = _linux_tree(tmp_path / "linux-x")
+    tarball = tmp_path / "linux-x.tar.xz"
+    subprocess.run(["tar", "-cJf", str(tarball), "-C", str(tmp_path), "linux-x"], check=True)
+    cache = tmp_path / "cache"
+    src = source.resolve(tarball, cache)
+    assert src.identity.startswith("tarball:") and src.version == "6.12.117"
+    assert src.tree.name == "linux-x" and src.tree.is_relative_to(cache / "src")
+    assert (cache / "src" / "tarball-ids.json").is_file()
+    assert source.resolve(tarball, cache) == src
+    del tree
+
+
+@pytest.mark.parametrize("make", ["", "not a makefile\n"])
+def test_non_linux_tree_is_refused(tmp_path, make):
+    (tmp_path / "Makefile").write_text(make)
+    with pytest.raises(source.UsageError) as e:
+        source.resolve(tmp_path, tmp_path / "cache")
+    assert "not a Linux kernel tree" in e.value.message
+
+
+def test_missing_path_and_unclean_tree_are_refused(tmp_path):
+    with pytest.raises(source.UsageError, match="does not exist"):
+        source.resolve(tmp_path / "nope", tmp_path / "cache")
+    tree = _linux_tree(tmp_path / "t")
+    (tree / ".config").write_text("CONFIG_X=y\n")
+    with pytest.raises(source.UsageError) as e:
+        source.resolve(tree, tmp_path / "cache")
+    assert "mrproper" in e.value.hint
+
+
+def test_tree_without_pkvm_is_refused(tmp_path):
+    tree = _linux_tree(tmp_path)
+    (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").unlink()
+    with pytest.raises(source.UsageError, match="cannot run pKVM"):
+        source.resolve(tree, tmp_path / "cache")
+
+
+def test_atomic_dir_leaves_nothing_behind_on_failure(tmp_path):
+    final = tmp_path / "kernels" / "key"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "Image").write_bytes(b"half")
+            raise RuntimeError("interrupted build")
+    assert not final.exists()
+    assert list((tmp_path / "kernels").iterdir()) == []
+    with atomic_dir(final) as tmp:
+        (tmp / "Image").write_bytes(b"whole")
+    assert (final / "Image").read_bytes() == b"whole"

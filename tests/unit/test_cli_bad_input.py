@@ -1,0 +1,73 @@
+"""Bad input: a one-line error that says what to do, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HARNESS = [sys.executable, "-m", "harness"]
+
+
+def cli(*args, cache):
+    return subprocess.run([*HARNESS, *args, "--cache-dir", str(cache)], capture_output=True, text=True, timeout=120)
+
+
+def _one_line_usage_error(r):
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pkvm-harness: error: ")
+    return lines[0]
+
+
+def test_kernel_src_that_does_not_exist(tmp_path):
+    line = _one_line_usage_error(cli("build", "--kernel-src", str(tmp_path / "nope"), cache=tmp_path / "c"))
+    assert "does not exist" in line and "--kernel-src" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_tree_that_is_not_linux(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "Makefile").write_text("all:\n\techo hi\n")
+    line = _one_line_usage_error(cli("build", "--kernel-src", str(tmp_path / "src"), cache=tmp_path / "c"))
+    assert "not a Linux kernel tree" in line and "pass the root of a kernel checkout" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_unknown_fragment(tmp_path):
+    line = _one_line_usage_error(cli("build", "--config", "no-such.config", cache=tmp_path / "c"))
+    assert "no-such.config" in line and "pkvm.config" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_malformed_kconfig_option(tmp_path):
+    line = _one_line_usage_error(cli("build", "--kconfig", "CONFIG_KVM=maybe", cache=tmp_path / "c"))
+    assert "CONFIG_KVM" in line
+
+
+def test_missing_cross_compiler(tmp_path):
+    from tests.unit.test_cache_key import _linux_tree
+    tree = _linux_tree(tmp_path / "linux")
+    line = _one_line_usage_error(cli("build", "--kernel-src", str(tree), "--cross-compile", "/nonexistent/aarch64-",
+                                     cache=tmp_path / "c"))
+    assert "cross compiler /nonexistent/aarch64-gcc not found" in line and "make setup" in line
+    assert not (tmp_path / "c" / "kernels").exists() and not (tmp_path / "c" / "build").exists()
+
+
+@pytest.mark.parametrize("cmd", ["run", "boot"])
+def test_missing_qemu(tmp_path, cmd):
+    from tests.unit.test_cache_key import _linux_tree
+    tree = _linux_tree(tmp_path / "linux")
+    runs = tmp_path / "runs"
+    line = _one_line_usage_error(cli(cmd, "--kernel-src", str(tree), "--qemu", str(tmp_path / "no-qemu"),
+                                     "--runs-dir", str(runs), cache=tmp_path / "c"))
+    assert "QEMU binary" in line and "not found" in line and "--qemu" in line
+    assert not runs.exists()
+    assert not (tmp_path / "c" / "kernels").exists()
+
+
+def test_argparse_errors_use_the_same_code(tmp_path):
+    r = cli("run", "--smp", "two", cache=tmp_path / "c")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
