@@ -18,6 +18,7 @@ _KERNEL_STARTED = "Booting Linux on physical CPU"
 # After a panic line, keep reading this long for the rest of the trace (QEMU exits by itself).
 _PANIC_GRACE = 5.0
 _POWEROFF_DEADLINE = 15.0
+_PANIC_KINDS = {p.kind for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC}
 
 
 @dataclass
@@ -39,6 +40,11 @@ def _compile(rx: str) -> re.Pattern[bytes]:
     return re.compile(rx.encode())
 
 
+def panic_regex() -> str:
+    """One regex matching any console line that means the machine crashed."""
+    return "|".join(p.regex.pattern for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC)
+
+
 def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str,
          expect_mode: str | None = None, keep_running=None) -> BootResult:
     """Boot, wait for the ready marker (or a failure), power off, and judge the console.
@@ -46,7 +52,7 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
     `keep_running(machine, console)` is called once the shell is ready, before power-off: later
     stages (suites) hook in there. Whatever happens, QEMU is stopped before this returns.
     """
-    panic_rx = "|".join(p.regex.pattern for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC)
+    panic_rx = panic_regex()
     patterns = [_compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(ready_marker) + r" "),
                 _compile(panic_rx), pexpect.EOF, pexpect.TIMEOUT]
     t_pkvm = t_ready = None
@@ -73,8 +79,10 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
         if t_ready is not None:
             if keep_running:
                 keep_running(machine, console)
-            console.sendline("poweroff -f")
-            machine.wait_exit(_POWEROFF_DEADLINE)
+            # A machine that panicked may hang rather than exit: do not wait on a power-off then.
+            if not any(e.kind in _PANIC_KINDS for e in verdict.scan(verdict.clean(console.text()))):
+                console.sendline("poweroff -f")
+                machine.wait_exit(_POWEROFF_DEADLINE)
         machine.stop()
         text = console.text()
     total = time.monotonic() - t0

@@ -54,5 +54,6 @@ class Console:
             pass
 
     def close(self) -> None:
-        self._tee.flush()
-        self._log.close()
+        if not self._log.closed:
+            self._tee.flush()
+            self._log.close()

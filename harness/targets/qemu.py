@@ -46,7 +46,7 @@ class QemuSpec:
     def argv(self) -> list[str]:
         return [
             self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), "-m", self.mem,
-            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-nic", "none",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline(),
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             *self.extra_args,
