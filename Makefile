@@ -17,7 +17,9 @@ run: setup
 	$(BIN)/pkvm-harness run $(ARGS)
 
 # Unit tests and the integration tests that build (or reuse) and boot real pKVM kernels.
+# The kernel is built first, in the open, so a cold build shows its progress in CI logs.
 test: setup lint
+	$(BIN)/pkvm-harness build
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup

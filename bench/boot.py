@@ -76,7 +76,8 @@ def main() -> int:
     elif kernel.meta.get("cold"):
         figures["cold_build_s"] = {"value": kernel.meta["build_seconds"], "measured": kernel.meta["built_at"]}
     else:
-        figures["cold_build_s"] = {"value": None, "measured": "not recorded (cache entry came from a warm O= dir); use --cold-build"}
+        figures["cold_build_s"] = {"value": None,
+                                   "measured": "not recorded (the cache entry came from a warm O= dir); use --cold-build"}
 
     warm = []
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-runs-") as runs:

@@ -35,7 +35,8 @@ def create(runs_dir: Path, name: str | None = None) -> Path:
 
 def write_qemu_command(run_dir: Path, shell_line: str) -> Path:
     path = run_dir / "qemu-cmd.sh"
-    atomic_write_text(path, f"#!/bin/sh\n# The QEMU command of this run; paste it to boot the same machine.\n{shell_line}\n")
+    atomic_write_text(path, "#!/bin/sh\n# The QEMU command of this run; paste it to boot the same machine.\n"
+                            f"{shell_line}\n")
     path.chmod(0o755)
     return path
 

@@ -157,7 +157,8 @@ def check_known(requested: dict[str, ConfigOption], symbols: dict[str, KconfigSy
     for opt in requested.values():
         if opt.name not in symbols:
             close = difflib.get_close_matches(opt.name, symbols.keys(), n=1, cutoff=0.8)
-            hint = f"did you mean CONFIG_{close[0]}?" if close else "check the spelling against the tree's Kconfig files"
+            hint = (f"did you mean CONFIG_{close[0]}?" if close
+                    else "check the spelling against the tree's Kconfig files")
             raise ConfigError(f"{opt.origin}: CONFIG_{opt.name} is not a Kconfig symbol in this kernel tree",
                               hint=hint)
 
@@ -180,7 +181,8 @@ class BrokenCombination:
                 f"is known to break pKVM: {self.why}")
 
     def fix(self) -> str:
-        return f"add CONFIG_{self.requires[0]}={self.requires[1]} (e.g. --kconfig CONFIG_{self.requires[0]}={self.requires[1]})"
+        option = f"CONFIG_{self.requires[0]}={self.requires[1]}"
+        return f"add {option} (e.g. --kconfig {option})"
 
 
 BROKEN_COMBINATIONS = (

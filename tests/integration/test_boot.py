@@ -15,7 +15,12 @@ from harness.boot import boot, panic_regex
 from harness.image.initramfs import READY_MARKER
 from harness.targets.qemu import QemuSpec
 from harness.verdict import Outcome
-from tests.integration.conftest import HARNESS, qemu_pids_mentioning, run_cli, wait_until
+from tests.integration.conftest import (
+    HARNESS,
+    qemu_pids_mentioning,
+    run_cli,
+    wait_until,
+)
 
 
 def _result(runs_dir):
