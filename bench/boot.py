@@ -77,7 +77,7 @@ def main() -> int:
         figures["cold_build_s"] = {"value": kernel.meta["build_seconds"], "measured": kernel.meta["built_at"]}
     else:
         figures["cold_build_s"] = {"value": None,
-                                   "measured": "not recorded (the cache entry came from a warm O= dir); use --cold-build"}
+                                   "measured": "not recorded (cache entry built in a warm O= dir); use --cold-build"}
 
     warm = []
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-runs-") as runs:

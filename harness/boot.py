@@ -45,6 +45,52 @@ def panic_regex() -> str:
     return "|".join(p.regex.pattern for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC)
 
 
+@dataclass
+class ReadyState:
+    seconds_to_pkvm: float | None = None
+    seconds_to_ready: float | None = None
+    timed_out: bool = False
+    crashed: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.seconds_to_ready is not None
+
+
+def wait_ready(machine: QemuMachine, console, deadline: float, ready_marker: str) -> ReadyState:
+    """Read the console until the init script's ready marker, a crash, QEMU's exit or `deadline`."""
+    patterns = [_compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(ready_marker) + r" "),
+                _compile(panic_regex()), pexpect.EOF, pexpect.TIMEOUT]
+    state = ReadyState()
+    while True:
+        idx = console.expect(patterns, deadline)
+        now = time.monotonic() - machine.started_at
+        if idx == 0:
+            state.seconds_to_pkvm = state.seconds_to_pkvm or now
+            continue
+        if idx == 1:
+            state.seconds_to_ready = now
+        elif idx == 2:
+            state.crashed = True
+            console.drain(_PANIC_GRACE)
+        elif idx == 4:
+            state.timed_out = True
+        return state
+
+
+def crashed(console) -> bool:
+    return any(e.kind in _PANIC_KINDS for e in verdict.scan(verdict.clean(console.text())))
+
+
+def check_started(text: str, machine: QemuMachine, timed_out: bool) -> None:
+    """Raise QemuStartError if QEMU died before the kernel printed anything."""
+    if _KERNEL_STARTED not in text and not timed_out:
+        qemu_says = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = qemu_says[-1] if qemu_says else "no output"
+        raise QemuStartError(f"QEMU exited at start (status {machine.exit_status}): {detail[:300]}",
+                             hint="check --cpu, --smp, --mem and --qemu-arg; the command is in qemu-cmd.sh")
+
+
 def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str,
          expect_mode: str | None = None, keep_running=None) -> BootResult:
     """Boot, wait for the ready marker (or a failure), power off, and judge the console.
@@ -52,44 +98,20 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
     `keep_running(machine, console)` is called once the shell is ready, before power-off: later
     stages (suites) hook in there. Whatever happens, QEMU is stopped before this returns.
     """
-    panic_rx = panic_regex()
-    patterns = [_compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(ready_marker) + r" "),
-                _compile(panic_rx), pexpect.EOF, pexpect.TIMEOUT]
-    t_pkvm = t_ready = None
-    timed_out = False
     with QemuMachine(spec, console_log) as machine:
         console = machine.start()
         t0 = machine.started_at
-        deadline = t0 + timeout
-        while True:
-            idx = console.expect(patterns, deadline)
-            now = time.monotonic() - t0
-            if idx == 0:
-                t_pkvm = t_pkvm or now
-                continue
-            if idx == 1:
-                t_ready = now
-                break
-            if idx == 2:
-                console.drain(_PANIC_GRACE)
-                break
-            if idx == 4:
-                timed_out = True
-            break
-        if t_ready is not None:
+        state = wait_ready(machine, console, t0 + timeout, ready_marker)
+        if state.ready:
             if keep_running:
                 keep_running(machine, console)
             # A machine that panicked may hang rather than exit: do not wait on a power-off then.
-            if not any(e.kind in _PANIC_KINDS for e in verdict.scan(verdict.clean(console.text()))):
+            if not crashed(console):
                 console.sendline("poweroff -f")
                 machine.wait_exit(_POWEROFF_DEADLINE)
         machine.stop()
         text = console.text()
     total = time.monotonic() - t0
-    if _KERNEL_STARTED not in text and not timed_out:
-        qemu_says = [line.strip() for line in text.splitlines() if line.strip()]
-        detail = qemu_says[-1] if qemu_says else "no output"
-        raise QemuStartError(f"QEMU exited at start (status {machine.exit_status}): {detail[:300]}",
-                             hint="check --cpu, --smp, --mem and --qemu-arg; the command is in qemu-cmd.sh")
-    v = verdict.judge(text, ready_marker=ready_marker, timed_out=timed_out, expect_mode=expect_mode)
-    return BootResult(v, t_pkvm, t_ready, total, machine.exit_status, console_log)
+    check_started(text, machine, state.timed_out)
+    v = verdict.judge(text, ready_marker=ready_marker, timed_out=state.timed_out, expect_mode=expect_mode)
+    return BootResult(v, state.seconds_to_pkvm, state.seconds_to_ready, total, machine.exit_status, console_log)

@@ -4,6 +4,7 @@ read with `dpkg-deb --fsys-tarfile`, so nothing is installed on the host."""
 from __future__ import annotations
 
 import io
+import posixpath
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def fetch_deb(package: str, cache_dir: Path) -> Path:
 
 
 def extract(deb: Path, members: tuple[str, ...]) -> dict[str, tuple[bytes, int]]:
-    """Read files out of a .deb: {path: (bytes, permission bits)}; symlinks are followed."""
+    """Read files out of a .deb: {path: (bytes, permission bits)}; symlinks are resolved."""
     r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
     if r.returncode != 0:
         raise InfraError(f"cannot read {deb}: {r.stderr.decode(errors='replace').strip()}",
@@ -61,12 +62,19 @@ def extract(deb: Path, members: tuple[str, ...]) -> dict[str, tuple[bytes, int]]
     out: dict[str, tuple[bytes, int]] = {}
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
         for member in members:
-            try:
-                info = tar.getmember("./" + member)
-            except KeyError:
-                raise InfraError(f"{deb.name} has no {member}",
-                                 hint=f"fix {PACKAGES_FILE.name}") from None
+            info = _resolve(tar, member, deb)
             f = tar.extractfile(info)
             assert f is not None
             out[member] = (f.read(), info.mode & 0o7777)
     return out
+
+
+def _resolve(tar: tarfile.TarFile, member: str, deb: Path, depth: int = 0) -> tarfile.TarInfo:
+    try:
+        info = tar.getmember("./" + member)
+    except KeyError:
+        raise InfraError(f"{deb.name} has no {member}", hint=f"fix {PACKAGES_FILE.name}") from None
+    if info.issym() and depth < 8:
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(member), info.linkname))
+        return _resolve(tar, target.lstrip("/"), deb, depth + 1)
+    return info

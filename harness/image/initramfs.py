@@ -16,6 +16,7 @@ from harness import REPO_ROOT
 from harness.fsutil import atomic_write_bytes
 from harness.image import debs
 from harness.image.cpio import Entry, write_newc
+from harness.image.keys import ensure_keys
 
 READY_MARKER = "PKVM-HARNESS-READY"
 PROMPT = "pkvm-host# "
@@ -36,6 +37,7 @@ def render_init(ready_marker: str = READY_MARKER, prompt: str = PROMPT, hostname
 
 
 def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
+    keys = ensure_keys(cache_dir)
     items = [
         Entry.file("init", render_init().encode(), 0o755),
         # The kernel opens /dev/console for PID 1 before devtmpfs is mounted.
@@ -44,7 +46,12 @@ def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
         Entry.directory("root", 0o700), Entry.directory("etc"),
         Entry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
         Entry.file("etc/group", b"root:x:0:\n"),
+        Entry.file("etc/shells", b"/bin/sh\n"),
         Entry.symlink("bin/sh", "busybox"),
+        # SSH: the harness's client key may log in as root; the host key was made on the host.
+        Entry.directory("root/.ssh", 0o700),
+        Entry.file("root/.ssh/authorized_keys", (keys.client_public_line + "\n").encode(), 0o600),
+        Entry.file("etc/dropbear/dropbear_ed25519_host_key", keys.host_private.read_bytes(), 0o600),
     ]
     used = []
     for pkg in debs.read_package_list():

@@ -57,3 +57,71 @@ class Console:
         if not self._log.closed:
             self._tee.flush()
             self._log.close()
+
+
+# busybox ash edits at most 1024 characters per input line; the frame adds about 200.
+MAX_LINE = 768
+
+
+class ConsoleShell:
+    """Commands over the console's shell, framed by per-command markers (harness.targets.framing).
+
+    A command that passes its deadline gets Ctrl-C; if the shell then answers a probe, the
+    target is usable again, otherwise it is marked dead. Either way the caller gets
+    CommandTimeout, never a hang.
+    """
+
+    PROBE_SECONDS = 5.0
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.dead = False
+        self.kernel_lines: list[str] = []   # kernel messages seen inside command output
+
+    def run(self, cmd: str, timeout: float = 60.0) -> "CommandResult":
+        from harness.targets import framing
+        from harness.targets.base import CommandResult, CommandTimeout, TargetDead
+
+        if self.dead:
+            raise TargetDead("the console shell is dead (an earlier command hung and Ctrl-C did not help)")
+        too_long = [line for line in cmd.splitlines() if len(line) > MAX_LINE]
+        if too_long:
+            raise ValueError(f"a console command line is limited to {MAX_LINE} characters (busybox's line "
+                             f"editor truncates longer ones); got {len(too_long[0])}: use put() for data")
+        frame = framing.Frame.new()
+        start = time.monotonic()
+        deadline = start + timeout
+        self.console.sendline(frame.wrap(cmd))
+        try:
+            if self.console.expect([frame.begin(), pexpect.EOF, pexpect.TIMEOUT], deadline) != 0:
+                raise _Stuck
+            if self.console.expect([frame.end(), pexpect.EOF, pexpect.TIMEOUT], deadline) != 0:
+                raise _Stuck
+        except _Stuck:
+            partial = self.console.child.before or b""
+            alive = self._recover()
+            raise CommandTimeout(cmd, timeout, alive, framing.clean(partial)[0].decode(errors="replace")) from None
+        parsed = framing.parse(self.console.child.before, frame)
+        self.kernel_lines += parsed.kernel_lines
+        return CommandResult(cmd, parsed.status, parsed.stdout, parsed.stderr, time.monotonic() - start)
+
+    def _recover(self) -> bool:
+        """Ctrl-C, then a probe command: True if the shell answers."""
+        from harness.targets import framing
+        if not self.console.child.isalive():
+            self.dead = True
+            return False
+        self.console.child.sendcontrol("c")
+        probe = framing.Frame.new()
+        self.console.sendline(probe.wrap("true"))
+        deadline = time.monotonic() + self.PROBE_SECONDS
+        try:
+            ok = self.console.expect([probe.end(), pexpect.EOF, pexpect.TIMEOUT], deadline) == 0
+        except OSError:
+            ok = False
+        self.dead = not ok
+        return ok
+
+
+class _Stuck(Exception):
+    pass

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class QemuSpec:
     append: str = ""
     qemu: str = "qemu-system-aarch64"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    ssh_port: int | None = None     # user networking with 127.0.0.1:ssh_port -> guest :22
 
     def cmdline(self) -> str:
         return f"{BASE_CMDLINE} {self.append}".strip()
@@ -46,11 +48,21 @@ class QemuSpec:
     def argv(self) -> list[str]:
         return [
             self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), "-m", self.mem,
-            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-nic", "none",
+            # signal=off: a Ctrl-C sent to the console reaches the guest, not QEMU
+            "-display", "none", "-monitor", "none", "-chardev", "stdio,id=con0,signal=off",
+            "-serial", "chardev:con0", "-no-reboot",
+            *self.net_args(),
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline(),
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             *self.extra_args,
         ]
+
+    def net_args(self) -> list[str]:
+        if self.ssh_port is None:
+            return ["-nic", "none"]
+        # romfile= : no iPXE option ROM (the kernel boots directly; the ROM package is not needed)
+        return ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=n0,romfile="]
 
     def shell_line(self) -> str:
         """The exact command, pasteable into a shell."""
@@ -62,6 +74,13 @@ def qmp_socket_path(run_dir: Path) -> Path:
     if len(str(path)) <= _SUN_PATH_MAX:
         return path
     return Path(tempfile.mkdtemp(prefix="pkvm-qmp-")) / "qmp.sock"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (QEMU binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def find_qemu(qemu: str) -> str:
@@ -96,7 +115,8 @@ class QemuMachine:
         self.started_at = time.monotonic()
         # A wide pty, so long console lines are not wrapped by the terminal layer.
         self.child = pexpect.spawn(argv[0], argv[1:], encoding=None, echo=False,
-                                   dimensions=(50, 4000), env=dict(os.environ, TERM="dumb"))
+                                   dimensions=(50, 4000), env=dict(os.environ, TERM="dumb"),
+                                   maxread=1 << 16)
         self.console = Console(self.child, self.console_log)
         return self.console
 

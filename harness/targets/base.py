@@ -1,0 +1,83 @@
+"""The Target protocol: what a test suite may ask of any machine under test (QEMU or a board)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from harness.errors import ExitCode, HarnessError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    status: int
+    stdout: str
+    stderr: str          # "" where the transport cannot separate it (never on ssh/console here)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def check(self) -> "CommandResult":
+        """Raise unless the command exited 0; the message carries its output."""
+        if self.status != 0:
+            raise CommandFailed(self)
+        return self
+
+
+class TargetError(HarnessError):
+    exit_code = ExitCode.INFRA
+    stage = "target"
+
+
+class CommandFailed(TargetError):
+    exit_code = ExitCode.TEST_FAILURE
+
+    def __init__(self, result: CommandResult) -> None:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        super().__init__(f"`{result.command}` exited {result.status}: {' | '.join(tail)}")
+        self.result = result
+
+
+class CommandTimeout(TargetError):
+    """A command passed its deadline. `target_alive` says whether the target is usable again."""
+
+    exit_code = ExitCode.TIMEOUT
+    stage = "workload"
+
+    def __init__(self, command: str, timeout: float, target_alive: bool, output: str = "") -> None:
+        state = "the target still answers" if target_alive else "the target is dead"
+        super().__init__(f"`{command}` did not finish within {timeout:g}s; {state}")
+        self.target_alive = target_alive
+        self.output = output
+
+
+class TargetDead(TargetError):
+    """The target stopped answering; nothing more can be run on it."""
+
+
+@dataclass(frozen=True)
+class DmesgMark:
+    lines: int     # dmesg lines that existed when the mark was taken
+
+
+@runtime_checkable
+class Target(Protocol):
+    name: str
+
+    def run(self, cmd: str, timeout: float = 60.0) -> CommandResult: ...
+
+    def put(self, local: Path, remote: str) -> None: ...
+
+    def get(self, remote: str, local: Path) -> None: ...
+
+    def dmesg_mark(self) -> DmesgMark: ...
+
+    def dmesg(self, since: DmesgMark | None = None) -> str: ...
+
+    def reboot(self, timeout: float = 120.0) -> None: ...
+
+    def close(self) -> None: ...

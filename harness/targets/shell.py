@@ -1,0 +1,45 @@
+"""Target operations built from plain shell commands, shared by every transport."""
+
+from __future__ import annotations
+
+import re
+
+from harness.targets.base import CommandResult, DmesgMark, TargetError
+from harness.verdict import PKVM_UP_RE
+
+
+class ShellHelpers:
+    """Mixed into targets that have `run()`: dmesg marks and pKVM detection."""
+
+    name: str
+
+    def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        raise NotImplementedError
+
+    def dmesg_mark(self) -> DmesgMark:
+        return DmesgMark(int(self.run("dmesg | wc -l").check().stdout.strip()))
+
+    def dmesg(self, since: DmesgMark | None = None) -> str:
+        """The kernel log, or only what came after `since` (by line count: a ring buffer that
+        wrapped in between loses the oldest lines, as dmesg itself would)."""
+        lines = self.run("dmesg", timeout=60).check().stdout.splitlines()
+        return "\n".join(lines[since.lines:] if since else lines)
+
+    def pkvm_mode(self) -> str | None:
+        """"nVHE"/"hVHE" when the kernel says protected mode is up, else None."""
+        m = PKVM_UP_RE.search(self.dmesg())
+        return m.group(1) if m else None
+
+    def require_pkvm(self) -> str:
+        """Refuse a machine that does not run pKVM, saying why; returns the mode."""
+        cmdline = self.run("cat /proc/cmdline").check().stdout.strip()
+        if not re.search(r"(^|\s)kvm-arm\.mode=protected(\s|$)", cmdline):
+            raise TargetError(f"{self.name} does not run pKVM: its kernel command line has no "
+                              f"kvm-arm.mode=protected ({cmdline[:200]})",
+                              hint="boot the board with kvm-arm.mode=protected")
+        mode = self.pkvm_mode()
+        if mode is None:
+            raise TargetError(f"{self.name} was booted with kvm-arm.mode=protected but dmesg has no "
+                              "'Protected nVHE/hVHE mode initialized successfully'",
+                              hint="check dmesg for why KVM failed to initialize")
+        return mode

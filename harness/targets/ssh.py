@@ -1,0 +1,198 @@
+"""SSH with paramiko: the QEMU target's ssh transport and the board target (SshTarget).
+
+Host keys are checked strictly: against a pinned key (QEMU: the image's own host key) or a
+known_hosts file (boards). An unknown or changed key is refused unless the user explicitly
+accepts new keys, which are then saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError
+
+KEEPALIVE_SECONDS = 15
+
+
+@dataclass(frozen=True)
+class SshParams:
+    host: str
+    port: int = 22
+    user: str = "root"
+    key: Path | None = None                  # None: the user's agent/default keys (boards only)
+    known_hosts: Path | None = None          # boards: ~/.ssh/known_hosts by default
+    pinned_host_key: str | None = None       # "ssh-ed25519 AAAA..." (QEMU)
+    accept_new_host_key: bool = False
+    connect_timeout: float = 10.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+class SshSession:
+    def __init__(self, params: SshParams) -> None:
+        self.p = params
+        self.client: paramiko.SSHClient | None = None
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """One attempt within connect_timeout; raises TargetError saying what to do."""
+        self.close()
+        client = paramiko.SSHClient()
+        name = self.p.known_hosts_name()
+        if self.p.pinned_host_key:
+            keytype, b64 = self.p.pinned_host_key.split()[:2]
+            client.get_host_keys().add(name, keytype, paramiko.PKey.from_type_string(keytype, _b64(b64)))
+        elif self.p.known_hosts and self.p.known_hosts.is_file():
+            client.load_host_keys(str(self.p.known_hosts))
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if self.p.accept_new_host_key
+                                           else paramiko.RejectPolicy())
+        pkey = paramiko.PKey.from_path(str(self.p.key)) if self.p.key else None
+        t = self.p.connect_timeout
+        try:
+            client.connect(self.p.host, self.p.port, self.p.user, pkey=pkey, timeout=t, banner_timeout=t,
+                           auth_timeout=t, allow_agent=pkey is None, look_for_keys=pkey is None)
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            if self.p.accept_new_host_key and not self.p.pinned_host_key:
+                self._forget_host_key(name)
+                return self.connect()
+            raise TargetError(f"the host key of {self.p.address} changed ({e.key.get_name()} "
+                              f"{e.key.get_fingerprint().hex()}); refusing to connect",
+                              hint="if the board was reinstalled, pass --ssh-accept-new-host-key "
+                                   f"(or remove {name} from {self.p.known_hosts})") from None
+        except paramiko.SSHException as e:
+            client.close()
+            if "not found in known_hosts" in str(e):
+                raise TargetError(f"{self.p.address} is not in {self.p.known_hosts or 'known_hosts'}",
+                                  hint="check the fingerprint, then pass --ssh-accept-new-host-key once") from None
+            if isinstance(e, paramiko.AuthenticationException):
+                raise TargetError(f"{self.p.address} refused the key {self.p.key or '(default keys)'}",
+                                  hint="install its public half in the board's authorized_keys or pass --ssh-key")\
+                    from None
+            raise TargetError(f"SSH to {self.p.address} failed: {e}", hint="check the host and port") from None
+        except (OSError, socket.timeout) as e:
+            client.close()
+            raise TargetError(f"cannot reach {self.p.address}: {e}",
+                              hint="check the address, the network and that sshd/dropbear runs") from None
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE_SECONDS)
+        if self.p.accept_new_host_key and self.p.known_hosts and not self.p.pinned_host_key:
+            self.p.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            client.save_host_keys(str(self.p.known_hosts))
+        self.client = client
+
+    def connect_until(self, deadline: float) -> None:
+        """Retry connecting (a booting machine) until `deadline`; host-key and auth errors are final."""
+        while True:
+            try:
+                return self.connect()
+            except TargetError as e:
+                final = "host key" in e.message or "refused the key" in e.message or "known_hosts" in e.message
+                if final or time.monotonic() + 1 > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _forget_host_key(self, name: str) -> None:
+        if self.p.known_hosts and self.p.known_hosts.is_file():
+            keys = paramiko.HostKeys(str(self.p.known_hosts))
+            if name in keys:
+                del keys[name]
+            keys.save(str(self.p.known_hosts))
+
+    def alive(self) -> bool:
+        t = self.client.get_transport() if self.client else None
+        return bool(t and t.is_active())
+
+    def close(self) -> None:
+        if self.client:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        self.client = None
+
+    # --- commands and files ---------------------------------------------------------------
+
+    def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        if not self.alive():
+            raise TargetDead(f"the SSH connection to {self.p.address} is closed")
+        start = time.monotonic()
+        deadline = start + timeout
+        assert self.client is not None
+        chan = self.client.get_transport().open_session(timeout=min(timeout, self.p.connect_timeout))  # type: ignore[union-attr]
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(cmd)
+            chan.shutdown_write()   # no stdin: a command waiting for input sees EOF
+            while not (chan.exit_status_ready() and chan.eof_received):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Deadline
+                select.select([chan], [], [], min(0.5, remaining))
+                out += _drain(chan.recv_ready, chan.recv)
+                err += _drain(chan.recv_stderr_ready, chan.recv_stderr)
+            out += _drain(chan.recv_ready, chan.recv)
+            err += _drain(chan.recv_stderr_ready, chan.recv_stderr)
+            status = chan.recv_exit_status()
+        except _Deadline:
+            chan.close()
+            raise CommandTimeout(cmd, timeout, self._answers(), out.decode(errors="replace")) from None
+        finally:
+            chan.close()
+        return CommandResult(cmd, status, out.decode(errors="replace"), err.decode(errors="replace"),
+                             time.monotonic() - start)
+
+    def _answers(self) -> bool:
+        try:
+            return self.run("true", timeout=5).ok
+        except (CommandTimeout, TargetError, paramiko.SSHException, OSError):
+            return False
+
+    def put(self, local: Path, remote: str) -> None:
+        with self._sftp() as sftp:
+            sftp.put(str(local), remote)
+            sftp.chmod(remote, local.stat().st_mode & 0o777)
+
+    def get(self, remote: str, local: Path) -> None:
+        with self._sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    @contextlib.contextmanager
+    def _sftp(self):
+        if not self.alive():
+            raise TargetDead(f"the SSH connection to {self.p.address} is closed")
+        assert self.client is not None
+        sftp = self.client.open_sftp()
+        sftp.get_channel().settimeout(120)
+        try:
+            yield sftp
+        finally:
+            sftp.close()
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _drain(ready, recv) -> bytes:
+    data = bytearray()
+    while ready():
+        data += recv(1 << 16)
+    return bytes(data)
+
+
+def _b64(text: str) -> bytes:
+    import base64
+    return base64.b64decode(text)
