@@ -17,6 +17,7 @@ from harness.fsutil import atomic_write_bytes
 from harness.image import debs
 from harness.image.cpio import Entry, write_newc
 from harness.image.keys import ensure_keys
+from harness.image.payloads import GUEST_DIR, Payloads
 
 READY_MARKER = "PKVM-HARNESS-READY"
 PROMPT = "pkvm-host# "
@@ -36,7 +37,7 @@ def render_init(ready_marker: str = READY_MARKER, prompt: str = PROMPT, hostname
     return env.get_template("init.j2").render(ready_marker=ready_marker, prompt=prompt, hostname=hostname)
 
 
-def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
+def entries(cache_dir: Path, payloads: Payloads | None = None) -> tuple[list[Entry], tuple[str, ...]]:
     keys = ensure_keys(cache_dir)
     items = [
         Entry.file("init", render_init().encode(), 0o755),
@@ -53,6 +54,9 @@ def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
         Entry.file("root/.ssh/authorized_keys", (keys.client_public_line + "\n").encode(), 0o600),
         Entry.file("etc/dropbear/dropbear_ed25519_host_key", keys.host_private.read_bytes(), 0o600),
     ]
+    if payloads:
+        for name in payloads.names():
+            items.append(Entry.file(f"{GUEST_DIR.lstrip('/')}/{name}", payloads.path(name).read_bytes(), 0o755))
     used = []
     for pkg in debs.read_package_list():
         deb = debs.fetch_deb(pkg.package, cache_dir)
@@ -62,8 +66,9 @@ def entries(cache_dir: Path) -> tuple[list[Entry], tuple[str, ...]]:
     return items, tuple(used)
 
 
-def build_initramfs(cache_dir: Path) -> Initramfs:
-    items, used = entries(cache_dir)
+def build_initramfs(cache_dir: Path, payloads: Payloads | None = None) -> Initramfs:
+    """The image; with `payloads`, also the guest programs under /opt/pkvm-harness/bin."""
+    items, used = entries(cache_dir, payloads)
     data = write_newc(items)
     digest = hashlib.sha256(data).hexdigest()
     path = cache_dir / "initramfs" / f"{digest[:24]}.cpio"

@@ -100,7 +100,7 @@ class ConsoleShell:
         except _Stuck:
             partial = self.console.child.before or b""
             alive = self._recover()
-            raise CommandTimeout(cmd, timeout, alive, framing.clean(partial)[0].decode(errors="replace")) from None
+            raise CommandTimeout(cmd, timeout, alive, framing.clean(partial).decode(errors="replace")) from None
         parsed = framing.parse(self.console.child.before, frame)
         self.kernel_lines += parsed.kernel_lines
         return CommandResult(cmd, parsed.status, parsed.stdout, parsed.stderr, time.monotonic() - start)

@@ -1,8 +1,16 @@
 """Framing of shell commands over a serial console.
 
-Each command is wrapped in per-command random markers, so its stdout, stderr and exit status can
-be cut out of a console stream that also carries the shell's echo, terminal escape codes and
-kernel messages printed at any moment (even mid-line). Pure functions: tested on transcripts.
+The console carries the shell's echo, terminal escape codes and kernel messages that may arrive
+at any moment, even in the middle of a line of output. Each command is therefore wrapped:
+
+  - per-command random markers around it (begin, status, end), printed with an empty ''
+    inside the typed text so the shell's echo of the command never matches them;
+  - every line the command writes to stdout or stderr gets a one-byte prefix (RS, 0x1e) in the
+    guest, so an unprefixed line is never output: it is a kernel message (or shell noise).
+
+A kernel message that lands in the middle of an output line splits it; it is recognised by its
+printk timestamp (CONFIG_PRINTK_TIME) and the line is joined again. Pure functions, tested on
+transcripts.
 """
 
 from __future__ import annotations
@@ -11,9 +19,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-# printk lines carry a timestamp (CONFIG_PRINTK_TIME); the console prints them whole, possibly
-# in the middle of a line of command output.
-KERNEL_LINE_RE = re.compile(rb"\[ *\d+\.\d{6}\] [^\n]*\n")
+PREFIX = b"\x1e"
+TIMESTAMP_RE = re.compile(rb"\[ *\d+\.\d{6}\] ")
 ESCAPE_RE = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\x1b[=>]")
 
 
@@ -25,20 +32,24 @@ class Frame:
     def new(cls) -> "Frame":
         return cls("PKH" + secrets.token_hex(6))
 
-    # The shell line. The markers are printed with an empty '' inside the typed text, so the
-    # shell's echo of this line never matches the markers themselves.
     def wrap(self, cmd: str) -> str:
         m = self.marker
-        err = f"/tmp/.{m}.err"
-        # A subshell, so `exit` or `cd` in the command cannot end or move the console's shell.
-        return (f"echo {m}''-B; ( {cmd}\n) </dev/null 2>{err}; __pkh=$?; echo; echo {m}''-S:$__pkh; "
-                f"cat {err}; rm -f {err}; echo; echo {m}''-E")
+        tmp = f"/tmp/.{m}"
+        prefix = "sed \"s/^/$(printf '\\036')/\""      # busybox sed has no \\x escapes
+        # A subshell, so `exit` or `cd` in the command cannot end or move the console's shell;
+        # no stdin, so a command that reads input gets EOF instead of the harness's keystrokes.
+        return (f"echo {m}''-B; {{ ( {cmd}\n) </dev/null 2>{tmp}.err; echo $? >{tmp}.rc; }} | {prefix}; "
+                f"echo; echo {m}''-S:$(cat {tmp}.rc); {prefix} {tmp}.err; echo; rm -f {tmp}.err {tmp}.rc; "
+                f"echo {m}''-E")
 
     def begin(self) -> re.Pattern[bytes]:
         return re.compile(rf"{self.marker}-B\r*\n".encode())
 
     def end(self) -> re.Pattern[bytes]:
         return re.compile(rf"{self.marker}-E\r*\n".encode())
+
+    def status(self) -> re.Pattern[bytes]:
+        return re.compile(rf"^{self.marker}-S:(\d+)\n".encode(), re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -49,28 +60,52 @@ class Parsed:
     kernel_lines: list[str]
 
 
-def clean(raw: bytes) -> tuple[bytes, list[str]]:
-    """Drop escape codes and carriage returns; lift out kernel lines (returned separately)."""
-    data = ESCAPE_RE.sub(b"", raw).replace(b"\r", b"")
-    kernel = [m.group(0).decode(errors="replace").rstrip("\n") for m in KERNEL_LINE_RE.finditer(data)]
-    return KERNEL_LINE_RE.sub(b"", data), kernel
+def clean(raw: bytes) -> bytes:
+    """Drop terminal escape codes and carriage returns."""
+    return ESCAPE_RE.sub(b"", raw).replace(b"\r", b"")
+
+
+def _section(data: bytes, kernel: list[str]) -> str:
+    """Undo the prefixing of one stream; kernel lines go to `kernel`.
+
+    The shell adds one newline after the stream, so a stream that ended with a newline leaves an
+    empty unprefixed line behind its last prefixed line.
+    """
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out: list[bytes] = []
+    ended_with_newline = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(PREFIX):
+            content = line[1:]
+            # the last timestamp inside the line (one at its very start is output, e.g. dmesg's)
+            ts = next(reversed([t for t in TIMESTAMP_RE.finditer(content) if t.start() > 0]), None)
+            nxt = lines[i + 1] if i + 1 < len(lines) else None
+            if ts and nxt and not nxt.startswith(PREFIX) and not TIMESTAMP_RE.match(nxt):
+                kernel.append(content[ts.start():].decode(errors="replace"))   # split by a kernel line
+                content = content[:ts.start()] + nxt
+                i += 1
+            out.append(content)
+            ended_with_newline = False
+        elif line == b"":
+            ended_with_newline = bool(out)
+        else:
+            kernel.append(line.decode(errors="replace"))
+        i += 1
+    text = b"\n".join(out) + (b"\n" if ended_with_newline else b"")
+    return text.decode(errors="replace")
 
 
 def parse(body: bytes, frame: Frame) -> Parsed:
-    """`body` is what the console printed between the begin and the end marker lines.
-
-    Layout: stdout, "\\n", "<m>-S:<status>\\n", stderr, "\\n". The extra newlines make the
-    markers land on their own line even when the output does not end with one; they are removed.
-    """
-    data, kernel = clean(body)
-    status_re = re.compile(rf"^{frame.marker}-S:(\d+)\n".encode(), re.MULTILINE)
-    m = None
-    for m in status_re.finditer(data):
-        pass
+    """`body`: what the console printed between the begin and the end marker lines."""
+    data = clean(body)
+    m = frame.status().search(data)
     if m is None:
         raise ValueError(f"no status marker for {frame.marker} in console output")
-    stdout = data[: m.start()]
-    stderr = data[m.end():]
-    stdout = stdout[:-1] if stdout.endswith(b"\n") else stdout   # the echo we added
-    stderr = stderr[:-1] if stderr.endswith(b"\n") else stderr
-    return Parsed(stdout.decode(errors="replace"), stderr.decode(errors="replace"), int(m.group(1)), kernel)
+    kernel: list[str] = []
+    stdout = _section(data[: m.start()], kernel)
+    stderr = _section(data[m.end():], kernel)
+    return Parsed(stdout, stderr, int(m.group(1)), kernel)

@@ -13,10 +13,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import paramiko
 
+from harness.errors import UsageError
 from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError
+from harness.targets.shell import ShellHelpers
 
 KEEPALIVE_SECONDS = 15
 
@@ -196,3 +199,68 @@ def _drain(ready, recv) -> bytes:
 def _b64(text: str) -> bytes:
     import base64
     return base64.b64decode(text)
+
+
+class SshTarget(ShellHelpers):
+    """A real arm64 board (or any pKVM host) over SSH. Refuses machines that do not run pKVM."""
+
+    def __init__(self, params: SshParams, *, check_pkvm: bool = True,
+                 scratch: str = "/tmp/pkvm-harness") -> None:
+        self.params = params
+        self.name = f"board {params.address}"
+        self.scratch = scratch
+        self.check_pkvm = check_pkvm
+        self.session = SshSession(params)
+        self.session.connect()
+        self.mode: str | None = None
+        try:
+            self.mode = self.require_pkvm() if check_pkvm else None
+        except BaseException:
+            self.session.close()
+            raise
+
+    @staticmethod
+    def parse_url(url: str) -> tuple[str, str, int]:
+        """ssh://user@host:port -> (user, host, port); user defaults to root, port to 22."""
+        parts = urlsplit(url)
+        if parts.scheme != "ssh" or not parts.hostname:
+            raise UsageError(f"target {url!r} is not an ssh:// URL", hint="use ssh://user@host:port or qemu")
+        try:
+            port = parts.port or 22
+        except ValueError:
+            raise UsageError(f"target {url!r} has a bad port", hint="use ssh://user@host:port") from None
+        return parts.username or "root", parts.hostname, port
+
+    def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        return self.session.run(cmd, timeout)
+
+    def put(self, local: Path, remote: str) -> None:
+        self.session.put(local, remote)
+
+    def get(self, remote: str, local: Path) -> None:
+        self.session.get(remote, local)
+
+    def reboot(self, timeout: float = 300.0) -> None:
+        """Reboot, wait for the old connection to drop, reconnect and check pKVM again."""
+        deadline = time.monotonic() + timeout
+        old_boot = self.run("cat /proc/sys/kernel/random/boot_id").check().stdout.strip()
+        # Detached, so the command returns before the connection goes away.
+        self.run("(sleep 1; reboot) >/dev/null 2>&1 </dev/null &", timeout=15)
+        while self.session.alive() and time.monotonic() < deadline:
+            if not self.session._answers():
+                break
+            time.sleep(1)
+        self.session.close()
+        while True:
+            self.session.connect_until(deadline)
+            if self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() != old_boot:
+                break
+            if time.monotonic() > deadline:
+                raise TargetError(f"{self.name} did not reboot within {timeout:g}s", hint="check the board")
+            self.session.close()
+            time.sleep(2)
+        if self.check_pkvm:
+            self.mode = self.require_pkvm()
+
+    def close(self) -> None:
+        self.session.close()

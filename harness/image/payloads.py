@@ -1,0 +1,96 @@
+"""Guest-side programs: the harness's own C payloads (rootfs/payloads/*.c) and KVM selftests
+from the kernel tree under test, all static aarch64 binaries.
+
+Built once per kernel cache key into payloads/<id>/bin/ (atomically). Headers come from
+`make headers_install` into the kernel's O= directory, so the source tree is never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import REPO_ROOT
+from harness.errors import BuildError
+from harness.fsutil import atomic_dir, file_lock
+from harness.kernel.build import BuildRequest, KernelArtifacts, work_dir_for
+
+PAYLOAD_SOURCES = REPO_ROOT / "rootfs" / "payloads"
+SELFTESTS_FILE = REPO_ROOT / "rootfs" / "kvm-selftests.txt"
+GUEST_DIR = "/opt/pkvm-harness/bin"    # where payloads live in the initramfs
+_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Payloads:
+    dir: Path                  # .../bin; relative paths below it are the payload names
+
+    def names(self) -> list[str]:
+        return sorted(str(p.relative_to(self.dir)) for p in self.dir.rglob("*") if p.is_file())
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+
+def selftest_names() -> list[str]:
+    return [line.split("#", 1)[0].strip() for line in SELFTESTS_FILE.read_text().splitlines()
+            if line.split("#", 1)[0].strip()]
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256(SELFTESTS_FILE.read_bytes())
+    for src in sorted(PAYLOAD_SOURCES.glob("*.c")):
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
+    entry = req.cache_dir / "payloads" / f"{kernel.key}-{_sources_digest()}"
+    if (entry / "bin").is_dir():
+        return Payloads(entry / "bin")
+    work = work_dir_for(req)
+    gcc = f"{req.cross_compile}gcc"
+    with file_lock(work.with_name(work.name + ".lock")):
+        if (entry / "bin").is_dir():
+            return Payloads(entry / "bin")
+        with atomic_dir(entry) as tmp:
+            log = tmp / "payloads.log"
+            _run(["make", "-C", str(req.source.tree), f"O={work}", "ARCH=arm64", "headers_install"], log)
+            headers = work / "usr" / "include"
+            bin_dir = tmp / "bin"
+            bin_dir.mkdir()
+            for src in sorted(PAYLOAD_SOURCES.glob("*.c")):
+                _run([gcc, "-static", "-O2", "-Wall", "-Werror", "-isystem", str(headers),
+                      "-o", str(bin_dir / src.stem), str(src)], log)
+            kst = tmp / "kvm-selftests"
+            (kst / "tools").mkdir(parents=True)   # the arm64 sysreg header generator wants it to exist
+            names = selftest_names()
+            # OUTPUT, abs_objdir and TMPOUT keep every object, generated header and probe file
+            # out of the source tree.
+            _run(["make", "-C", str(req.source.tree / "tools/testing/selftests/kvm"), "ARCH=arm64",
+                  f"CROSS_COMPILE={req.cross_compile}", f"OUTPUT={kst}", f"abs_objdir={kst}",
+                  f"TMPOUT={kst}/.tmp_probe",
+                  f"LINUX_HDR_PATH={headers}/", "EXTRA_CFLAGS=-static", "LDFLAGS=-static -pthread",
+                  f"-j{req.jobs}", *[str(kst / n) for n in names]], log)
+            for name in names:
+                dest = bin_dir / "kvm-selftests" / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (kst / name).rename(dest)
+            subprocess.run(["rm", "-rf", str(kst)], check=True)
+    return Payloads(entry / "bin")
+
+
+def _run(argv: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(argv)}\n")
+        f.flush()
+        try:
+            r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"payload build passed its {_TIMEOUT:.0f}s deadline: {argv[0]}", log=log) from None
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        raise BuildError(f"payload build failed ({Path(argv[0]).name} exited {r.returncode}): "
+                         f"{' | '.join(t.strip() for t in tail)[:300]}", log=log)

@@ -1,0 +1,185 @@
+"""pytest plugin (entry point `pytest11`): one set of suites, run against QEMU or a board.
+
+  pytest test_suites/                          QEMU, console transport (default)
+  pytest test_suites/ --transport ssh          QEMU, over SSH to dropbear in the guest
+  pytest test_suites/ --target ssh://root@board:22 --ssh-key ~/.ssh/id_ed25519
+
+Fixtures: `target` (session; booted once, closed at the end), `payload` (path of a guest
+program on the target, uploaded to a board on first use), `el2` (QEMU only: physical memory over
+QMP and the kernel's symbols; skips elsewhere). Markers: needs_el2, needs_qemu, slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.el2.memory import PhysicalMemory, find_kimage_voffset
+from harness.el2.symbols import read_system_map
+from harness.errors import HarnessError
+from harness.paths import default_cache_dir, default_runs_dir
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("pkvm-harness", "pKVM target selection")
+    g.addoption("--target", default="qemu", help="qemu (default), or ssh://user@host:port for a board")
+    g.addoption("--transport", choices=["console", "ssh"], default="console",
+                help="how to drive a QEMU target (default: console)")
+    g.addoption("--cpu", default="max", help="QEMU -cpu (max: hVHE, cortex-a72: nVHE)")
+    g.addoption("--smp", type=int, default=2, help="QEMU vCPUs")
+    g.addoption("--mem", default="1024", help="QEMU memory")
+    g.addoption("--kernel-src", type=Path, default=None, help="kernel tree or tarball (default: Debian 6.12)")
+    g.addoption("--config", action="append", default=[], dest="pkvm_fragments",
+                help="extra kernel config fragment (repeatable)")
+    g.addoption("--kconfig", action="append", default=[], dest="pkvm_kconfig", help="extra CONFIG_X=y")
+    g.addoption("--ssh-key", type=Path, default=None, help="private key for a board")
+    g.addoption("--ssh-known-hosts", type=Path, default=Path("~/.ssh/known_hosts").expanduser(),
+                help="known_hosts for a board (default: ~/.ssh/known_hosts)")
+    g.addoption("--ssh-accept-new-host-key", action="store_true",
+                help="accept and save an unknown or changed board host key")
+    g.addoption("--run-dir", type=Path, default=None,
+                help="where the target's console logs go (default: runs/<time>-pytest)")
+    g.addoption("--boot-timeout", type=float, default=120.0, help="QEMU boot deadline")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_el2: reads EL2 memory (QEMU targets only)")
+    config.addinivalue_line("markers", "needs_qemu: needs a QEMU target")
+    config.addinivalue_line("markers", "slow: takes minutes")
+
+
+def _is_qemu(config: pytest.Config) -> bool:
+    return config.getoption("--target") == "qemu"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not _is_qemu(item.config):
+        for marker in ("needs_qemu", "needs_el2"):
+            if item.get_closest_marker(marker):
+                pytest.skip(f"{marker}: the target is {item.config.getoption('--target')}, not QEMU")
+
+
+@pytest.fixture(scope="session")
+def pkvm_run_dir(request: pytest.FixtureRequest) -> Path:
+    run_dir = request.config.getoption("--run-dir")
+    if run_dir is None:
+        run_dir = default_runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-pytest"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def target(request: pytest.FixtureRequest, pkvm_run_dir: Path):
+    """The machine under test, booted (QEMU) or connected (board) once per session."""
+    try:
+        t = _make_qemu_target(request.config, pkvm_run_dir) if _is_qemu(request.config) \
+            else _make_board_target(request.config)
+    except HarnessError as e:
+        pytest.exit(f"pkvm-harness: target not usable: {e.one_line()}", returncode=int(e.exit_code))
+    yield t
+    t.close()
+
+
+def _make_qemu_target(config: pytest.Config, run_dir: Path):
+    from harness import pipeline
+    from harness.image.initramfs import build_initramfs
+    from harness.image.keys import ensure_keys
+    from harness.image.payloads import build_payloads
+    from harness.kernel.build import build
+    from harness.targets.qemu_target import QemuTarget
+
+    cache = default_cache_dir()
+    kopts = pipeline.KernelOptions(kernel_src=config.getoption("--kernel-src"),
+                                   fragments=config.getoption("pkvm_fragments"),
+                                   kconfig=config.getoption("pkvm_kconfig"))
+    req = pipeline.build_request(kopts, cache, quiet=True)
+    kernel = build(req)
+    payloads = build_payloads(req, kernel)
+    initramfs = build_initramfs(cache, payloads)
+    bopts = pipeline.BootOptions(cpu=config.getoption("--cpu"), smp=config.getoption("--smp"),
+                                 mem=config.getoption("--mem"))
+    spec = pipeline.qemu_spec(bopts, kernel, initramfs, run_dir)
+    t = QemuTarget(spec, run_dir, transport=config.getoption("--transport"), keys=ensure_keys(cache),
+                   boot_timeout=config.getoption("--boot-timeout"))
+    t.kernel = kernel        # the el2 fixture reads its System.map
+    t.payloads = payloads
+    return t
+
+
+def _make_board_target(config: pytest.Config):
+    from harness.targets.ssh import SshParams, SshTarget
+
+    user, host, port = SshTarget.parse_url(config.getoption("--target"))
+    params = SshParams(host=host, port=port, user=user, key=config.getoption("--ssh-key"),
+                       known_hosts=config.getoption("--ssh-known-hosts"),
+                       accept_new_host_key=config.getoption("--ssh-accept-new-host-key"))
+    return SshTarget(params)
+
+
+@pytest.fixture(scope="session")
+def payload(target):
+    """payload("kvm_caps") -> path on the target. Baked into the QEMU image; uploaded to a board
+    (into its scratch directory) the first time, and again only if the local build changed."""
+    from harness.image.payloads import GUEST_DIR
+
+    local = getattr(target, "payloads", None)
+    if local is not None:                       # QEMU: already in the initramfs
+        return lambda name: f"{GUEST_DIR}/{name}"
+    return _BoardPayloads(target)
+
+
+class _BoardPayloads:
+    def __init__(self, target) -> None:
+        self.target = target
+        self.payloads = None
+
+    def __call__(self, name: str) -> str:
+        if self.payloads is None:
+            self.payloads = _board_payload_build()
+        local = self.payloads.path(name)
+        remote = f"{self.target.scratch}/bin/{name}"
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()
+        have = self.target.run(f"sha256sum {remote} 2>/dev/null").stdout.split()[:1]
+        if have != [digest]:
+            self.target.run(f"mkdir -p $(dirname {remote})").check()
+            self.target.put(local, remote)
+        return remote
+
+
+def _board_payload_build():
+    from harness import pipeline
+    from harness.image.payloads import build_payloads
+    from harness.kernel.build import build
+
+    req = pipeline.build_request(pipeline.KernelOptions(), default_cache_dir(), quiet=True)
+    return build_payloads(req, build(req))
+
+
+@dataclass
+class El2Access:
+    """What the EL2 readers build on: physical memory over QMP and the kernel's symbols."""
+
+    memory: PhysicalMemory
+    symbols: dict[str, int]
+    kimage_voffset: int
+
+    def kernel_pa(self, symbol: str) -> int:
+        return self.symbols[symbol] - self.kimage_voffset
+
+
+@pytest.fixture(scope="session")
+def el2(target) -> El2Access:
+    qmp = getattr(target, "qmp_socket", None)
+    kernel = getattr(target, "kernel", None)
+    if qmp is None or kernel is None:
+        pytest.skip(f"EL2 memory cannot be read on {target.name}: only QEMU targets expose physical "
+                    "memory (QMP)")
+    mem = PhysicalMemory(qmp)
+    syms = read_system_map(kernel.system_map)
+    access = El2Access(mem, syms, find_kimage_voffset(mem, syms))
+    yield access
+    mem.close()
