@@ -14,7 +14,8 @@ from harness.kernel.source import DEFAULT_TARBALL
 PACKAGES_FILE = REPO_ROOT / "ci" / "debian-packages.txt"
 PYTHON_MODULES = {"pexpect": "pexpect", "elftools": "pyelftools", "paramiko": "paramiko",
                   "jinja2": "jinja2", "qemu.qmp": "qemu.qmp", "pytest": "pytest"}
-TOOLS = ("qemu-system-aarch64", "aarch64-linux-gnu-gcc", "gdb-multiarch", "make", "tar", "git", "dpkg-deb")
+TOOLS = ("qemu-system-aarch64", "aarch64-linux-gnu-gcc", "gdb-multiarch", "make", "tar", "git", "dpkg-deb",
+         "rsync", "dropbearkey")
 MIN_FREE_GIB = 8
 
 

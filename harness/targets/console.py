@@ -9,6 +9,9 @@ from typing import BinaryIO
 
 import pexpect
 
+from harness.targets import framing
+from harness.targets.base import CommandResult, CommandTimeout, TargetDead
+
 
 class _Tee:
     """pexpect's logfile_read: append to the console log and to an in-memory buffer."""
@@ -78,10 +81,7 @@ class ConsoleShell:
         self.dead = False
         self.kernel_lines: list[str] = []   # kernel messages seen inside command output
 
-    def run(self, cmd: str, timeout: float = 60.0) -> "CommandResult":
-        from harness.targets import framing
-        from harness.targets.base import CommandResult, CommandTimeout, TargetDead
-
+    def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
         if self.dead:
             raise TargetDead("the console shell is dead (an earlier command hung and Ctrl-C did not help)")
         too_long = [line for line in cmd.splitlines() if len(line) > MAX_LINE]
@@ -107,7 +107,6 @@ class ConsoleShell:
 
     def _recover(self) -> bool:
         """Ctrl-C, then a probe command: True if the shell answers."""
-        from harness.targets import framing
         if not self.console.child.isalive():
             self.dead = True
             return False

@@ -41,6 +41,7 @@ class QemuSpec:
     qemu: str = "qemu-system-aarch64"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     ssh_port: int | None = None     # user networking with 127.0.0.1:ssh_port -> guest :22
+    no_reboot: bool = True          # a guest reboot (or panic) ends QEMU; False lets it reset
 
     def cmdline(self) -> str:
         return f"{BASE_CMDLINE} {self.append}".strip()
@@ -50,7 +51,7 @@ class QemuSpec:
             self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), "-m", self.mem,
             # signal=off: a Ctrl-C sent to the console reaches the guest, not QEMU
             "-display", "none", "-monitor", "none", "-chardev", "stdio,id=con0,signal=off",
-            "-serial", "chardev:con0", "-no-reboot",
+            "-serial", "chardev:con0", *(["-no-reboot"] if self.no_reboot else []),
             *self.net_args(),
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline(),
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",

@@ -33,9 +33,10 @@ class ShellHelpers:
     def require_pkvm(self) -> str:
         """Refuse a machine that does not run pKVM, saying why; returns the mode."""
         cmdline = self.run("cat /proc/cmdline").check().stdout.strip()
-        if not re.search(r"(^|\s)kvm-arm\.mode=protected(\s|$)", cmdline):
-            raise TargetError(f"{self.name} does not run pKVM: its kernel command line has no "
-                              f"kvm-arm.mode=protected ({cmdline[:200]})",
+        modes = re.findall(r"(?:^|\s)kvm-arm\.mode=(\S+)", cmdline)
+        if not modes or modes[-1] != "protected":       # the last one given wins
+            given = f"kvm-arm.mode={modes[-1]}" if modes else "no kvm-arm.mode="
+            raise TargetError(f"{self.name} does not run pKVM: its kernel command line has {given}",
                               hint="boot the board with kvm-arm.mode=protected")
         mode = self.pkvm_mode()
         if mode is None:

@@ -134,7 +134,12 @@ class SshSession:
         start = time.monotonic()
         deadline = start + timeout
         assert self.client is not None
-        chan = self.client.get_transport().open_session(timeout=min(timeout, self.p.connect_timeout))  # type: ignore[union-attr]
+        try:
+            chan = self.client.get_transport().open_session(  # type: ignore[union-attr]
+                timeout=min(timeout, self.p.connect_timeout))
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.close()
+            raise TargetDead(f"the SSH connection to {self.p.address} was lost: {e or type(e).__name__}") from None
         out, err = bytearray(), bytearray()
         try:
             chan.exec_command(cmd)
@@ -152,6 +157,10 @@ class SshSession:
         except _Deadline:
             chan.close()
             raise CommandTimeout(cmd, timeout, self._answers(), out.decode(errors="replace")) from None
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            self.close()
+            raise TargetDead(f"the SSH connection to {self.p.address} was lost during `{cmd}`: "
+                             f"{e or type(e).__name__}") from None
         finally:
             chan.close()
         return CommandResult(cmd, status, out.decode(errors="replace"), err.decode(errors="replace"),
@@ -205,8 +214,9 @@ class SshTarget(ShellHelpers):
     """A real arm64 board (or any pKVM host) over SSH. Refuses machines that do not run pKVM."""
 
     def __init__(self, params: SshParams, *, check_pkvm: bool = True,
-                 scratch: str = "/tmp/pkvm-harness") -> None:
+                 scratch: str = "/tmp/pkvm-harness", reboot_command: str = "reboot") -> None:
         self.params = params
+        self.reboot_command = reboot_command   # "reboot -f" where PID 1 is no real init
         self.name = f"board {params.address}"
         self.scratch = scratch
         self.check_pkvm = check_pkvm
@@ -245,7 +255,7 @@ class SshTarget(ShellHelpers):
         deadline = time.monotonic() + timeout
         old_boot = self.run("cat /proc/sys/kernel/random/boot_id").check().stdout.strip()
         # Detached, so the command returns before the connection goes away.
-        self.run("(sleep 1; reboot) >/dev/null 2>&1 </dev/null &", timeout=15)
+        self.run(f"(sleep 1; {self.reboot_command}) >/dev/null 2>&1 </dev/null &", timeout=15)
         while self.session.alive() and time.monotonic() < deadline:
             if not self.session._answers():
                 break

@@ -1,0 +1,143 @@
+"""Targets against real parts: the smoke suite over the console and over SSH (real dropbear,
+real paramiko), and the SSH bad-input cases against the guest's real SSH server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from harness import pipeline
+from harness.image.initramfs import build_initramfs
+from harness.image.keys import ensure_keys
+from harness.image.payloads import build_payloads
+from harness.targets.base import TargetError
+from harness.targets.qemu_target import QemuTarget
+from harness.targets.ssh import SshParams, SshTarget
+from tests.integration.conftest import qemu_pids_mentioning
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("transport,cpu", [("console", "max"), ("ssh", "cortex-a72")])
+def test_smoke_suite_runs_unchanged_on_each_transport(kernel, tmp_path, transport, cpu):
+    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "test_suites/smoke"), "-q",
+                        "-p", "no:cacheprovider", "--transport", transport, "--cpu", cpu,
+                        "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "10 passed" in r.stdout
+    assert (tmp_path / "console.log").is_file()
+    assert not qemu_pids_mentioning(str(tmp_path))
+
+
+def _guest(cache_dir, kernel, run_dir: Path, append: list[str] | None = None, no_reboot: bool = True):
+    req = pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True)
+    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
+    spec = pipeline.qemu_spec(pipeline.BootOptions(append=append or []), kernel, initramfs, run_dir)
+    return QemuTarget(replace(spec, no_reboot=no_reboot), run_dir, transport="ssh", keys=ensure_keys(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def guest(cache_dir, kernel, tmp_path_factory):
+    """A pKVM host under QEMU that may reboot (no -no-reboot), reached over SSH as a board would be."""
+    t = _guest(cache_dir, kernel, tmp_path_factory.mktemp("guest"), no_reboot=False)
+    yield t
+    t.close()
+
+
+def _known_hosts(path: Path, port: int, key_line: str) -> Path:
+    path.write_text(f"[127.0.0.1]:{port} {key_line}\n")
+    return path
+
+
+def _params(guest, cache_dir, **kw) -> SshParams:
+    return SshParams(host="127.0.0.1", port=guest.spec.ssh_port, user="root",
+                     key=ensure_keys(cache_dir).client_private, **kw)
+
+
+def test_board_target_checks_pkvm_runs_and_reconnects_after_reboot(guest, cache_dir, tmp_path):
+    kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
+    board = SshTarget(_params(guest, cache_dir, known_hosts=kh), reboot_command="reboot -f")   # PID 1 is sh
+    try:
+        assert board.mode == "hVHE"
+        boot_id = board.run("cat /proc/sys/kernel/random/boot_id").check().stdout
+        board.reboot(timeout=120)
+        assert board.run("cat /proc/sys/kernel/random/boot_id").check().stdout != boot_id
+        assert board.mode == "hVHE"                        # checked again after the reboot
+    finally:
+        board.close()
+
+
+def test_unknown_host_key_is_refused_unless_accepted(guest, cache_dir, tmp_path):
+    kh = tmp_path / "known_hosts"
+    with pytest.raises(TargetError, match="is not in .*known_hosts") as e:
+        SshTarget(_params(guest, cache_dir, known_hosts=kh))
+    assert "--ssh-accept-new-host-key" in e.value.hint
+    SshTarget(_params(guest, cache_dir, known_hosts=kh, accept_new_host_key=True)).close()
+    saved = kh.read_text()
+    assert f"[127.0.0.1]:{guest.spec.ssh_port}" in saved
+    assert ensure_keys(cache_dir).host_public_line.split()[1] in saved
+    SshTarget(_params(guest, cache_dir, known_hosts=kh)).close()      # now known: strict mode works
+
+
+def test_changed_host_key_is_refused_unless_accepted(guest, cache_dir, tmp_path):
+    impostor = paramiko.Ed25519Key.from_private_key_file(str(ensure_keys(cache_dir).client_private))
+    kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port,
+                      f"{impostor.get_name()} {impostor.get_base64()}")
+    with pytest.raises(TargetError, match="host key .* changed"):
+        SshTarget(_params(guest, cache_dir, known_hosts=kh))
+    assert impostor.get_base64() in kh.read_text()                   # a refusal changes nothing
+    SshTarget(_params(guest, cache_dir, known_hosts=kh, accept_new_host_key=True)).close()
+    assert impostor.get_base64() not in kh.read_text()
+
+
+def test_refused_key_is_reported(guest, cache_dir, tmp_path):
+    stranger = tmp_path / "stranger"
+    paramiko.ECDSAKey.generate().write_private_key_file(str(stranger))
+    kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
+    start = time.monotonic()
+    with pytest.raises(TargetError, match="refused the key"):
+        SshTarget(replace(_params(guest, cache_dir, known_hosts=kh), key=stranger))
+    assert time.monotonic() - start < 15
+
+
+def test_unreachable_hosts_fail_within_the_deadline(tmp_path):
+    with socket.socket() as s:                         # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TargetError, match="cannot reach"):
+        SshTarget(SshParams(host="127.0.0.1", port=closed, connect_timeout=3))
+    assert time.monotonic() - start < 5
+
+    # A peer that accepts but never speaks SSH (a hung sshd, a wrong port behind a firewall).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(TargetError):
+        SshTarget(SshParams(host="127.0.0.1", port=silent.getsockname()[1], connect_timeout=3))
+    assert time.monotonic() - start < 10
+    for s in [silent, *held]:
+        s.close()
+
+
+def test_a_machine_without_pkvm_is_refused(cache_dir, kernel, tmp_path):
+    t = _guest(cache_dir, kernel, tmp_path, append=["kvm-arm.mode=nvhe"])
+    try:
+        assert t.mode is None
+        kh = _known_hosts(tmp_path / "known_hosts", t.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
+        with pytest.raises(TargetError, match="does not run pKVM: its kernel command line has kvm-arm.mode=nvhe"):
+            SshTarget(_params(t, cache_dir, known_hosts=kh))
+    finally:
+        t.close()
+    assert not qemu_pids_mentioning(str(tmp_path))
