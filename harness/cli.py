@@ -131,8 +131,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         how = "reused" if k["reused"] else f"built in {k['build_seconds']:.0f}s"
         print(f"kernel: Linux {k['version']} ({how}, key {k['cache_key']})")
     if b:
+        def at(seconds: float | None) -> str:
+            return f"{seconds}s" if seconds is not None else "never"
         print(f"boot:   -cpu {b['cpu']} -smp {b['smp']} -m {b['mem']}: pKVM {b['pkvm_mode'] or 'not up'}"
-              f" at {b['seconds_to_pkvm']}s, shell at {b['seconds_to_ready']}s")
+              f" at {at(b['seconds_to_pkvm'])}, shell at {at(b['seconds_to_ready'])}")
     print(f"result: {r['outcome'].upper()}: {r['reason']}")
     for event in r.get("events", [])[:1]:
         print(f"--- console around line {event['line_no']} ({event['kind']}) ---")
