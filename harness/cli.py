@@ -153,6 +153,9 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # Started from a script's background job, SIGINT arrives ignored (and Python then installs no
+    # handler); an interrupt must still stop QEMU and make cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(COMMANDS[args.command](args))
     except HarnessError as e:

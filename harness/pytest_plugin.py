@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.el2.memory import PhysicalMemory, find_kimage_voffset
-from harness.el2.symbols import read_system_map
+from harness.el2 import symbols as el2_symbols
 from harness.errors import HarnessError
 from harness.paths import default_cache_dir, default_runs_dir
 
@@ -179,7 +179,7 @@ def el2(target) -> El2Access:
         pytest.skip(f"EL2 memory cannot be read on {target.name}: only QEMU targets expose physical "
                     "memory (QMP)")
     mem = PhysicalMemory(qmp)
-    syms = read_system_map(kernel.system_map)
+    syms = el2_symbols.load(kernel.vmlinux, default_cache_dir()).symbols
     access = El2Access(mem, syms, find_kimage_voffset(mem, syms))
     yield access
     mem.close()

@@ -1,0 +1,605 @@
+"""Reference model of the pKVM EL2 buddy allocator (arch/arm64/kvm/hyp/nvhe/page_alloc.c).
+
+Pure Python, no I/O. It reproduces the kernel's observable state exactly: every
+``struct hyp_page`` (refcount, order), every ``free_area[k]`` list in list order
+(index 0 == ``free_area[k].next``), the returned addresses, and the BUG()s.
+
+Line numbers "page_alloc.c:N", "memory.h:N", "gfp.h:N" refer to the 6.12 tree
+(linux-source-6.12, SUBLEVEL 117, arch/arm64/kvm/hyp/{nvhe,include/nvhe}/).
+Other versions were read as patches/trees through the code search; see NOTES.md.
+
+Representation (chosen for speed, see bench/model.py):
+  * pages live in flat lists ``_rc`` / ``_ord`` / ``_where`` indexed by
+    ``pfn - _org``, where ``_org`` is the pool's first PFN rounded down to
+    2**11 pages.  Because ``_org`` has 11 zero low bits, the buddy of index i
+    at order k <= 10 is simply ``i ^ (1 << k)`` (page_alloc.c:37-39 XORs the
+    absolute physical address).
+  * each ``free_area[k]`` is a dict used as an ordered set: insertion ==
+    list_add_tail, ``next(iter(d))`` == ``free_area[k].next``, ``del`` ==
+    __list_del_entry, all O(1).
+  * ``_where[i]`` is the list a page's node is linked on (-1: not linked), so
+    a list_del from whatever list, and list corruption, are modelled exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+_IDX_ALIGN = 1 << 11        # index origin alignment: covers every order <= 10
+_MAX_NR_PAGES = (1 << 31) - 1   # hyp_pool_init's `int i` loop (page_alloc.c:228,240)
+
+PageSource = Union[Mapping[int, "tuple[int, int]"], Callable[[int], "tuple[int, int]"]]
+
+
+class BuddyBug(Exception):
+    """The hypervisor would BUG()/panic here (or hit undefined behaviour).
+
+    ``check`` is the kernel check (quoted from the source) or, for states the
+    kernel does not check, a description starting with "no kernel check".
+    ``function`` is where it fires.  After a BuddyBug the pool should be
+    discarded, like the hypervisor after a hyp_panic: simple checks are made
+    before any state changes, but corrupted-state paths may have mutated it.
+    """
+
+    def __init__(self, check: str, function: str, detail: str) -> None:
+        self.check = check
+        self.function = function
+        self.detail = detail
+        super().__init__(f"{check} in {function}: {detail}")
+
+
+# --------------------------------------------------------------------------- version rules
+
+
+@dataclass(frozen=True)
+class VersionRules:
+    """One rule set of the allocator, as a kernel release range implements it."""
+
+    name: str                    # "5.13", "5.14", "5.15", "5.17+", "6.2+", "6.4+", "6.14+"
+    requested: str               # the version string asked for
+    covers: str                  # which releases this rule set describes
+    max_order_formula: str       # C expression from hyp_pool_init
+    plus_one: bool               # get_order((nr_pages + 1) << PAGE_SHIFT)  (~5.17 .. 6.3)
+    inclusive: bool              # loops use <= max_order (6.4+) instead of < max_order
+    arch_max_order: int          # MAX_ORDER (11, exclusive) / MAX_PAGE_ORDER (10, inclusive), 4K pages
+    nr_free_areas: int           # entries of hyp_pool.free_area[]
+    order_type: str
+    order_bits: int
+    hyp_no_order: int            # HYP_NO_ORDER
+    refcount_type: str
+    refcount_bits: int
+    availability: str            # how __find_buddy_avail tells a free buddy
+    external_pages: bool         # __hyp_attach_page: `goto insert` for phys outside the range (6.2+)
+    has_split: bool              # hyp_split_page() exists
+    inc_check: Optional[str]     # check in hyp_page_ref_inc, None = silently wraps
+    dec_check: Optional[str]     # check on the put path, None = silently wraps
+    dec_function: str
+    set_refcounted_check: str
+    helpers_file: str            # where the refcount helpers live
+    init_refcounts: bool         # init sets refcount 1 and frees with __hyp_put_page (5.14+)
+    warning: Optional[str] = None
+
+    @property
+    def refcount_max(self) -> int:
+        return (1 << self.refcount_bits) - 1
+
+    def max_order(self, nr_pages: int) -> int:
+        """pool->max_order exactly as hyp_pool_init computes it (page_alloc.c:231-232).
+
+        ``nr_pages`` is `unsigned int`, so ``nr_pages << PAGE_SHIFT`` is a 32-bit
+        shift: it wraps for pools of >= 4 GiB (2**20 pages) before get_order().
+        """
+        n = (nr_pages + 1 if self.plus_one else nr_pages) & _U32
+        return min(self.arch_max_order, get_order((n << PAGE_SHIFT) & _U32))
+
+    def range_bytes(self, nr_pages: int) -> int:
+        """``nr_pages << PAGE_SHIFT`` as used for range_end (page_alloc.c:236): also 32-bit."""
+        return (nr_pages << PAGE_SHIFT) & _U32
+
+    def initialised_lists(self, max_order: int) -> int:
+        """How many free_area[] heads hyp_pool_init INIT_LIST_HEADs (page_alloc.c:233-234)."""
+        return max_order + 1 if self.inclusive else max_order
+
+
+def get_order(size: int) -> int:
+    """include/asm-generic/getorder.h:41-47, the non-constant path used at run time.
+
+    fls64((size - 1) >> PAGE_SHIFT) on unsigned long: get_order(0) == 52.
+    """
+    return (((size - 1) & _U64) >> PAGE_SHIFT).bit_length()
+
+
+def _base_rules() -> dict[str, dict]:
+    excl = dict(inclusive=False, arch_max_order=11, nr_free_areas=11)
+    ushort = dict(order_type="unsigned short", order_bits=16, hyp_no_order=0xFFFF,
+                  refcount_type="unsigned short", refcount_bits=16,
+                  availability="buddy->order == order && !buddy->refcount")
+    inc = "BUG_ON(p->refcount == USHRT_MAX)"
+    dec = "BUG_ON(!p->refcount)"
+    setrc = "BUG_ON(p->refcount)"
+    pre617 = "min(MAX_ORDER, get_order(nr_pages << PAGE_SHIFT))"
+    p1 = "min(MAX_ORDER, get_order((nr_pages + 1) << PAGE_SHIFT))"
+    incl = "min(MAX_PAGE_ORDER, get_order(nr_pages << PAGE_SHIFT))"
+    return {
+        "5.13": dict(
+            covers="5.13 (first merge, 'KVM: arm64: Introduce a Hyp buddy page allocator')",
+            max_order_formula=pre617, plus_one=False, **excl,
+            order_type="unsigned int", order_bits=32, hyp_no_order=_U32,
+            refcount_type="unsigned int", refcount_bits=32,
+            availability="buddy->order == order && !list_empty(&buddy->node)",
+            external_pages=False, has_split=False, inc_check=None, dec_check=None,
+            dec_function="hyp_page_ref_dec_and_test",
+            set_refcounted_check="if (p->refcount) { hyp_spin_unlock(&pool->lock); BUG(); }",
+            helpers_file="nvhe/gfp.h", init_refcounts=False),
+        "5.14": dict(
+            covers="5.14.0 .. 5.14.14 ('Reduce hyp_vmemmap overhead' series)",
+            max_order_formula=pre617, plus_one=False, **excl, **ushort,
+            external_pages=False, has_split=False, inc_check=inc, dec_check=None,
+            dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+        "5.15": dict(
+            covers="5.15, 5.16 (and 5.14.15+ stable): hyp_split_page + 'Report corrupted refcount at EL2'",
+            max_order_formula=pre617, plus_one=False, **excl, **ushort,
+            external_pages=False, has_split=True, inc_check=inc, dec_check=dec,
+            dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+        "5.17+": dict(
+            covers="5.17 .. 6.1 ('KVM: arm64: pkvm: Fix hyp_pool max order')",
+            max_order_formula=p1, plus_one=True, **excl, **ushort,
+            external_pages=False, has_split=True, inc_check=inc, dec_check=dec,
+            dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+        "6.2+": dict(
+            covers="6.2, 6.3 (non-coalescable 'external' pages; helpers moved to memory.h)",
+            max_order_formula=p1, plus_one=True, **excl, **ushort,
+            external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
+            dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
+            helpers_file="nvhe/memory.h", init_refcounts=True),
+        "6.4+": dict(
+            covers="6.4 .. 6.13 (MAX_ORDER made inclusive; 6.8 renamed it MAX_PAGE_ORDER)",
+            max_order_formula=incl, plus_one=False, inclusive=True, arch_max_order=10,
+            nr_free_areas=11, **ushort,
+            external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
+            dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
+            helpers_file="nvhe/memory.h", init_refcounts=True),
+        "6.14+": dict(
+            covers="6.14 .. 6.17 read (u8 order, HYP_NO_ORDER 0xff)",
+            max_order_formula=incl, plus_one=False, inclusive=True, arch_max_order=10,
+            nr_free_areas=11, order_type="u8", order_bits=8, hyp_no_order=0xFF,
+            refcount_type="u16", refcount_bits=16,
+            availability="buddy->order == order && !buddy->refcount",
+            external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
+            dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
+            helpers_file="nvhe/memory.h", init_refcounts=True),
+    }
+
+
+_RULES = _base_rules()
+_NEWEST_READ = (6, 17)
+_VERSION_RE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def _pick(major: int, minor: int, sub: Optional[int]) -> tuple[str, Optional[str]]:
+    v = (major, minor)
+    if v < (5, 13):
+        return "5.13", "pKVM (and the EL2 buddy allocator) did not exist before 5.13; using 5.13 rules"
+    if v == (5, 13):
+        return "5.13", None
+    if v == (5, 14):
+        if sub is not None and sub >= 15:
+            return "5.15", ("5.14.y stable took hyp_split_page and the BUG_ON(!p->refcount) fix "
+                            "(stable review 'PATCH 5.14 022/169', Oct 2021); the first release "
+                            "carrying them is inferred to be 5.14.15")
+        return "5.14", None
+    if v < (5, 17):
+        return "5.15", None
+    if v < (6, 2):
+        return "5.17+", None
+    if v < (6, 4):
+        return "6.2+", None
+    if v < (6, 14):
+        return "6.4+", None
+    if v <= _NEWEST_READ:
+        return "6.14+", None
+    return "6.14+", (f"{major}.{minor} is newer than the newest tree read "
+                     f"({_NEWEST_READ[0]}.{_NEWEST_READ[1]}); assuming the 6.14+ allocator is unchanged")
+
+
+def version_rules(version: str) -> VersionRules:
+    """The rule set for a kernel version string ("6.12", "6.12.117", "v6.1.192", "5.15")."""
+    m = _VERSION_RE.match(str(version))
+    if not m:
+        raise ValueError(f"cannot parse kernel version {version!r} (expected e.g. '6.12' or '6.12.117')")
+    sub = int(m.group(3)) if m.group(3) is not None else None
+    name, warning = _pick(int(m.group(1)), int(m.group(2)), sub)
+    return VersionRules(name=name, requested=str(version), warning=warning, **_RULES[name])
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class HypPool:
+    """A struct hyp_pool plus the hyp_vmemmap entries of its pages.
+
+    ``range_start``/``range_end``/``max_order`` are the kernel's field values
+    (range_end and max_order include the 32-bit truncation, see NOTES.md).
+    The model tracks the ``nr_pages`` pages hyp_pool_init initialised,
+    ``[range_start, span_end)``; ``span_end == range_end`` unless the pool is
+    >= 4 GiB.
+    """
+
+    __slots__ = ("rules", "version", "range_start", "range_end", "span_end", "nr_pages",
+                 "reserved_pages", "max_order", "top_order",
+                 "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_where", "_free", "_ninit",
+                 "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit")
+
+    def __init__(self, range_start: int, nr_pages: int, reserved_pages: int = 0,
+                 version: str = "6.12") -> None:
+        self._setup(version_rules(version), range_start, nr_pages, None)
+        if reserved_pages < 0:
+            raise ValueError("reserved_pages must be >= 0")
+        self.reserved_pages = reserved_pages
+        self._init_vmemmap(reserved_pages)
+
+    # ---- construction
+
+    def _setup(self, rules: VersionRules, range_start: int, nr_pages: int,
+               max_order: Optional[int]) -> None:
+        if range_start < 0 or range_start & (PAGE_SIZE - 1):
+            raise ValueError(f"range_start {range_start:#x} must be a page-aligned physical address")
+        if not 0 <= nr_pages <= _MAX_NR_PAGES:
+            raise ValueError(f"nr_pages must be in [0, 2**31): hyp_pool_init loops with `int i`")
+        self.rules = rules
+        self.version = rules.requested
+        self.nr_pages = nr_pages
+        self.reserved_pages = None
+        self.range_start = range_start
+        # page_alloc.c:236: phys + (nr_pages << PAGE_SHIFT), the shift being 32-bit.
+        self.range_end = range_start + rules.range_bytes(nr_pages)
+        self.span_end = range_start + (nr_pages << PAGE_SHIFT)
+        mo = rules.max_order(nr_pages) if max_order is None else max_order
+        limit = rules.arch_max_order
+        if not 0 <= mo <= limit:
+            raise ValueError(f"max_order {mo} outside [0, {limit}] for rules {rules.name}")
+        self.max_order = mo
+        self._ninit = rules.initialised_lists(mo)
+        self.top_order = self._ninit - 1          # highest order alloc/coalesce can reach
+        base = range_start >> PAGE_SHIFT
+        self._lo = base & (_IDX_ALIGN - 1)
+        self._org = base - self._lo
+        self._rhi = self._lo + ((self.range_end - range_start) >> PAGE_SHIFT)
+        self._shi = self._lo + nr_pages
+        size = self._shi
+        self._rc = [0] * size
+        self._ord = [0] * size
+        self._where = [-1] * size
+        self._free: list[dict[int, None]] = [{} for _ in range(rules.nr_free_areas)]
+        self._no_order = rules.hyp_no_order
+        self._rc_max = rules.refcount_max
+        self._list_avail = rules.availability.find("list_empty") >= 0
+        self._external = rules.external_pages
+        self._order_limit = (1 << rules.order_bits) - 1
+
+    def _init_vmemmap(self, reserved: int) -> None:
+        """hyp_pool_init's page loops (page_alloc.c:238-245), ascending, through the attach path."""
+        lo, shi = self._lo, self._shi
+        first_free = min(lo + reserved, shi)
+        if self.rules.init_refcounts:
+            # hyp_set_page_refcounted() on every page, then __hyp_put_page() on the unreserved ones:
+            # each drops 1 -> 0 and is attached in turn.
+            for i in range(lo, first_free):
+                self._rc[i] = 1
+        # 5.13: memset(p, 0) + INIT_LIST_HEAD, then __hyp_attach_page(): refcount stays 0.
+        attach = self._attach
+        for i in range(first_free, shi):
+            attach(i)
+
+    @classmethod
+    def from_state(cls, range_start: int, nr_pages: int, pages: PageSource,
+                   free_lists: Mapping[int, "list[int]"], version: str = "6.12",
+                   max_order: Optional[int] = None) -> "HypPool":
+        """Start from an observed snapshot.
+
+        ``pages`` maps (or is called with) each physical page address in
+        ``[range_start, range_start + nr_pages*4096)`` to (refcount, order).
+        ``free_lists`` maps order -> addresses in list order (index 0 == .next).
+        The snapshot may be inconsistent (that is what a checker wants to feed
+        in); only what the model cannot represent is rejected: list entries
+        outside the tracked pages, duplicated entries, or lists the kernel
+        never initialised.
+        """
+        self = cls.__new__(cls)
+        self._setup(version_rules(version), range_start, nr_pages, max_order)
+        self._load_pages(pages)
+        self._load_lists(free_lists)
+        return self
+
+    def _load_pages(self, pages: PageSource) -> None:
+        lookup = pages if callable(pages) else pages.__getitem__
+        rc_max, ord_max = self._rc_max, self._order_limit
+        for i in range(self._lo, self._shi):
+            pa = self._pa(i)
+            try:
+                rc, order = lookup(pa)
+            except KeyError:
+                raise ValueError(f"from_state: no (refcount, order) for page {pa:#x}") from None
+            if not (0 <= rc <= rc_max and 0 <= order <= ord_max):
+                raise ValueError(f"from_state: page {pa:#x} ({rc}, {order}) does not fit "
+                                 f"{self.rules.refcount_type}/{self.rules.order_type}")
+            self._rc[i] = rc
+            self._ord[i] = order
+
+    def _load_lists(self, free_lists: Mapping[int, "list[int]"]) -> None:
+        for k, addrs in sorted(free_lists.items()):
+            if not addrs:
+                continue
+            if not 0 <= k < self._ninit:
+                raise ValueError(f"from_state: free_area[{k}] is not initialised for max_order "
+                                 f"{self.max_order} ({self.rules.name})")
+            d = self._free[k]
+            for pa in addrs:
+                i = self._index(pa)
+                if pa & (PAGE_SIZE - 1) or not self._lo <= i < self._shi:
+                    raise ValueError(f"from_state: free_area[{k}] entry {pa:#x} is not a page of "
+                                     f"the pool (external pages outside the pool are not modelled)")
+                if self._where[i] >= 0:
+                    raise ValueError(f"from_state: page {pa:#x} listed twice")
+                d[i] = None
+                self._where[i] = k
+
+    # ---- address helpers
+
+    def _index(self, pa: int) -> int:
+        return (pa >> PAGE_SHIFT) - self._org
+
+    def _pa(self, i: int) -> int:
+        return (i + self._org) << PAGE_SHIFT
+
+    def _untracked(self, function: str, pa: int) -> BuddyBug:
+        return BuddyBug(
+            "no kernel check (hyp_virt_to_page() indexes hyp_vmemmap blindly, memory.h:33)",
+            function,
+            f"{pa:#x} is outside the pool's pages [{self.range_start:#x}, {self.span_end:#x}); "
+            "the kernel would operate on whatever hyp_page that is, the model has no state for it")
+
+    # ---- kernel BUGs (messages quote the source)
+
+    def _bug_set_refcounted(self, i: int, caller: str) -> BuddyBug:
+        r = self.rules
+        return BuddyBug(r.set_refcounted_check, f"hyp_set_page_refcounted() ({r.helpers_file}) "
+                        f"called from {caller}()",
+                        f"page {self._pa(i):#x} has refcount {self._rc[i]}, expected 0")
+
+    def _bug_dec(self, pa: int) -> BuddyBug:
+        r = self.rules
+        return BuddyBug(r.dec_check, f"{r.dec_function}() ({r.helpers_file}) via hyp_put_page()",
+                        f"hyp_put_page({pa:#x}) on a page whose refcount is already 0 "
+                        "(double free, a tail page, or a free page)")
+
+    def _bug_inc(self, pa: int) -> BuddyBug:
+        r = self.rules
+        return BuddyBug(r.inc_check, f"hyp_page_ref_inc() ({r.helpers_file}) via hyp_get_page()",
+                        f"hyp_get_page({pa:#x}) with refcount already {self._rc_max}")
+
+    def _bug_list_add(self, i: int, function: str) -> BuddyBug:
+        return BuddyBug(
+            "no kernel check: list corruption (list_add_tail of a node already on a free list; "
+            "reported by nvhe/list_debug.c only with CONFIG_LIST_HARDENED/DEBUG_LIST)",
+            function, f"page {self._pa(i):#x} is still linked on free_area[{self._where[i]}]")
+
+    def _bug_list_del(self, i: int, function: str) -> BuddyBug:
+        return BuddyBug(
+            "no kernel check: __list_del_entry() of a node that is on no list "
+            "(NULL dereference, or nvhe/list_debug.c report with CONFIG_LIST_HARDENED)",
+            function, f"page {self._pa(i):#x} passes __find_buddy_avail() but is not linked")
+
+    def _bug_bad_insert(self, k: int, function: str) -> BuddyBug:
+        if k >= self.rules.nr_free_areas:
+            what = (f"free_area[{k}] is out of bounds (free_area has "
+                    f"{self.rules.nr_free_areas} entries; order {k} is not a valid order)")
+        else:
+            what = (f"free_area[{k}] was never initialised by hyp_pool_init (it only "
+                    f"INIT_LIST_HEADs {self._ninit} list(s) for max_order {self.max_order})")
+        return BuddyBug("no kernel check: list_add_tail() on an invalid list head", function, what)
+
+    # ---- __hyp_attach_page (page_alloc.c:93-128)
+
+    def _attach(self, p: int) -> None:
+        where, ord_ = self._where, self._ord
+        if where[p] >= 0:                       # page_add_to_list would corrupt the list
+            raise self._bug_list_add(p, "__hyp_attach_page()")
+        k = ord_[p]
+        rlo, rhi = self._lo, self._rhi
+        if k >= self.rules.nr_free_areas:       # memset(PAGE_SIZE << order) and free_area[order]
+            raise self._bug_bad_insert(k, "__hyp_attach_page()")
+        # page_alloc.c:103-104 (6.2+): 'external' pages skip coalescing entirely.
+        if rlo <= p < rhi or not self._external:
+            ord_[p] = self._no_order            # page_alloc.c:112: p may stop being the head
+            top = self.top_order                # (order + 1) <= max_order, or < for pre-6.4
+            if k < top:
+                k, p = self._coalesce(p, k, top, rlo, rhi)
+        if k >= self._ninit:
+            raise self._bug_bad_insert(k, "__hyp_attach_page()")
+        ord_[p] = k                             # page_alloc.c:126-127
+        self._free[k][p] = None
+        where[p] = k
+
+    def _coalesce(self, p: int, k: int, top: int, rlo: int, rhi: int) -> tuple[int, int]:
+        """The loop at page_alloc.c:113-122; returns (final order, final head)."""
+        ord_, rc, where, free = self._ord, self._rc, self._where, self._free
+        no_order, list_avail = self._no_order, self._list_avail
+        while k < top:
+            b = p ^ (1 << k)                    # __find_buddy_nocheck, page_alloc.c:37-48
+            if b < rlo or b >= rhi or ord_[b] != k:
+                break
+            w = where[b]
+            if list_avail:                      # 5.13: !list_empty(&buddy->node)
+                if w < 0:
+                    break
+            elif rc[b]:                         # 5.14+: !buddy->refcount (page_alloc.c:58)
+                break
+            elif w < 0:
+                raise self._bug_list_del(b, "__hyp_attach_page()")
+            del free[w][b]                      # page_remove_from_list(buddy), :119
+            where[b] = -1
+            ord_[b] = no_order                  # :120
+            if b < p:                           # :121 p = min(p, buddy)
+                p = b
+            k += 1
+        return k, p
+
+    # ---- hyp_alloc_pages (page_alloc.c:198-221) / __hyp_extract_page (:130-151)
+
+    def alloc(self, order: int) -> Optional[int]:
+        """hyp_alloc_pages(pool, order): the block's physical address, or None for NULL."""
+        if not 0 <= order <= self._order_limit:
+            raise ValueError(f"order {order} does not fit {self.rules.order_type}")
+        free = self._free
+        i, n = order, self._ninit
+        while i < n:                            # :206-207, smallest non-empty list >= order
+            d = free[i]
+            if d:
+                break
+            i += 1
+        else:
+            return None                         # :208-211
+        p = next(iter(d))                       # :214 free_area[i].next, the oldest insertion
+        rc = self._rc
+        if rc[p]:                               # :217 hyp_set_page_refcounted, checked up front
+            raise self._bug_set_refcounted(p, "hyp_alloc_pages")
+        ord_, where = self._ord, self._where
+        del d[p]                                # :136 page_remove_from_list(p)
+        where[p] = -1
+        k = ord_[p]
+        if k > order:
+            self._split_off(p, k, order)
+        rc[p] = 1
+        return (p + self._org) << PAGE_SHIFT
+
+    def _split_off(self, p: int, k: int, order: int) -> None:
+        """__hyp_extract_page's loop (:137-148): keep the lower half, append the upper halves."""
+        if k >= self.rules.nr_free_areas:
+            raise BuddyBug("no kernel check: undefined behaviour", "__hyp_extract_page()",
+                           f"page {self._pa(p):#x} has order {k}: PAGE_SIZE << {k - 1} and "
+                           f"free_area[{k - 1}] are out of range")
+        ord_, where, free = self._ord, self._where, self._free
+        rlo, rhi = self._lo, self._rhi
+        while k > order:
+            k -= 1
+            b = p ^ (1 << k)                    # :145 __find_buddy_nocheck(pool, p, p->order)
+            if b < rlo or b >= rhi:
+                raise BuddyBug("no kernel check: NULL dereference", "__hyp_extract_page()",
+                               f"__find_buddy_nocheck({self._pa(p):#x}, {k}) returned NULL "
+                               "(block not inside the pool range) and :146 writes buddy->order")
+            if where[b] >= 0:
+                raise self._bug_list_add(b, "__hyp_extract_page()")
+            ord_[b] = k                         # :146
+            free[k][b] = None                   # :147 page_add_to_list, tail insertion
+            where[b] = k
+        ord_[p] = k                             # :144 p->order-- ends at `order`
+
+    # ---- refcounts: hyp_put_page (:166-173), hyp_get_page (:175-182)
+
+    def put(self, pa: int) -> None:
+        """hyp_put_page(pool, pa): refcount--, and __hyp_attach_page when it reaches 0."""
+        p = (pa >> PAGE_SHIFT) - self._org
+        if p < self._lo or p >= self._shi:
+            raise self._untracked("hyp_put_page()", pa)
+        rc = self._rc
+        c = rc[p]
+        if not c:
+            if self.rules.dec_check is not None:
+                raise self._bug_dec(pa)
+            rc[p] = self._rc_max                # 5.13/5.14.0: unsigned wrap, no attach
+            return
+        c -= 1
+        rc[p] = c
+        if not c:
+            self._attach(p)
+
+    def get(self, pa: int) -> None:
+        """hyp_get_page(pool, pa): hyp_page_ref_inc (memory.h:52-56 in 6.12)."""
+        p = (pa >> PAGE_SHIFT) - self._org
+        if p < self._lo or p >= self._shi:
+            raise self._untracked("hyp_get_page()", pa)
+        rc = self._rc
+        c = rc[p]
+        if c == self._rc_max:
+            if self.rules.inc_check is not None:
+                raise self._bug_inc(pa)
+            rc[p] = 0                           # 5.13: unsigned int wraps to 0, nothing else
+            return
+        rc[p] = c + 1
+
+    # ---- hyp_split_page (page_alloc.c:184-196)
+
+    def split(self, pa: int) -> None:
+        """hyp_split_page(hyp_virt_to_page(pa)): head and tails become order-0 pages, tails refcount 1."""
+        if not self.rules.has_split:
+            raise NotImplementedError(f"hyp_split_page() does not exist in {self.rules.name}")
+        p = (pa >> PAGE_SHIFT) - self._org
+        if p < self._lo or p >= self._shi:
+            raise self._untracked("hyp_split_page()", pa)
+        k = self._ord[p]
+        if k >= 31:                             # `1 << order` on int (:190)
+            raise BuddyBug("no kernel check: undefined behaviour", "hyp_split_page()",
+                           f"page {pa:#x} has order {k} (HYP_NO_ORDER is {self._no_order}): "
+                           "`1 << order` overflows int")
+        end = p + (1 << k)
+        if end > self._shi:
+            raise self._untracked("hyp_split_page()", self._pa(self._shi))
+        rc, ord_ = self._rc, self._ord
+        for t in range(p + 1, end):             # :194 BUG_ON(tail->refcount), checked up front
+            if rc[t]:
+                raise self._bug_set_refcounted(t, "hyp_split_page")
+        ord_[p] = 0                             # :189
+        for t in range(p + 1, end):             # :190-195
+            ord_[t] = 0
+            rc[t] = 1
+
+    # ---- observation
+
+    def free_lists(self) -> dict[int, list[int]]:
+        """order -> block addresses in list order, for every initialised free_area[order]."""
+        org = self._org
+        return {k: [(i + org) << PAGE_SHIFT for i in self._free[k]] for k in range(self._ninit)}
+
+    def page(self, pa: int) -> tuple[int, int]:
+        """(refcount, order) exactly as struct hyp_page holds them."""
+        i = self._index(pa)
+        if not self._lo <= i < self._shi:
+            raise ValueError(f"{pa:#x} is not a page of this pool")
+        return self._rc[i], self._ord[i]
+
+    def pages(self) -> dict[int, tuple[int, int]]:
+        """Every tracked page: address -> (refcount, order)."""
+        rc, ord_ = self._rc, self._ord
+        return {self._pa(i): (rc[i], ord_[i]) for i in range(self._lo, self._shi)}
+
+    def buddy_of(self, pa: int, order: int) -> Optional[int]:
+        """__find_buddy_nocheck (page_alloc.c:33-49): the buddy's address, or None (NULL)."""
+        addr = (pa & ~(PAGE_SIZE - 1)) ^ ((PAGE_SIZE << order) & _U64)
+        if addr < self.range_start or addr >= self.range_end:
+            return None
+        return addr
+
+    def is_external(self, pa: int) -> bool:
+        """True for a tracked page the kernel treats as outside the pool (phys >= range_end)."""
+        return not self.range_start <= pa < self.range_end
+
+    def snapshot(self) -> dict:
+        """Everything from_state() needs to rebuild this pool."""
+        return {"range_start": self.range_start, "nr_pages": self.nr_pages,
+                "pages": self.pages(), "free_lists": self.free_lists(),
+                "version": self.version, "max_order": self.max_order}
+
+    def __repr__(self) -> str:
+        nfree = sum(len(d) << k for k, d in enumerate(self._free))
+        return (f"HypPool({self.range_start:#x}, nr_pages={self.nr_pages}, rules={self.rules.name}, "
+                f"max_order={self.max_order}, free_pages~{nfree})")
