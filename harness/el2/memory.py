@@ -1,8 +1,9 @@
-"""Guest-physical memory reads over QMP, and the kernel's virtual-to-physical offset.
+"""Guest-physical memory over QMP, and the address arithmetic of the pKVM host.
 
-`pmemsave` writes the bytes to a file that QEMU opens itself, so the file lives in a private
-temporary directory. Callers that need a consistent view stop the machine around their reads
-(`paused()`).
+`pmemsave` makes QEMU write the bytes to a file it opens itself, so reads go through a private
+temporary directory (tmpfs-backed /tmp in practice). A snapshot stops the vCPUs, reads a few
+large regions at once, and decodes from those copies (`RegionCache`), falling back to live
+reads only for what lies outside them.
 """
 
 from __future__ import annotations
@@ -13,21 +14,23 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness.targets import qmp
+from harness.targets.qmp import QmpConnection
 
 _2M = 2 << 20
+MASK64 = (1 << 64) - 1
 
 
 class PhysicalMemory:
     def __init__(self, qmp_socket: Path, timeout: float = 10.0) -> None:
         self.qmp_socket = qmp_socket
-        self.timeout = timeout
+        self.qmp = QmpConnection(qmp_socket, timeout)
         self._dir = tempfile.TemporaryDirectory(prefix="pkvm-pmem-")
+        self._n = 0
 
     def read(self, pa: int, size: int) -> bytes:
-        out = Path(self._dir.name) / "chunk"
-        qmp.execute(self.qmp_socket, "pmemsave", {"val": pa, "size": size, "filename": str(out)},
-                    timeout=self.timeout)
+        self._n += 1
+        out = Path(self._dir.name) / f"chunk{self._n % 2}"
+        self.qmp.execute("pmemsave", {"val": pa, "size": size, "filename": str(out)})
         data = out.read_bytes()
         if len(data) != size:
             raise OSError(f"pmemsave returned {len(data)} of {size} bytes at {pa:#x}")
@@ -36,20 +39,62 @@ class PhysicalMemory:
     def u64(self, pa: int) -> int:
         return struct.unpack("<Q", self.read(pa, 8))[0]
 
+    def running(self) -> bool:
+        return bool(self.qmp.execute("query-status").get("running"))
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Stop every vCPU for a consistent view; always resume."""
-        qmp.execute(self.qmp_socket, "stop", timeout=self.timeout)
+        """Stop every vCPU for a consistent view; always resume (if it was running)."""
+        was_running = self.running()
+        if was_running:
+            self.qmp.execute("stop")
         try:
             yield
         finally:
-            qmp.execute(self.qmp_socket, "cont", timeout=self.timeout)
+            if was_running:
+                self.qmp.execute("cont")
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.qmp.close()
         self._dir.cleanup()
 
+    def __enter__(self) -> "PhysicalMemory":
+        return self
 
-def find_kimage_voffset(mem: PhysicalMemory, syms: dict[str, int], ram_base: int = 0x4000_0000,
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RegionCache:
+    """Reads served from large copies taken while the machine is stopped."""
+
+    def __init__(self, mem: PhysicalMemory) -> None:
+        self.mem = mem
+        self.regions: list[tuple[int, bytes]] = []
+        self.live_reads = 0
+
+    def load(self, pa: int, size: int) -> None:
+        self.regions.append((pa, self.mem.read(pa, size)))
+
+    def read(self, pa: int, size: int) -> bytes:
+        for base, data in self.regions:
+            if base <= pa and pa + size <= base + len(data):
+                return data[pa - base: pa - base + size]
+        self.live_reads += 1
+        return self.mem.read(pa, size)
+
+    def u64(self, pa: int) -> int:
+        return struct.unpack("<Q", self.read(pa, 8))[0]
+
+    def u32(self, pa: int) -> int:
+        return struct.unpack("<I", self.read(pa, 4))[0]
+
+    def uint(self, pa: int, size: int) -> int:
+        return int.from_bytes(self.read(pa, size), "little")
+
+
+def find_kimage_voffset(mem: PhysicalMemory | RegionCache, syms: dict[str, int], ram_base: int = 0x4000_0000,
                         ram_size: int = 1 << 30) -> int:
     """kimage_voffset (kernel VA - PA), found by a self-checking search: the kernel image sits
     at a 2 MiB-aligned PA `cand` exactly when the word at `cand + (&kimage_voffset - _text)`
@@ -57,8 +102,8 @@ def find_kimage_voffset(mem: PhysicalMemory, syms: dict[str, int], ram_base: int
     text, kvo = syms["_text"], syms["kimage_voffset"]
     for cand in range(ram_base, ram_base + ram_size, _2M):
         try:
-            if mem.u64(cand + (kvo - text)) == (text - cand) & (2**64 - 1):
-                return (text - cand) & (2**64 - 1)
+            if mem.u64(cand + (kvo - text)) == (text - cand) & MASK64:
+                return (text - cand) & MASK64
         except OSError:
             continue
     raise LookupError("kimage_voffset not found: no 2 MiB-aligned kernel image in guest RAM")

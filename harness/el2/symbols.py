@@ -157,7 +157,8 @@ def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
             break
     for name in WANTED:
         if name not in structs:
-            missing[name] = f"not defined in the compile units of {', '.join(a for a in CU_ANCHORS if a in symbols)}"
+            anchors = ", ".join(a for a in CU_ANCHORS if a in symbols)
+            missing[name] = f"not defined in the compile units of {anchors}"
     return KernelInfo(build_id, version, symbols, structs, missing)
 
 
@@ -264,7 +265,7 @@ def _flatten(struct: DIE, base: int = 0, prefix: str = "", depth: int = 0) -> di
         if "DW_AT_data_bit_offset" in member.attributes:                 # DWARF 4+ style
             bits = member.attributes["DW_AT_data_bit_offset"].value
             offset, bit_offset = base + bits // 8, bits % 8
-        elif bit_size is not None and "DW_AT_bit_offset" in member.attributes:   # DWARF 2/3 style (big-endian bit numbering)
+        elif bit_size is not None and "DW_AT_bit_offset" in member.attributes:   # DWARF 2/3: numbered from the MSB
             storage = member.attributes.get("DW_AT_byte_size")
             storage_bits = 8 * (storage.value if storage else _byte_size(mtype))
             bit_offset = storage_bits - member.attributes["DW_AT_bit_offset"].value - bit_size

@@ -75,6 +75,21 @@ def test_board_target_checks_pkvm_runs_and_reconnects_after_reboot(guest, cache_
         board.close()
 
 
+def test_smoke_suite_as_a_board_run(guest, cache_dir, tmp_path):
+    """The board path end to end: --target ssh://, strict known_hosts, payloads uploaded on
+    first use (the guest's dropbear stands in for a board's sshd)."""
+    kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
+    guest.run("rm -rf /tmp/pkvm-harness").check()
+    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "test_suites/smoke"), "-q", "-rs",
+                        "-p", "no:cacheprovider", "--target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
+                        "--ssh-key", str(ensure_keys(cache_dir).client_private), "--ssh-known-hosts", str(kh),
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "8 passed, 2 skipped" in r.stdout                 # needs_qemu and needs_el2 skip on a board
+    uploaded = guest.run("ls /tmp/pkvm-harness/bin /tmp/pkvm-harness/bin/kvm-selftests").check().stdout
+    assert "kvm_caps" in uploaded and "kvm_create_max_vcpus" in uploaded
+
+
 def test_unknown_host_key_is_refused_unless_accepted(guest, cache_dir, tmp_path):
     kh = tmp_path / "known_hosts"
     with pytest.raises(TargetError, match="is not in .*known_hosts") as e:

@@ -1,0 +1,163 @@
+"""Decoding arm64 stage-2 (host) and EL2 stage-1 (hyp) page tables, 4 KiB granule.
+
+Descriptor bits are the architecture's and KVM's constants (arch/arm64/include/asm/kvm_pgtable.h
+in 6.12: KVM_PTE_VALID BIT(0), KVM_PTE_TYPE BIT(1), KVM_PTE_ADDR_MASK(_LPA2), S2 MemAttr 5:2,
+S2AP 7:6, SH 9:8, AF 10, XN 54, SW 58:55; pKVM page states in SW0/SW1 (nvhe/mem_protect.h);
+KVM_INVALID_PTE_OWNER_MASK GENMASK(9, 2)). Pure: tables are read through a callable.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PTES_PER_TABLE = 512
+
+STATES = {0: "OWNED", 1: "SHARED_OWNED", 2: "SHARED_BORROWED", 3: "RESERVED"}   # SW1:SW0
+OWNERS = {0: "host", 1: "hyp", 2: "ffa"}                                         # enum pkvm_component_id
+
+
+def level_shift(level: int) -> int:
+    return PAGE_SHIFT + 9 * (3 - level)
+
+
+def pte_to_phys(pte: int, lpa2: bool) -> int:
+    if lpa2:
+        return (pte & 0x0003_FFFF_FFFF_F000) | (((pte >> 8) & 3) << 50)
+    return pte & 0x0000_FFFF_FFFF_F000
+
+
+@dataclass(frozen=True)
+class Leaf:
+    addr: int            # input address: IPA (stage-2) or hyp VA (stage-1)
+    size: int
+    level: int
+    pte: int
+    lpa2: bool
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.pte & 1)
+
+    @property
+    def pa(self) -> int | None:
+        return pte_to_phys(self.pte, self.lpa2) if self.valid else None
+
+    @property
+    def state(self) -> str | None:
+        """pKVM page state from the software bits of a valid leaf."""
+        return STATES[(self.pte >> 55) & 3] if self.valid else None
+
+    @property
+    def owner(self) -> int | None:
+        """Owner id annotated in an invalid, non-zero leaf (1 = hyp)."""
+        return None if self.valid or self.pte == 0 else (self.pte >> 2) & 0xFF
+
+    # stage-2 attributes
+    @property
+    def memattr(self) -> int:
+        return (self.pte >> 2) & 0xF
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.pte & (1 << 6))
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.pte & (1 << 7))
+
+    @property
+    def xn(self) -> bool:
+        return bool(self.pte & (1 << 54))
+
+    @property
+    def af(self) -> bool:
+        return bool(self.pte & (1 << 10))
+
+    def describe(self) -> str:
+        if not self.valid:
+            return f"invalid owner={OWNERS.get(self.owner, self.owner)}"
+        perms = ("R" if self.readable else "-") + ("W" if self.writable else "-") + ("-" if self.xn else "X")
+        return f"{perms} memattr={self.memattr:#x} {self.state}"
+
+
+@dataclass
+class Walk:
+    leaves: list[Leaf]            # in address order; zero entries are not listed
+    tables: list[tuple[int, int]]  # (table page PA, level), the root's pages included
+    errors: list[str]
+
+
+ReadFn = Callable[[int, int], bytes]
+
+
+def walk(read: ReadFn, root_pa: int, ia_bits: int, start_level: int, lpa2: bool) -> Walk:
+    """Every non-zero leaf of a table tree. The root may span several concatenated pages."""
+    result = Walk([], [], [])
+    root_entries = 1 << (ia_bits - level_shift(start_level))
+    _walk_table(read, root_pa, start_level, 0, max(root_entries, 1), lpa2, result, depth=0)
+    return result
+
+
+def _walk_table(read: ReadFn, table_pa: int, level: int, base: int, entries: int, lpa2: bool,
+                out: Walk, depth: int) -> None:
+    if depth > 4 or level > 3:
+        out.errors.append(f"table at {table_pa:#x}: deeper than level 3")
+        return
+    for page in range(0, max(entries * 8, PAGE_SIZE) // PAGE_SIZE):
+        out.tables.append((table_pa + page * PAGE_SIZE, level))
+    raw = read(table_pa, entries * 8)
+    ptes = struct.unpack(f"<{entries}Q", raw)
+    size = 1 << level_shift(level)
+    for i, pte in enumerate(ptes):
+        if pte == 0:
+            continue
+        addr = base + i * size
+        if level < 3 and (pte & 3) == 3:          # valid table descriptor
+            _walk_table(read, pte_to_phys(pte, lpa2), level + 1, addr, PTES_PER_TABLE, lpa2, out, depth + 1)
+        elif level == 3 and (pte & 3) == 1:
+            out.errors.append(f"reserved descriptor {pte:#x} at level 3, address {addr:#x}")
+        else:
+            out.leaves.append(Leaf(addr, size, level, pte, lpa2))
+
+
+class Translator:
+    """VA -> PA through the valid leaves of a stage-1 walk (for non-linear hyp VAs)."""
+
+    def __init__(self, leaves: list[Leaf]) -> None:
+        self.leaves = sorted((l for l in leaves if l.valid), key=lambda l: l.addr)
+        self.starts = [l.addr for l in self.leaves]
+
+    def pa(self, va: int) -> int | None:
+        i = bisect.bisect_right(self.starts, va) - 1
+        if i < 0:
+            return None
+        leaf = self.leaves[i]
+        if va >= leaf.addr + leaf.size:
+            return None
+        return leaf.pa + (va - leaf.addr)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Consecutive leaves with the same kind, merged for summaries."""
+    start: int
+    end: int
+    kind: str               # e.g. "RWX memattr=0xf OWNED", "invalid owner=hyp"
+    sizes: tuple[int, ...]  # leaf sizes inside, for the histogram
+
+
+def merge_ranges(leaves: list[Leaf]) -> list[Range]:
+    out: list[Range] = []
+    for leaf in leaves:
+        kind = leaf.describe()
+        if out and out[-1].end == leaf.addr and out[-1].kind == kind:
+            prev = out[-1]
+            out[-1] = Range(prev.start, leaf.addr + leaf.size, kind, prev.sizes + (leaf.size,))
+        else:
+            out.append(Range(leaf.addr, leaf.addr + leaf.size, kind, (leaf.size,)))
+    return out
