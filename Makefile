@@ -29,7 +29,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python bench/boot.py $(ARGS)
+	$(BIN)/python bench/boot.py
+	$(BIN)/python bench/snapshot.py
 
 lint:
 	shellcheck ci/*.sh .ci/run

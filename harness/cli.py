@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from harness import doctor, pipeline
-from harness.errors import ExitCode, HarnessError
+from harness.errors import ExitCode, HarnessError, UsageError
 from harness.paths import default_cache_dir, default_runs_dir
 
 EPILOG = ("exit codes: 0 pass, 1 test failure, 2 bad usage/missing prerequisite, 3 kernel or EL2 panic, "
@@ -84,6 +84,18 @@ def parser() -> argparse.ArgumentParser:
         if name == "boot":
             p.add_argument("--interactive", action="store_true",
                            help="after the ready marker, attach your terminal to the console (Ctrl-] detaches)")
+    p = sub.add_parser("inspect", epilog=EPILOG,
+                       help="snapshot EL2 memory (pools, vmemmap, VMs, host stage-2) of a QEMU target")
+    _common_args(p)
+    _kernel_args(p)
+    _boot_args(p)
+    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
+    p.add_argument("--qmp", type=Path, metavar="SOCKET",
+                   help="inspect a running QEMU through its QMP socket instead of booting one (needs --vmlinux)")
+    p.add_argument("--vmlinux", type=Path, metavar="PATH", help="the running kernel's vmlinux (with --qmp)")
+    p.add_argument("--run", metavar="CMD", help="run CMD on the booted target before the snapshot")
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    p.add_argument("--png", type=Path, metavar="FILE", help="also draw the physical address map into FILE")
     return top
 
 
@@ -143,7 +155,34 @@ def cmd_run(a: argparse.Namespace) -> int:
     return out.exit_code
 
 
-COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run}
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import json
+
+    from harness.el2.snapshot import El2Reader
+    from harness.inspect import render_text
+
+    if bool(a.qmp) != bool(a.vmlinux):
+        raise UsageError("--qmp and --vmlinux go together", hint="give both to inspect a running QEMU, or neither")
+    if a.qmp:
+        for path, what in ((a.qmp, "--qmp socket"), (a.vmlinux, "--vmlinux")):
+            if not path.exists():
+                raise UsageError(f"{what} {path} does not exist", hint="point it at the running machine's files")
+        with El2Reader(a.qmp, a.vmlinux, a.cache_dir) as reader:
+            snap = reader.snapshot()
+    else:
+        snap = pipeline.inspect_booted(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
+                                       before=a.run, quiet=a.quiet)
+    print(json.dumps(snap.to_dict(), indent=1) if a.json else render_text(snap))
+    if a.png:
+        from harness.el2.picture import render
+        render(snap, a.png)
+        if not a.json:
+            print(f"picture: {a.png}")
+    return ExitCode.PASS
+
+
+COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
+            "inspect": cmd_inspect}
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -144,3 +144,24 @@ def _finish(run_dir: Path, result: dict, code: ExitCode, started: float) -> None
     result["exit_code"] = int(code)
     result["duration_s"] = round(time.time() - started, 2)
     rundir.write_result(run_dir, result)
+
+
+def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path,
+                   before: str | None = None, quiet: bool = False):
+    """Boot a QEMU target (with the guest payloads), optionally run a command, snapshot EL2."""
+    from harness.el2.snapshot import El2Reader
+    from harness.image.payloads import build_payloads
+    from harness.targets.qemu_target import QemuTarget
+
+    req = build_request(kopts, cache_dir, quiet=quiet)
+    find_qemu(bopts.qemu)
+    run_dir = rundir.create(runs_dir)
+    kernel = build(req)
+    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
+    spec = qemu_spec(bopts, kernel, initramfs, run_dir)
+    rundir.write_qemu_command(run_dir, spec.shell_line())
+    with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target:
+        if before:
+            target.run(before, timeout=300).check()
+        with El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader:
+            return reader.snapshot()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.el2.memory import PhysicalMemory, find_kimage_voffset
 from harness.el2 import symbols as el2_symbols
+from harness.el2.memory import PhysicalMemory, find_kimage_voffset
 from harness.errors import HarnessError
 from harness.paths import default_cache_dir, default_runs_dir
 

@@ -129,8 +129,8 @@ class Translator:
     """VA -> PA through the valid leaves of a stage-1 walk (for non-linear hyp VAs)."""
 
     def __init__(self, leaves: list[Leaf]) -> None:
-        self.leaves = sorted((l for l in leaves if l.valid), key=lambda l: l.addr)
-        self.starts = [l.addr for l in self.leaves]
+        self.leaves = sorted((leaf for leaf in leaves if leaf.valid), key=lambda leaf: leaf.addr)
+        self.starts = [leaf.addr for leaf in self.leaves]
 
     def pa(self, va: int) -> int | None:
         i = bisect.bisect_right(self.starts, va) - 1

@@ -166,8 +166,8 @@ class SnapshotDiff:
             per_order = {k: len(b.free_lists.get(k, [])) - len(a.free_lists.get(k, [])) for k in sorted(orders)}
             pools[name] = PoolDiff(sorted(alloc), sorted(freed), b.free_pages - a.free_pages,
                                    {k: d for k, d in per_order.items() if d})
-        old_leaves = {(l.addr, l.size): l for l in (old.host_s2.leaves if old.host_s2 else [])}
-        new_leaves = {(l.addr, l.size): l for l in (new.host_s2.leaves if new.host_s2 else [])}
+        old_leaves = {(leaf.addr, leaf.size): leaf for leaf in (old.host_s2.leaves if old.host_s2 else [])}
+        new_leaves = {(leaf.addr, leaf.size): leaf for leaf in (new.host_s2.leaves if new.host_s2 else [])}
         return cls(pools, sorted(set(new.pools) - set(old.pools)), sorted(set(old.pools) - set(new.pools)),
                    [new_leaves[k] for k in sorted(new_leaves.keys() - old_leaves.keys())],
                    [old_leaves[k] for k in sorted(old_leaves.keys() - new_leaves.keys())],
