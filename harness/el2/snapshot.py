@@ -334,11 +334,16 @@ class El2Reader:
         max_order = int.from_bytes(raw[mo.offset:][:mo.size], "little")
         pool = Pool(name, pool_pa, rs, re_, max_order, {}, self._lock_held(cache, pool_pa, st))
         limit = ((re_ - rs) >> PAGE_SHIFT) + 1
-        for k in range(min(max_order + 1, fa.count or 0)):
+        # Before 6.4 max_order is exclusive and free_area[max_order] is never initialised.
+        nr_lists = max_order if self.kernel.version_tuple < (6, 4) else max_order + 1
+        for k in range(min(nr_lists, fa.count or 0)):
             head_pa = pool_pa + fa.offset + k * node_size
             head_va = (head_pa - snap.hyp_physvirt_offset) & MASK64   # type: ignore[operator]
             blocks: list[int] = []
             node, prev = cache.u64(head_pa), head_va
+            if node == 0:
+                pool.list_errors.append(f"free_area[{k}] was never initialised (next is NULL)")
+                continue
             while node != head_va:
                 if len(blocks) > limit:
                     pool.list_errors.append(f"free_area[{k}] does not return to its head (cycle?)")
