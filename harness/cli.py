@@ -96,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="CMD", help="run CMD on the booted target before the snapshot")
     p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     p.add_argument("--png", type=Path, metavar="FILE", help="also draw the physical address map into FILE")
+    p.add_argument("--check", action="store_true",
+                   help="run the model's invariant checks on the snapshot; exit 1 if any finding")
     return top
 
 
@@ -172,13 +174,31 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     else:
         snap = pipeline.inspect_booted(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
                                        before=a.run, quiet=a.quiet)
-    print(json.dumps(snap.to_dict(), indent=1) if a.json else render_text(snap))
+    findings = None
+    if a.check:
+        from harness.model.buddy import version_rules
+        from harness.model.invariants import run_checks
+        rules = version_rules(snap.kernel_version)
+        findings = run_checks(snap)
+    if a.json:
+        out = snap.to_dict()
+        if findings is not None:
+            out["model_rules"] = rules.name
+            out["findings"] = [f.__dict__ for f in findings]
+        print(json.dumps(out, indent=1))
+    else:
+        print(render_text(snap))
+        if findings is not None:
+            print(f"invariants (model rules {rules.name} for Linux {snap.kernel_version}"
+                  f"{'; ' + rules.warning if rules.warning else ''}): {len(findings)} finding(s)")
+            for f in findings:
+                print(f"  {f}")
     if a.png:
         from harness.el2.picture import render
         render(snap, a.png)
         if not a.json:
             print(f"picture: {a.png}")
-    return ExitCode.PASS
+    return ExitCode.TEST_FAILURE if findings else ExitCode.PASS
 
 
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,

@@ -9,16 +9,19 @@ Line numbers "page_alloc.c:N", "memory.h:N", "gfp.h:N" refer to the 6.12 tree
 Other versions were read as patches/trees through the code search; see NOTES.md.
 
 Representation (chosen for speed, see bench/model.py):
-  * pages live in flat lists ``_rc`` / ``_ord`` / ``_where`` indexed by
-    ``pfn - _org``, where ``_org`` is the pool's first PFN rounded down to
-    2**11 pages.  Because ``_org`` has 11 zero low bits, the buddy of index i
-    at order k <= 10 is simply ``i ^ (1 << k)`` (page_alloc.c:37-39 XORs the
-    absolute physical address).
-  * each ``free_area[k]`` is a dict used as an ordered set: insertion ==
-    list_add_tail, ``next(iter(d))`` == ``free_area[k].next``, ``del`` ==
-    __list_del_entry, all O(1).
-  * ``_where[i]`` is the list a page's node is linked on (-1: not linked), so
-    a list_del from whatever list, and list corruption, are modelled exactly.
+  * pages live in flat lists ``_rc`` / ``_ord`` indexed by ``pfn - _org``,
+    where ``_org`` is the pool's first PFN rounded down to 2**11 pages.
+    Because ``_org`` has 11 zero low bits, the buddy of index i at order
+    k <= 10 is simply ``i ^ (1 << k)`` (page_alloc.c:37-39 XORs the absolute
+    physical address).
+  * the free lists are what the kernel has: circular doubly linked lists.
+    ``_nx[i]`` / ``_pv[i]`` are page i's node (next/prev; ``_nx[i] == -1``
+    when the node is on no list), and index ``_heads + k`` is the list head
+    ``free_area[k]``.  list_add_tail, __list_del_entry and ``.next`` are O(1)
+    and unlinking works from whatever list holds the node, as in C.  (A dict
+    used as an ordered set looks O(1) too, but CPython must skip the holes
+    left by deletions at its front, so ``next(iter(d))`` on a FIFO degrades
+    to O(list length).)
 """
 
 from __future__ import annotations
@@ -236,7 +239,7 @@ class HypPool:
 
     __slots__ = ("rules", "version", "range_start", "range_end", "span_end", "nr_pages",
                  "reserved_pages", "max_order", "top_order",
-                 "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_where", "_free", "_ninit",
+                 "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_nx", "_pv", "_heads", "_ninit",
                  "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit")
 
     def __init__(self, range_start: int, nr_pages: int, reserved_pages: int = 0,
@@ -278,8 +281,11 @@ class HypPool:
         size = self._shi
         self._rc = [0] * size
         self._ord = [0] * size
-        self._where = [-1] * size
-        self._free: list[dict[int, None]] = [{} for _ in range(rules.nr_free_areas)]
+        # list nodes: pages first, then one head per free_area[] entry (INIT_LIST_HEAD: self-linked)
+        self._heads = size
+        heads = range(size, size + rules.nr_free_areas)
+        self._nx = [-1] * size + list(heads)
+        self._pv = [-1] * size + list(heads)
         self._no_order = rules.hyp_no_order
         self._rc_max = rules.refcount_max
         self._list_avail = rules.availability.find("list_empty") >= 0
@@ -290,15 +296,18 @@ class HypPool:
         """hyp_pool_init's page loops (page_alloc.c:238-245), ascending, through the attach path."""
         lo, shi = self._lo, self._shi
         first_free = min(lo + reserved, shi)
+        rc, attach = self._rc, self._attach
         if self.rules.init_refcounts:
-            # hyp_set_page_refcounted() on every page, then __hyp_put_page() on the unreserved ones:
-            # each drops 1 -> 0 and is attached in turn.
-            for i in range(lo, first_free):
-                self._rc[i] = 1
-        # 5.13: memset(p, 0) + INIT_LIST_HEAD, then __hyp_attach_page(): refcount stays 0.
-        attach = self._attach
-        for i in range(first_free, shi):
-            attach(i)
+            # :240-241 hyp_set_page_refcounted() on every page (fresh vmemmap: 0 -> 1), then
+            # :244-245 __hyp_put_page() on the unreserved ones, ascending: 1 -> 0, attach.
+            rc[lo:shi] = [1] * (shi - lo)
+            for i in range(first_free, shi):
+                rc[i] = 0
+                attach(i)
+        else:
+            # 5.13: memset(p, 0) + INIT_LIST_HEAD, then __hyp_attach_page(): refcount stays 0.
+            for i in range(first_free, shi):
+                attach(i)
 
     @classmethod
     def from_state(cls, range_start: int, nr_pages: int, pages: PageSource,
@@ -342,16 +351,14 @@ class HypPool:
             if not 0 <= k < self._ninit:
                 raise ValueError(f"from_state: free_area[{k}] is not initialised for max_order "
                                  f"{self.max_order} ({self.rules.name})")
-            d = self._free[k]
             for pa in addrs:
                 i = self._index(pa)
                 if pa & (PAGE_SIZE - 1) or not self._lo <= i < self._shi:
                     raise ValueError(f"from_state: free_area[{k}] entry {pa:#x} is not a page of "
                                      f"the pool (external pages outside the pool are not modelled)")
-                if self._where[i] >= 0:
+                if self._nx[i] >= 0:
                     raise ValueError(f"from_state: page {pa:#x} listed twice")
-                d[i] = None
-                self._where[i] = k
+                self._link_tail(i, k)
 
     # ---- address helpers
 
@@ -360,6 +367,25 @@ class HypPool:
 
     def _pa(self, i: int) -> int:
         return (i + self._org) << PAGE_SHIFT
+
+    # ---- struct list_head (only used off the hot paths; those inline the same four stores)
+
+    def _link_tail(self, i: int, k: int) -> None:
+        """page_add_to_list(p, &free_area[k]): INIT_LIST_HEAD + list_add_tail (page_alloc.c:80-86)."""
+        nx, pv = self._nx, self._pv
+        h = self._heads + k
+        t = pv[h]
+        nx[t] = i
+        pv[i] = t
+        nx[i] = h
+        pv[h] = i
+
+    def _list_of(self, i: int) -> int:
+        """The free_area[] index whose list holds page i's node (walks to the head)."""
+        seen, j = 0, self._nx[i]
+        while j < self._heads and seen <= self._heads:
+            j, seen = self._nx[j], seen + 1
+        return j - self._heads
 
     def _untracked(self, function: str, pa: int) -> BuddyBug:
         return BuddyBug(
@@ -391,7 +417,7 @@ class HypPool:
         return BuddyBug(
             "no kernel check: list corruption (list_add_tail of a node already on a free list; "
             "reported by nvhe/list_debug.c only with CONFIG_LIST_HARDENED/DEBUG_LIST)",
-            function, f"page {self._pa(i):#x} is still linked on free_area[{self._where[i]}]")
+            function, f"page {self._pa(i):#x} is still linked on free_area[{self._list_of(i)}]")
 
     def _bug_list_del(self, i: int, function: str) -> BuddyBug:
         return BuddyBug(
@@ -401,8 +427,9 @@ class HypPool:
 
     def _bug_bad_insert(self, k: int, function: str) -> BuddyBug:
         if k >= self.rules.nr_free_areas:
-            what = (f"free_area[{k}] is out of bounds (free_area has "
-                    f"{self.rules.nr_free_areas} entries; order {k} is not a valid order)")
+            what = (f"order {k} is not a valid order (HYP_NO_ORDER is {self._no_order}): "
+                    f"PAGE_SIZE << order and free_area[{k}] (of {self.rules.nr_free_areas}) are out "
+                    "of range, undefined behaviour")
         else:
             what = (f"free_area[{k}] was never initialised by hyp_pool_init (it only "
                     f"INIT_LIST_HEADs {self._ninit} list(s) for max_order {self.max_order})")
@@ -411,8 +438,8 @@ class HypPool:
     # ---- __hyp_attach_page (page_alloc.c:93-128)
 
     def _attach(self, p: int) -> None:
-        where, ord_ = self._where, self._ord
-        if where[p] >= 0:                       # page_add_to_list would corrupt the list
+        nx, ord_ = self._nx, self._ord
+        if nx[p] >= 0:                          # page_add_to_list would corrupt the list
             raise self._bug_list_add(p, "__hyp_attach_page()")
         k = ord_[p]
         rlo, rhi = self._lo, self._rhi
@@ -426,28 +453,35 @@ class HypPool:
                 k, p = self._coalesce(p, k, top, rlo, rhi)
         if k >= self._ninit:
             raise self._bug_bad_insert(k, "__hyp_attach_page()")
-        ord_[p] = k                             # page_alloc.c:126-127
-        self._free[k][p] = None
-        where[p] = k
+        ord_[p] = k                             # page_alloc.c:126-127, list_add_tail
+        pv = self._pv
+        h = self._heads + k
+        t = pv[h]
+        nx[t] = p
+        pv[p] = t
+        nx[p] = h
+        pv[h] = p
 
     def _coalesce(self, p: int, k: int, top: int, rlo: int, rhi: int) -> tuple[int, int]:
         """The loop at page_alloc.c:113-122; returns (final order, final head)."""
-        ord_, rc, where, free = self._ord, self._rc, self._where, self._free
+        ord_, rc, nx, pv = self._ord, self._rc, self._nx, self._pv
         no_order, list_avail = self._no_order, self._list_avail
         while k < top:
             b = p ^ (1 << k)                    # __find_buddy_nocheck, page_alloc.c:37-48
             if b < rlo or b >= rhi or ord_[b] != k:
                 break
-            w = where[b]
+            c = nx[b]
             if list_avail:                      # 5.13: !list_empty(&buddy->node)
-                if w < 0:
+                if c < 0:
                     break
             elif rc[b]:                         # 5.14+: !buddy->refcount (page_alloc.c:58)
                 break
-            elif w < 0:
+            elif c < 0:
                 raise self._bug_list_del(b, "__hyp_attach_page()")
-            del free[w][b]                      # page_remove_from_list(buddy), :119
-            where[b] = -1
+            a = pv[b]                           # page_remove_from_list(buddy), :119
+            nx[a] = c
+            pv[c] = a
+            nx[b] = -1
             ord_[b] = no_order                  # :120
             if b < p:                           # :121 p = min(p, buddy)
                 p = b
@@ -460,23 +494,25 @@ class HypPool:
         """hyp_alloc_pages(pool, order): the block's physical address, or None for NULL."""
         if not 0 <= order <= self._order_limit:
             raise ValueError(f"order {order} does not fit {self.rules.order_type}")
-        free = self._free
-        i, n = order, self._ninit
-        while i < n:                            # :206-207, smallest non-empty list >= order
-            d = free[i]
-            if d:
+        nx = self._nx
+        h = self._heads + order
+        hend = self._heads + self._ninit
+        while h < hend:                         # :206-207, smallest non-empty list >= order
+            p = nx[h]                           # :214 free_area[i].next, the oldest insertion
+            if p != h:
                 break
-            i += 1
+            h += 1
         else:
             return None                         # :208-211
-        p = next(iter(d))                       # :214 free_area[i].next, the oldest insertion
         rc = self._rc
         if rc[p]:                               # :217 hyp_set_page_refcounted, checked up front
             raise self._bug_set_refcounted(p, "hyp_alloc_pages")
-        ord_, where = self._ord, self._where
-        del d[p]                                # :136 page_remove_from_list(p)
-        where[p] = -1
-        k = ord_[p]
+        pv = self._pv
+        a, c = pv[p], nx[p]                     # :136 page_remove_from_list(p)
+        nx[a] = c
+        pv[c] = a
+        nx[p] = -1
+        k = self._ord[p]
         if k > order:
             self._split_off(p, k, order)
         rc[p] = 1
@@ -488,7 +524,7 @@ class HypPool:
             raise BuddyBug("no kernel check: undefined behaviour", "__hyp_extract_page()",
                            f"page {self._pa(p):#x} has order {k}: PAGE_SIZE << {k - 1} and "
                            f"free_area[{k - 1}] are out of range")
-        ord_, where, free = self._ord, self._where, self._free
+        ord_, nx, pv, heads = self._ord, self._nx, self._pv, self._heads
         rlo, rhi = self._lo, self._rhi
         while k > order:
             k -= 1
@@ -497,11 +533,15 @@ class HypPool:
                 raise BuddyBug("no kernel check: NULL dereference", "__hyp_extract_page()",
                                f"__find_buddy_nocheck({self._pa(p):#x}, {k}) returned NULL "
                                "(block not inside the pool range) and :146 writes buddy->order")
-            if where[b] >= 0:
+            if nx[b] >= 0:
                 raise self._bug_list_add(b, "__hyp_extract_page()")
             ord_[b] = k                         # :146
-            free[k][b] = None                   # :147 page_add_to_list, tail insertion
-            where[b] = k
+            h = heads + k                       # :147 page_add_to_list, tail insertion
+            t = pv[h]
+            nx[t] = b
+            pv[b] = t
+            nx[b] = h
+            pv[h] = b
         ord_[p] = k                             # :144 p->order-- ends at `order`
 
     # ---- refcounts: hyp_put_page (:166-173), hyp_get_page (:175-182)
@@ -555,20 +595,28 @@ class HypPool:
         if end > self._shi:
             raise self._untracked("hyp_split_page()", self._pa(self._shi))
         rc, ord_ = self._rc, self._ord
-        for t in range(p + 1, end):             # :194 BUG_ON(tail->refcount), checked up front
-            if rc[t]:
-                raise self._bug_set_refcounted(t, "hyp_split_page")
+        if any(rc[p + 1:end]):                  # :194 BUG_ON(tail->refcount), checked up front
+            t = next(t for t in range(p + 1, end) if rc[t])
+            raise self._bug_set_refcounted(t, "hyp_split_page")
         ord_[p] = 0                             # :189
-        for t in range(p + 1, end):             # :190-195
-            ord_[t] = 0
-            rc[t] = 1
+        n = end - p - 1                         # :190-195, every tail: order 0, refcount 1
+        ord_[p + 1:end] = [0] * n
+        rc[p + 1:end] = [1] * n
 
     # ---- observation
 
     def free_lists(self) -> dict[int, list[int]]:
         """order -> block addresses in list order, for every initialised free_area[order]."""
-        org = self._org
-        return {k: [(i + org) << PAGE_SHIFT for i in self._free[k]] for k in range(self._ninit)}
+        org, nx = self._org, self._nx
+        out: dict[int, list[int]] = {}
+        for k in range(self._ninit):
+            h = self._heads + k
+            blocks, i = [], nx[h]
+            while i != h:
+                blocks.append((i + org) << PAGE_SHIFT)
+                i = nx[i]
+            out[k] = blocks
+        return out
 
     def page(self, pa: int) -> tuple[int, int]:
         """(refcount, order) exactly as struct hyp_page holds them."""
@@ -600,6 +648,6 @@ class HypPool:
                 "version": self.version, "max_order": self.max_order}
 
     def __repr__(self) -> str:
-        nfree = sum(len(d) << k for k, d in enumerate(self._free))
+        nfree = sum(len(v) << k for k, v in self.free_lists().items())
         return (f"HypPool({self.range_start:#x}, nr_pages={self.nr_pages}, rules={self.rules.name}, "
                 f"max_order={self.max_order}, free_pages~{nfree})")

@@ -56,7 +56,12 @@ class CommandTimeout(TargetError):
 
 
 class TargetDead(TargetError):
-    """The target stopped answering; nothing more can be run on it."""
+    """The target stopped answering. `command_started` is False when the connection was found
+    lost before the command began, so running it again cannot run it twice."""
+
+    def __init__(self, message: str, *, command_started: bool = True, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.command_started = command_started
 
 
 @dataclass(frozen=True)

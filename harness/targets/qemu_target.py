@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from harness.boot import check_started, crashed, wait_ready
 from harness.errors import ExitCode
 from harness.image.initramfs import READY_MARKER
 from harness.image.keys import GuestKeys
-from harness.targets.base import CommandResult, TargetError
+from harness.targets.base import CommandResult, TargetDead, TargetError
 from harness.targets.console import ConsoleShell
 from harness.targets.qemu import QemuMachine, QemuSpec, free_port
 from harness.targets.shell import ShellHelpers
@@ -134,10 +135,21 @@ class QemuTarget(ShellHelpers):
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
         if self.machine is None or self.shell is None:
             raise TargetError("the QEMU target is not running", hint="it was closed or failed to boot")
-        return (self.ssh or self.shell).run(cmd, timeout)
+        if not self.ssh:
+            return self.shell.run(cmd, timeout)
+        try:
+            return self.ssh.run(cmd, timeout)
+        except TargetDead as e:
+            # The guest rebooted itself (QEMU without -no-reboot): SSH in again, once.
+            if e.command_started or not self.machine.alive():
+                raise
+            self.ssh.connect_until(time.monotonic() + self.boot_timeout)
+            return self.ssh.run(cmd, timeout)
 
     def put(self, local: Path, remote: str) -> None:
         if self.ssh:
+            if not self.ssh.alive() and self.machine and self.machine.alive():
+                self.ssh.connect_until(time.monotonic() + self.boot_timeout)
             return self.ssh.put(local, remote)
         # Heredocs of 76-column base64 lines: busybox's line editor truncates long input lines.
         data = local.read_bytes()

@@ -130,7 +130,7 @@ class SshSession:
 
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
         if not self.alive():
-            raise TargetDead(f"the SSH connection to {self.p.address} is closed")
+            raise TargetDead(f"the SSH connection to {self.p.address} is closed", command_started=False)
         start = time.monotonic()
         deadline = start + timeout
         assert self.client is not None
@@ -139,7 +139,8 @@ class SshSession:
                 timeout=min(timeout, self.p.connect_timeout))
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.close()
-            raise TargetDead(f"the SSH connection to {self.p.address} was lost: {e or type(e).__name__}") from None
+            raise TargetDead(f"the SSH connection to {self.p.address} was lost: {e or type(e).__name__}",
+                             command_started=False) from None
         out, err = bytearray(), bytearray()
         try:
             chan.exec_command(cmd)

@@ -14,6 +14,7 @@ from harness.el2.memory import MASK64
 from harness.el2.snapshot import NVHE, El2Reader
 from harness.image.initramfs import build_initramfs
 from harness.image.payloads import GUEST_DIR, build_payloads
+from harness.model.invariants import run_checks
 from harness.targets.qemu_target import QemuTarget
 
 PAGE = 4096
@@ -120,6 +121,22 @@ def test_a_vm_shows_up_in_vm_table_with_its_pool_and_goes_away(host, reader, sna
         assert time.monotonic() < deadline + 60
         time.sleep(0.5)
     assert reader.snapshot().vms == []
+
+
+def test_model_invariants_hold_on_the_live_hypervisor(host, reader):
+    """The model's checks on real snapshots: after boot, and with two VMs alive."""
+    assert run_checks(reader.snapshot()) == []
+    host.run(f"{GUEST_DIR}/pkvm_guest --vms 2 --pages 8 --hold 6 > /tmp/inv.log 2>&1 &").check()
+    deadline = time.monotonic() + 120
+    while "ready" not in host.run("cat /tmp/inv.log").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    live = reader.snapshot()
+    assert len(live.vms) == 2 and run_checks(live) == []
+    while "done" not in host.run("cat /tmp/inv.log").stdout:
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.5)
+    assert run_checks(reader.snapshot()) == []
 
 
 def test_a_missing_symbol_or_struct_is_reported_not_fatal(reader):

@@ -1,0 +1,165 @@
+"""Each invariant fires on a corrupted state and stays quiet on a good one.
+
+Good pool states come from the buddy model (harness.model.buddy); host stage-2 states are
+built by hand with the decoder's own Leaf type, the PTE values written out in full."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+
+from harness.el2.pgtable import Leaf, Walk
+from harness.el2.snapshot import Pool, Snapshot, VmInfo
+from harness.model.buddy import HypPool
+from harness.model.invariants import CHECKS, run_checks
+
+PAGE = 4096
+RAM = 0x4000_0000
+CARVE = 0x7F40_0000
+
+MEM_RWX_4K = 0x400 | 0xC0 | (0xF << 2) | 0x3          # AF, S2AP RW, MemAttr 0xF, valid page
+MEM_RWX_BLOCK = 0x400 | 0xC0 | (0xF << 2) | 0x1       # valid block
+MMIO_RW_BLOCK = MEM_RWX_BLOCK | (1 << 54)             # XN
+SHARED_OWNED = 1 << 55
+
+
+def model_pool(name: str, start: int, nr_pages: int, *, allocs: tuple[int, ...] = ()) -> tuple[Pool, list[int]]:
+    m = HypPool(start, nr_pages, version="6.12")
+    got = [m.alloc(order) for order in allocs]
+    pool = Pool(name, 0, m.range_start, m.range_end, m.max_order, m.free_lists(), pages=m.pages())
+    return pool, got
+
+
+def leaf(addr: int, size: int, level: int, pte: int) -> Leaf:
+    return Leaf(addr, size, level, pte | (addr if pte & 1 else 0), lpa2=False)
+
+
+def good_state() -> Snapshot:
+    hpool, h_alloc = model_pool("hpool", CARVE + 0x101000, 64, allocs=(0, 0))
+    s2pool, s_alloc = model_pool("host_s2_pool", CARVE + 0x141000, 64, allocs=(0, 0, 0))
+    vm_pool = Pool("vm4096", 0, RAM + 0x100000, RAM + 0x101000, 0, {0: []}, pages={RAM + 0x100000: (1, 0)})
+    snap = Snapshot("6.12.117", 0.0, 1.0, 1, 0, hyp_physvirt_offset=0, carveout=(CARVE, 0x200000),
+                    memblocks=[(RAM, 1 << 30, 0)],
+                    pools={"hpool": hpool, "host_s2_pool": s2pool, "vm4096": vm_pool})
+    snap.vms = [VmInfo(0, 0x1000, 0, 0, 1, RAM + 0x100000, vm_pool)]
+    hyp_owned = [leaf(CARVE + i * PAGE, PAGE, 3, 0x4) for i in range(0x200000 // PAGE)]
+    snap.host_s2 = Walk([leaf(0, 1 << 30, 1, MMIO_RW_BLOCK),
+                         leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK),
+                         leaf(RAM + (2 << 20), PAGE, 3, MEM_RWX_4K | SHARED_OWNED),
+                         *hyp_owned], [(pa, 3) for pa in s_alloc], [])
+    snap.hyp_s1 = Walk([], [(pa, 3) for pa in h_alloc], [])
+    return snap
+
+
+def findings(snap, name):
+    return [f for f in run_checks(snap) if f.check == name]
+
+
+def test_the_good_state_is_quiet_for_every_check():
+    assert run_checks(good_state()) == []
+
+
+def _corrupt_pool_range(s):
+    s.pools["hpool"].max_order = 9
+
+
+def _corrupt_links(s):
+    s.pools["host_s2_pool"].list_errors.append("free_area[0]: 0x7f541000.prev does not point back")
+
+
+def _corrupt_block_shape(s):
+    p = s.pools["hpool"]
+    order = max(k for k, v in p.free_lists.items() if v)
+    head = p.free_lists[order][0]
+    p.pages[head + PAGE] = (0, 0)                     # a tail page that looks like a head
+
+
+def _corrupt_coalescing(s):
+    p = s.pools["hpool"]
+    order = max(k for k, v in p.free_lists.items() if v)
+    head = p.free_lists[order].pop(0)                 # split a free block into two listed halves
+    half = PAGE << (order - 1)
+    p.free_lists[order - 1] += [head, head + half]
+    p.pages[head], p.pages[head + half] = (0, order - 1), (0, order - 1)
+
+
+def _corrupt_accounting(s):
+    p = s.pools["host_s2_pool"]
+    order = max(k for k, v in p.free_lists.items() if v)
+    p.free_lists[order].pop()                         # a free block lost from its list
+
+
+def _corrupt_ownership(s):
+    s.host_s2.tables.pop()                            # an allocated page no table refers to
+
+
+def _corrupt_idmap(s):
+    s.host_s2.leaves[1] = Leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK | (RAM + (4 << 20)), False)
+
+
+def _corrupt_attributes(s):
+    s.host_s2.leaves[0] = leaf(0, 1 << 30, 1, MEM_RWX_BLOCK)        # MMIO mapped executable
+
+
+def _corrupt_invalid_leaves(s):
+    s.host_s2.leaves.append(leaf(RAM + (4 << 20), 2 << 20, 2, 0x4))  # an owner annotation on a block
+
+
+def _corrupt_page_states(s):
+    s.host_s2.leaves[1] = leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK | SHARED_OWNED)  # shared block
+
+
+def _corrupt_carveout(s):
+    s.host_s2.leaves[5] = leaf(CARVE + 2 * PAGE, PAGE, 3, MEM_RWX_4K)   # the host maps hyp memory
+
+
+def _corrupt_vm_table(s):
+    s.vms[0].handle = 0x1001
+
+
+CORRUPTIONS = {
+    "pool-range": _corrupt_pool_range, "free-list-links": _corrupt_links,
+    "free-block-shape": _corrupt_block_shape, "maximal-coalescing": _corrupt_coalescing,
+    "page-accounting": _corrupt_accounting, "pool-ownership": _corrupt_ownership,
+    "s2-idmap": _corrupt_idmap, "s2-leaf-attributes": _corrupt_attributes,
+    "s2-invalid-leaves": _corrupt_invalid_leaves, "s2-page-states": _corrupt_page_states,
+    "carveout-hyp-owned": _corrupt_carveout, "vm-table": _corrupt_vm_table,
+}
+
+
+def test_every_check_has_a_corruption_test():
+    assert set(CORRUPTIONS) == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_each_check_fires_on_its_corruption(name):
+    s = copy.deepcopy(good_state())
+    CORRUPTIONS[name](s)
+    fired = findings(s, name)
+    assert fired, f"{name} stayed quiet on a corrupted state"
+    f = fired[0]
+    assert f.where and f.expected and f.seen and f.expected != f.seen
+    assert name in str(f)
+
+
+def test_findings_are_precise():
+    s = copy.deepcopy(good_state())
+    _corrupt_vm_table(s)
+    (f,) = findings(s, "vm-table")
+    assert (f.where, f.expected, f.seen) == ("vm_table[0]", "handle 0x1000", "0x1001")
+
+
+def test_version_changes_the_expected_max_order():
+    s = good_state()
+    assert findings(s, "pool-range") == []
+    # 6.1's hyp_pool_init: get_order((nr_pages + 1) << PAGE_SHIFT): 64 pages -> 7, 1 page -> 1
+    assert {f.where for f in run_checks(s, version="6.1", only=["pool-range"])} == {"hpool", "host_s2_pool", "vm4096"}
+
+
+def test_duck_typed_states_work_too():
+    pool = SimpleNamespace(range_start=0, range_end=PAGE, max_order=0, free_lists={0: [0]}, pages={0: (0, 0)},
+                           list_errors=[])
+    assert run_checks(SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
+                                      memblocks=[], vms=[])) == []
