@@ -176,9 +176,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
                                        before=a.run, quiet=a.quiet)
     findings = None
     if a.check:
-        from harness.model.buddy import version_rules
-        from harness.model.invariants import run_checks
-        rules = version_rules(snap.kernel_version)
+        from harness.model.invariants import choose_rules, run_checks
+        rules = choose_rules(snap.kernel_version, snap.hyp_page_shape)
         findings = run_checks(snap)
     if a.json:
         out = snap.to_dict()

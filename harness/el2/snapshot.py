@@ -91,6 +91,7 @@ class Snapshot:
     hyp_s1: Walk | None = None
     lpa2: bool = False
     vmemmap_va: int | None = None
+    hyp_page_shape: dict[str, int] | None = None      # {"size", "refcount_bits", "order_bits"} from DWARF
     unavailable: dict[str, str] = field(default_factory=dict)
 
     def page(self, pa: int) -> tuple[int, int]:
@@ -382,6 +383,8 @@ class El2Reader:
             raise ksyms.Unavailable("the hyp stage-1 walk is needed to find the vmemmap")
         hp = self.kernel.struct("hyp_page")
         ref, order = hp.field("refcount"), hp.field("order")
+        snap.hyp_page_shape = {"size": hp.size, "refcount_bits": ref.bit_size or 8 * ref.size,
+                               "order_bits": order.bit_size or 8 * order.size}
         tr = Translator(snap.hyp_s1.leaves)
         for pool in snap.pools.values():
             for pa in range(pool.range_start, pool.range_end, PAGE_SIZE):

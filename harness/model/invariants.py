@@ -15,7 +15,7 @@ decoded, the linear/private split is not).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from harness.model.buddy import VersionRules, version_rules
@@ -47,9 +47,33 @@ def check(name: str) -> Callable[[Check], Check]:
     return register
 
 
+# Versions whose rule sets differ in hyp_page's layout: (refcount bits, order bits) -> a version.
+_SHAPE_VERSIONS = {(32, 32): "5.13", (16, 8): "6.14"}
+
+
+def choose_rules(version: str, shape: dict[str, int] | None = None) -> VersionRules:
+    """The buddy rules for the kernel under test, from its version string and, where they
+    disagree, the shape of struct hyp_page in its DWARF (a backport or vendor kernel). The rules
+    say which set was chosen and carry a warning when it was a guess."""
+    rules = version_rules(version)
+    if not shape:
+        return rules
+    seen = (shape.get("refcount_bits"), shape.get("order_bits"))
+    if (rules.refcount_bits, rules.order_bits) == seen:
+        return rules
+    by_shape = _SHAPE_VERSIONS.get(seen)   # type: ignore[arg-type]
+    if by_shape is None:
+        return replace(rules, warning=f"hyp_page has {seen[0]}-bit refcount and {seen[1]}-bit order, which no "
+                                      f"known rule set has; using {rules.name} for Linux {version}")
+    chosen = version_rules(by_shape)
+    return replace(chosen, requested=version,
+                   warning=f"Linux {version} but hyp_page is shaped like {chosen.name} "
+                           f"({seen[0]}-bit refcount, {seen[1]}-bit order): using the {chosen.name} rules")
+
+
 def run_checks(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> list[Finding]:
-    """Every registered check (or `only` those) on `snap`; the version picks the buddy rules."""
-    rules = version_rules(version or getattr(snap, "kernel_version", "6.12"))
+    """Every registered check (or `only` those) on `snap`; the kernel picks the buddy rules."""
+    rules = choose_rules(version or getattr(snap, "kernel_version", "6.12"), getattr(snap, "hyp_page_shape", None))
     out: list[Finding] = []
     for name, fn in CHECKS.items():
         if only is None or name in only:
@@ -101,7 +125,8 @@ def free_block_shape(snap: Any, rules: VersionRules) -> Iterable[Finding]:
             where = f"{name} free_area[{order}] block {head:#x}"
             size = PAGE << order
             if head % size or head < p.range_start or head + size > p.range_end:
-                yield Finding("free-block-shape", where, f"aligned to {size:#x} and inside the pool", "outside or unaligned")
+                yield Finding("free-block-shape", where, f"aligned to {size:#x} and inside the pool",
+                              "outside or unaligned")
                 continue
             if p.pages.get(head) != (0, order):
                 yield Finding("free-block-shape", where, f"head page (refcount 0, order {order})",

@@ -163,3 +163,13 @@ def test_duck_typed_states_work_too():
                            list_errors=[])
     assert run_checks(SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
                                       memblocks=[], vms=[])) == []
+
+
+def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
+    from harness.model.invariants import choose_rules
+    assert choose_rules("6.12.117", {"refcount_bits": 16, "order_bits": 16}).name == "6.4+"
+    backport = choose_rules("6.12.117", {"refcount_bits": 16, "order_bits": 8})
+    assert backport.name == "6.14+" and "shaped like 6.14+" in backport.warning
+    odd = choose_rules("6.12", {"refcount_bits": 64, "order_bits": 64})
+    assert odd.name == "6.4+" and "no known rule set" in odd.warning
+    assert "warning" not in str(choose_rules("6.12", None).warning or "")
