@@ -31,6 +31,7 @@ test-slow: setup
 bench: setup
 	$(BIN)/python bench/boot.py
 	$(BIN)/python bench/snapshot.py
+	$(BIN)/python bench/model.py
 
 lint:
 	shellcheck ci/*.sh .ci/run
