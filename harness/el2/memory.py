@@ -73,6 +73,7 @@ class RegionCache:
         self.mem = mem
         self.regions: list[tuple[int, bytes]] = []
         self.live_reads = 0
+        self.frozen = False      # set once the machine runs again: a live read would be inconsistent
 
     def load(self, pa: int, size: int) -> None:
         self.regions.append((pa, self.mem.read(pa, size)))
@@ -81,6 +82,8 @@ class RegionCache:
         for base, data in self.regions:
             if base <= pa and pa + size <= base + len(data):
                 return data[pa - base: pa - base + size]
+        if self.frozen:
+            raise LookupError(f"{pa:#x}+{size:#x} was not copied while the machine was stopped")
         self.live_reads += 1
         return self.mem.read(pa, size)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -90,6 +90,11 @@ class Walk:
     leaves: list[Leaf]            # in address order; zero entries are not listed
     tables: list[tuple[int, int]]  # (table page PA, level), the root's pages included
     errors: list[str]
+    spans: list[tuple[int, int, int]] = field(default_factory=list)   # (first address, end, level) per table
+
+    def stop_level(self, addr: int) -> int:
+        """The level of the entry a walk for `addr` ends on: that of the deepest table covering it."""
+        return max((level for start, end, level in self.spans if start <= addr < end), default=0)
 
 
 ReadFn = Callable[[int, int], bytes]
@@ -110,6 +115,7 @@ def _walk_table(read: ReadFn, table_pa: int, level: int, base: int, entries: int
         return
     for page in range(0, max(entries * 8, PAGE_SIZE) // PAGE_SIZE):
         out.tables.append((table_pa + page * PAGE_SIZE, level))
+    out.spans.append((base, base + entries * (1 << level_shift(level)), level))
     raw = read(table_pa, entries * 8)
     ptes = struct.unpack(f"<{entries}Q", raw)
     size = 1 << level_shift(level)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,12 +95,16 @@ class Snapshot:
     hyp_page_shape: dict[str, int] | None = None      # {"size", "refcount_bits", "order_bits"} from DWARF
     unavailable: dict[str, str] = field(default_factory=dict)
 
+    _vmemmap: Callable[[int], tuple[int, int]] | None = field(default=None, repr=False)
+
     def page(self, pa: int) -> tuple[int, int]:
-        """(refcount, order) of a page inside any pool's range, as the vmemmap held them."""
+        """(refcount, order) of any RAM page, as the hyp vmemmap held them at the snapshot."""
         for pool in self.pools.values():
             if pa in pool.pages:
                 return pool.pages[pa]
-        raise KeyError(f"{pa:#x} is in no pool of this snapshot")
+        if self._vmemmap is None:
+            raise KeyError(f"{pa:#x}: this snapshot has no vmemmap ({self.unavailable.get('vmemmap')})")
+        return self._vmemmap(pa)
 
     def diff(self, older: "Snapshot") -> "SnapshotDiff":
         return SnapshotDiff.between(older, self)
@@ -212,6 +217,7 @@ class El2Reader:
                 self._preload(cache)
                 busy = self._locks_held(cache)
                 snap = None if busy else self._decode(cache, attempt)
+            cache.frozen = True
             pause_ms = (time.monotonic() - start) * 1000
             if snap is not None:
                 snap.pause_ms = round(pause_ms, 1)
@@ -386,14 +392,20 @@ class El2Reader:
         snap.hyp_page_shape = {"size": hp.size, "refcount_bits": ref.bit_size or 8 * ref.size,
                                "order_bits": order.bit_size or 8 * order.size}
         tr = Translator(snap.hyp_s1.leaves)
+        vmemmap_va = snap.vmemmap_va
+
+        def page(pa: int) -> tuple[int, int]:
+            va = vmemmap_va + (pa >> PAGE_SHIFT) * hp.size
+            backing = tr.pa(va)
+            if backing is None:
+                raise LookupError(f"vmemmap entry of {pa:#x} (VA {va:#x}) is not mapped at EL2")
+            raw = cache.read(backing, hp.size)   # the backing is in the carveout copy
+            return _field(raw, ref), _field(raw, order)
+
         for pool in snap.pools.values():
             for pa in range(pool.range_start, pool.range_end, PAGE_SIZE):
-                va = snap.vmemmap_va + (pa >> PAGE_SHIFT) * hp.size
-                backing = tr.pa(va)
-                if backing is None:
-                    raise LookupError(f"vmemmap entry of {pa:#x} (VA {va:#x}) is not mapped at EL2")
-                raw = cache.read(backing, hp.size)
-                pool.pages[pa] = (_field(raw, ref), _field(raw, order))
+                pool.pages[pa] = page(pa)
+        snap._vmemmap = page
 
 
 def _field(raw: bytes, f: ksyms.Field) -> int:

@@ -254,43 +254,46 @@ class HypPool:
 
     def _setup(self, rules: VersionRules, range_start: int, nr_pages: int,
                max_order: Optional[int]) -> None:
+        """The struct hyp_pool fields hyp_pool_init sets (page_alloc.c:231-236), then the arrays."""
         if range_start < 0 or range_start & (PAGE_SIZE - 1):
             raise ValueError(f"range_start {range_start:#x} must be a page-aligned physical address")
         if not 0 <= nr_pages <= _MAX_NR_PAGES:
-            raise ValueError(f"nr_pages must be in [0, 2**31): hyp_pool_init loops with `int i`")
+            raise ValueError("nr_pages must be in [0, 2**31): hyp_pool_init loops with `int i`")
         self.rules = rules
         self.version = rules.requested
         self.nr_pages = nr_pages
         self.reserved_pages = None
         self.range_start = range_start
-        # page_alloc.c:236: phys + (nr_pages << PAGE_SHIFT), the shift being 32-bit.
+        # :236 phys + (nr_pages << PAGE_SHIFT), the shift being 32-bit.
         self.range_end = range_start + rules.range_bytes(nr_pages)
         self.span_end = range_start + (nr_pages << PAGE_SHIFT)
         mo = rules.max_order(nr_pages) if max_order is None else max_order
-        limit = rules.arch_max_order
-        if not 0 <= mo <= limit:
-            raise ValueError(f"max_order {mo} outside [0, {limit}] for rules {rules.name}")
+        if not 0 <= mo <= rules.arch_max_order:
+            raise ValueError(f"max_order {mo} outside [0, {rules.arch_max_order}] for rules {rules.name}")
         self.max_order = mo
         self._ninit = rules.initialised_lists(mo)
         self.top_order = self._ninit - 1          # highest order alloc/coalesce can reach
-        base = range_start >> PAGE_SHIFT
-        self._lo = base & (_IDX_ALIGN - 1)
-        self._org = base - self._lo
-        self._rhi = self._lo + ((self.range_end - range_start) >> PAGE_SHIFT)
-        self._shi = self._lo + nr_pages
-        size = self._shi
-        self._rc = [0] * size
-        self._ord = [0] * size
-        # list nodes: pages first, then one head per free_area[] entry (INIT_LIST_HEAD: self-linked)
-        self._heads = size
-        heads = range(size, size + rules.nr_free_areas)
-        self._nx = [-1] * size + list(heads)
-        self._pv = [-1] * size + list(heads)
         self._no_order = rules.hyp_no_order
         self._rc_max = rules.refcount_max
         self._list_avail = rules.availability.find("list_empty") >= 0
         self._external = rules.external_pages
         self._order_limit = (1 << rules.order_bits) - 1
+        self._setup_arrays()
+
+    def _setup_arrays(self) -> None:
+        """Zeroed hyp_page entries for the pool's pages, and free_area[] heads (INIT_LIST_HEAD)."""
+        base = self.range_start >> PAGE_SHIFT
+        self._lo = base & (_IDX_ALIGN - 1)
+        self._org = base - self._lo
+        self._rhi = self._lo + ((self.range_end - self.range_start) >> PAGE_SHIFT)
+        self._shi = size = self._lo + self.nr_pages
+        self._rc = [0] * size
+        self._ord = [0] * size
+        # list nodes: pages first, then one self-linked head per free_area[] entry
+        self._heads = size
+        heads = range(size, size + self.rules.nr_free_areas)
+        self._nx = [-1] * size + list(heads)
+        self._pv = [-1] * size + list(heads)
 
     def _init_vmemmap(self, reserved: int) -> None:
         """hyp_pool_init's page loops (page_alloc.c:238-245), ascending, through the attach path."""

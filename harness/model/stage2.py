@@ -138,6 +138,18 @@ def predict_fault(addr: int, regions: list[Region], walk_level: int, walk_pte: i
                       leaf_level - walk_level)
 
 
+def predict_from_tables(addr: int, regions: list[Region], walk, version: tuple[int, ...] = (6, 12)) -> Prediction:
+    """predict_fault() on a decoded host stage-2 (`walk`: leaves and the span of each table,
+    as harness.el2.pgtable.Walk has them): where the walk for addr stops, and what is there."""
+    level = walk.stop_level(addr)
+    pte = 0
+    for leaf in walk.leaves:
+        if leaf.addr <= addr < leaf.addr + leaf.size:
+            level, pte = leaf.level, leaf.pte
+            break
+    return predict_fault(addr, regions, level, pte, version)
+
+
 # --- page states ----------------------------------------------------------------------------
 
 class State(str, Enum):
