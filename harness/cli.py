@@ -98,6 +98,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, metavar="FILE", help="also draw the physical address map into FILE")
     p.add_argument("--check", action="store_true",
                    help="run the model's invariant checks on the snapshot; exit 1 if any finding")
+    p = sub.add_parser("trace", epilog=EPILOG,
+                       help="run COMMAND on a QEMU target while tracing every EL2 allocator call; replay it")
+    _common_args(p)
+    _kernel_args(p)
+    _boot_args(p)
+    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for COMMAND")
+    p.add_argument("traced_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="the shell command to run on the target, after --")
+
+    p = sub.add_parser("replay", epilog=EPILOG, help="replay a saved trace (trace.jsonl or its run directory)")
+    p.add_argument("trace", type=Path, metavar="TRACE")
     return top
 
 
@@ -200,7 +212,47 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return ExitCode.TEST_FAILURE if findings else ExitCode.PASS
 
 
-COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
+def _print_replay(result, names_in_order: list[str] | None = None) -> int:
+    print(f"{'pool':<22} operations")
+    for pool, counts in result.per_pool.items():
+        print(f"{pool:<22} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if result.dropped:
+        print(f"dropped at VM teardown (reclaim_guest_pages): {', '.join(result.dropped)}")
+    if result.divergence:
+        print(result.divergence.render())
+    for line in result.final_mismatches[:20]:
+        print(f"final state differs: {line}")
+    verdict = "PASS: 0 divergences" if result.ok else "FAIL: the kernel and the model disagree"
+    print(f"replay: {result.ops} operations; {verdict}")
+    return ExitCode.PASS if result.ok else ExitCode.TEST_FAILURE
+
+
+def cmd_trace(a: argparse.Namespace) -> int:
+    command = a.traced_command[1:] if a.traced_command[:1] == ["--"] else a.traced_command
+    if not command:
+        raise UsageError("no command to trace", hint="pkvm-harness trace -- /opt/pkvm-harness/bin/pkvm_guest --vms 2")
+    out = pipeline.trace_command(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
+                                 " ".join(command), timeout=a.timeout, quiet=a.quiet)
+    trace = out.trace
+    print(f"traced `{' '.join(command)}`: {len(trace.ops)} allocator calls in {trace.seconds:.1f}s"
+          f" ({trace.hits_ignored} hits outside EL2 ignored)")
+    code = _print_replay(out.replay)
+    print(f"run dir: {out.run_dir} (trace.jsonl, snapshot-initial.json, snapshot-final.json)")
+    return code
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    if not a.trace.exists():
+        raise UsageError(f"{a.trace} does not exist", hint="pass a trace.jsonl or the run directory holding it")
+    try:
+        result = pipeline.replay_saved(a.trace)
+    except FileNotFoundError as e:
+        raise UsageError(f"incomplete trace: {e.filename} is missing",
+                         hint="a trace directory holds trace.jsonl and snapshot-initial.json") from None
+    return _print_replay(result)
+
+
+COMMANDS = {"doctor": cmd_doctor, "trace": cmd_trace, "replay": cmd_replay, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
             "inspect": cmd_inspect}
 
 

@@ -165,3 +165,62 @@ def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, ru
             target.run(before, timeout=300).check()
         with El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader:
             return reader.snapshot()
+
+
+@dataclass
+class TraceOutcome:
+    run_dir: Path
+    trace: object          # harness.el2.trace.Trace
+    replay: object         # harness.model.replay.ReplayResult
+    names: dict[int, str]
+
+
+def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path, command: str,
+                  timeout: float = 600.0, quiet: bool = False) -> TraceOutcome:
+    """Boot a QEMU target with its gdbstub, run `command` under an EL2 allocator trace, save the
+    trace and both snapshots in the run directory, and replay it in the model."""
+    from dataclasses import replace as dc_replace
+
+    from harness.el2.snapshot import El2Reader
+    from harness.el2.trace import Tracer, save
+    from harness.image.payloads import build_payloads
+    from harness.model.replay import replay
+    from harness.targets.qemu import socket_path
+    from harness.targets.qemu_target import QemuTarget
+
+    req = build_request(kopts, cache_dir, quiet=quiet)
+    find_qemu(bopts.qemu)
+    run_dir = rundir.create(runs_dir)
+    kernel = build(req)
+    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
+    spec = dc_replace(qemu_spec(bopts, kernel, initramfs, run_dir), gdb_socket=socket_path(run_dir, "gdb.sock"))
+    rundir.write_qemu_command(run_dir, spec.shell_line())
+    with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target, \
+            El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader, \
+            Tracer(reader, spec.gdb_socket) as tracer:
+        tracer.start()
+        output = target.run(command, timeout=timeout)
+        trace = tracer.stop()
+    (run_dir / "command.log").write_text(f"$ {command}\nexit {output.status}\n{output.stdout}{output.stderr}")
+    save(trace, run_dir)
+    names = {p.struct_pa: n for n, p in trace.initial.pools.items()}
+    if trace.final is not None:
+        names.update({p.struct_pa: n for n, p in trace.final.pools.items()})
+    result = replay({p.struct_pa: p for p in trace.initial.pools.values()}, trace.ops,
+                    {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
+                    trace.initial.kernel_version, names)
+    return TraceOutcome(run_dir, trace, result, names)
+
+
+def replay_saved(path: Path):
+    """Replay a saved trace (trace.jsonl or its run directory) offline."""
+    from harness.el2.trace import load, pools_from_json
+    from harness.model.replay import replay
+
+    ops, initial, final = load(path)
+    init_pools = pools_from_json(initial["pools"])
+    final_pools = pools_from_json(final["pools"]) if final else None
+    names = {pa: p.name for pa, p in init_pools.items()}
+    if final_pools:
+        names.update({pa: p.name for pa, p in final_pools.items()})
+    return replay(init_pools, ops, final_pools, initial["kernel_version"], names)

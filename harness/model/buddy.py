@@ -86,6 +86,7 @@ class VersionRules:
     set_refcounted_check: str
     helpers_file: str            # where the refcount helpers live
     init_refcounts: bool         # init sets refcount 1 and frees with __hyp_put_page (5.14+)
+    node_in_page: bool           # free-list node stored in the free page (5.14+), not in hyp_page
     warning: Optional[str] = None
 
     @property
@@ -139,38 +140,38 @@ def _base_rules() -> dict[str, dict]:
             external_pages=False, has_split=False, inc_check=None, dec_check=None,
             dec_function="hyp_page_ref_dec_and_test",
             set_refcounted_check="if (p->refcount) { hyp_spin_unlock(&pool->lock); BUG(); }",
-            helpers_file="nvhe/gfp.h", init_refcounts=False),
+            helpers_file="nvhe/gfp.h", init_refcounts=False, node_in_page=False),
         "5.14": dict(
             covers="5.14.0 .. 5.14.14 ('Reduce hyp_vmemmap overhead' series)",
             max_order_formula=pre617, plus_one=False, **excl, **ushort,
             external_pages=False, has_split=False, inc_check=inc, dec_check=None,
             dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
-            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True, node_in_page=True),
         "5.15": dict(
             covers="5.15, 5.16 (and 5.14.15+ stable): hyp_split_page + 'Report corrupted refcount at EL2'",
             max_order_formula=pre617, plus_one=False, **excl, **ushort,
             external_pages=False, has_split=True, inc_check=inc, dec_check=dec,
             dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
-            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True, node_in_page=True),
         "5.17+": dict(
             covers="5.17 .. 6.1 ('KVM: arm64: pkvm: Fix hyp_pool max order')",
             max_order_formula=p1, plus_one=True, **excl, **ushort,
             external_pages=False, has_split=True, inc_check=inc, dec_check=dec,
             dec_function="hyp_page_ref_dec_and_test", set_refcounted_check=setrc,
-            helpers_file="nvhe/page_alloc.c", init_refcounts=True),
+            helpers_file="nvhe/page_alloc.c", init_refcounts=True, node_in_page=True),
         "6.2+": dict(
             covers="6.2, 6.3 (non-coalescable 'external' pages; helpers moved to memory.h)",
             max_order_formula=p1, plus_one=True, **excl, **ushort,
             external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
             dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
-            helpers_file="nvhe/memory.h", init_refcounts=True),
+            helpers_file="nvhe/memory.h", init_refcounts=True, node_in_page=True),
         "6.4+": dict(
             covers="6.4 .. 6.13 (MAX_ORDER made inclusive; 6.8 renamed it MAX_PAGE_ORDER)",
             max_order_formula=incl, plus_one=False, inclusive=True, arch_max_order=10,
             nr_free_areas=11, **ushort,
             external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
             dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
-            helpers_file="nvhe/memory.h", init_refcounts=True),
+            helpers_file="nvhe/memory.h", init_refcounts=True, node_in_page=True),
         "6.14+": dict(
             covers="6.14 .. 6.17 read (u8 order, HYP_NO_ORDER 0xff)",
             max_order_formula=incl, plus_one=False, inclusive=True, arch_max_order=10,
@@ -179,7 +180,7 @@ def _base_rules() -> dict[str, dict]:
             availability="buddy->order == order && !buddy->refcount",
             external_pages=True, has_split=True, inc_check=inc, dec_check=dec,
             dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
-            helpers_file="nvhe/memory.h", init_refcounts=True),
+            helpers_file="nvhe/memory.h", init_refcounts=True, node_in_page=True),
     }
 
 
@@ -240,7 +241,7 @@ class HypPool:
     __slots__ = ("rules", "version", "range_start", "range_end", "span_end", "nr_pages",
                  "reserved_pages", "max_order", "top_order",
                  "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_nx", "_pv", "_heads", "_ninit",
-                 "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit")
+                 "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit", "_node_in_page")
 
     def __init__(self, range_start: int, nr_pages: int, reserved_pages: int = 0,
                  version: str = "6.12") -> None:
@@ -278,6 +279,7 @@ class HypPool:
         self._list_avail = rules.availability.find("list_empty") >= 0
         self._external = rules.external_pages
         self._order_limit = (1 << rules.order_bits) - 1
+        self._node_in_page = rules.node_in_page
         self._setup_arrays()
 
     def _setup_arrays(self) -> None:
@@ -441,13 +443,13 @@ class HypPool:
     # ---- __hyp_attach_page (page_alloc.c:93-128)
 
     def _attach(self, p: int) -> None:
-        nx, ord_ = self._nx, self._ord
-        if nx[p] >= 0:                          # page_add_to_list would corrupt the list
-            raise self._bug_list_add(p, "__hyp_attach_page()")
+        ord_ = self._ord
         k = ord_[p]
         rlo, rhi = self._lo, self._rhi
         if k >= self.rules.nr_free_areas:       # memset(PAGE_SIZE << order) and free_area[order]
             raise self._bug_bad_insert(k, "__hyp_attach_page()")
+        if self._node_in_page and (k or self._nx[p] >= 0):
+            self._check_memset(p, k)
         # page_alloc.c:103-104 (6.2+): 'external' pages skip coalescing entirely.
         if rlo <= p < rhi or not self._external:
             ord_[p] = self._no_order            # page_alloc.c:112: p may stop being the head
@@ -456,14 +458,33 @@ class HypPool:
                 k, p = self._coalesce(p, k, top, rlo, rhi)
         if k >= self._ninit:
             raise self._bug_bad_insert(k, "__hyp_attach_page()")
+        nx, pv = self._nx, self._pv
+        # Only the final head is linked (:127). 5.13 keeps the node in struct hyp_page: a page
+        # freed while still linked corrupts the list only if it ends up the head; merged into a
+        # lower buddy, its node just stays on its old list (a stale HYP_NO_ORDER entry).
+        if nx[p] >= 0:
+            raise self._bug_list_add(p, "__hyp_attach_page()")
         ord_[p] = k                             # page_alloc.c:126-127, list_add_tail
-        pv = self._pv
         h = self._heads + k
         t = pv[h]
         nx[t] = p
         pv[p] = t
         nx[p] = h
         pv[h] = p
+
+    def _check_memset(self, p: int, k: int) -> None:
+        """5.14+: :100 zeroes the 2**k freed pages, and a free page holds its list node.
+
+        A page in there that is still linked on a free list (get() on a free page, then put())
+        has its node wiped while its neighbours still point at it: the list is corrupt.
+        """
+        nx = self._nx
+        if nx[p] >= 0 or (k and max(nx[p + 1:min(p + (1 << k), self._shi)], default=-1) >= 0):
+            linked = next(i for i in range(p, min(p + (1 << k), self._shi)) if nx[i] >= 0)
+            raise BuddyBug(
+                "no kernel check: list corruption (memset() at page_alloc.c:100 zeroes the list "
+                "node of a page that is still on a free list)", "__hyp_attach_page()",
+                f"page {self._pa(linked):#x} is linked on free_area[{self._list_of(linked)}]")
 
     def _coalesce(self, p: int, k: int, top: int, rlo: int, rhi: int) -> tuple[int, int]:
         """The loop at page_alloc.c:113-122; returns (final order, final head)."""

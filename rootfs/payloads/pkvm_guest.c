@@ -29,6 +29,7 @@
 #define GUEST_BASE 0x40000000UL
 #define MMIO_ADDR 0x10000000UL
 #define MAX_VMS 64
+#define MAX_VCPUS 64
 
 /* x0 = first data page, x1 = data pages, x2 = MMIO address */
 static const uint32_t guest_code[] = {
@@ -56,22 +57,31 @@ static int set_reg(int vcpu, uint64_t id, uint64_t value)
 
 #define CORE_REG(x) (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(x))
 
-static int run_vcpu(int kvm, int vm, int index, unsigned long pages, int vm_index)
+/* Create and initialise a vCPU; pKVM sizes the hyp VM on the first KVM_RUN, so every vCPU
+ * must exist before any of them runs. */
+static int create_vcpu(int vm, int index, unsigned long pages)
 {
 	struct kvm_vcpu_init init;
-	struct kvm_run *run;
-	int vcpu, size;
+	int vcpu;
 
 	vcpu = ioctl(vm, KVM_CREATE_VCPU, index);
 	if (vcpu < 0)
-		return fail("KVM_CREATE_VCPU");
+		return -fail("KVM_CREATE_VCPU");
 	if (ioctl(vm, KVM_ARM_PREFERRED_TARGET, &init) || ioctl(vcpu, KVM_ARM_VCPU_INIT, &init))
-		return fail("KVM_ARM_VCPU_INIT");
+		return -fail("KVM_ARM_VCPU_INIT");
 	if (set_reg(vcpu, CORE_REG(regs.pc), GUEST_BASE) ||
 	    set_reg(vcpu, CORE_REG(regs.regs[0]), GUEST_BASE + PAGE) ||
 	    set_reg(vcpu, CORE_REG(regs.regs[1]), pages - 1) ||
 	    set_reg(vcpu, CORE_REG(regs.regs[2]), MMIO_ADDR))
-		return fail("KVM_SET_ONE_REG");
+		return -fail("KVM_SET_ONE_REG");
+	return vcpu;
+}
+
+static int run_vcpu(int kvm, int vcpu, int index, int vm_index)
+{
+	struct kvm_run *run;
+	int size;
+
 	size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
 	run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
 	if (run == MAP_FAILED)
@@ -84,12 +94,13 @@ static int run_vcpu(int kvm, int vm, int index, unsigned long pages, int vm_inde
 	}
 	printf("vm=%d vcpu=%d exit=mmio addr=0x%llx\n", vm_index, index,
 	       (unsigned long long)run->mmio.phys_addr);
+	munmap(run, size);
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
-	int nvms = 1, nvcpus = 1, hold = 0, vms[MAX_VMS];
+	int nvms = 1, nvcpus = 1, hold = 0, vms[MAX_VMS], vcpus[MAX_VCPUS];
 	unsigned long pages = 4;
 	int kvm, i, j;
 
@@ -107,8 +118,8 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (nvms < 1 || nvms > MAX_VMS || nvcpus < 1 || pages < 2) {
-		fprintf(stderr, "need 1 <= vms <= %d, vcpus >= 1, pages >= 2\n", MAX_VMS);
+	if (nvms < 1 || nvms > MAX_VMS || nvcpus < 1 || nvcpus > MAX_VCPUS || pages < 2) {
+		fprintf(stderr, "need 1 <= vms <= %d, 1 <= vcpus <= %d, pages >= 2\n", MAX_VMS, MAX_VCPUS);
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -132,8 +143,13 @@ int main(int argc, char **argv)
 		};
 		if (ioctl(vms[i], KVM_SET_USER_MEMORY_REGION, &slot))
 			return fail("KVM_SET_USER_MEMORY_REGION");
+		for (j = 0; j < nvcpus; j++) {
+			vcpus[j] = create_vcpu(vms[i], j, pages);
+			if (vcpus[j] < 0)
+				return 1;
+		}
 		for (j = 0; j < nvcpus; j++)
-			if (run_vcpu(kvm, vms[i], j, pages, i))
+			if (run_vcpu(kvm, vcpus[j], j, i))
 				return 1;
 	}
 	printf("ready vms=%d\n", nvms);

@@ -1,0 +1,236 @@
+"""A small GDB remote serial protocol (RSP) client for QEMU's gdbstub.
+
+Why our own client rather than gdb-multiarch in MI mode: a trace stops the machine thousands of
+times, and each stop here costs a handful of short packets on one socket (stop reply, select the
+thread, read the registers, continue), with no second debugger process to start, feed, parse and
+reliably kill. The protocol subset QEMU needs is small: qSupported, QStartNoAckMode, ?, Hg, g,
+Z1/z1 (hardware breakpoints; TCG treats Z0 the same), vCont;s (step one vCPU over a breakpoint,
+as QEMU re-triggers one at the PC it resumes from), c, the 0x03 interrupt, and D (detach).
+
+Every wait has a deadline. `close()` always detaches first, so a machine is never left stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# aarch64 "g" layout in QEMU (gdb-xml/aarch64-core.xml): x0..x30, sp, pc (8 bytes each), cpsr (4).
+NUM_X = 31
+_STOP_RE = re.compile(r"^T([0-9a-fA-F]{2})(.*)$")
+
+
+class RspError(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    signal: int
+    thread: str | None        # QEMU's thread id of the vCPU that stopped ("01" is CPU 0)
+    raw: str
+
+    @property
+    def cpu(self) -> int | None:
+        return int(self.thread, 16) - 1 if self.thread else None
+
+
+@dataclass(frozen=True)
+class Registers:
+    x: tuple[int, ...]
+    sp: int
+    pc: int
+    cpsr: int
+
+    @property
+    def el(self) -> int:
+        return (self.cpsr >> 2) & 3
+
+
+def checksum(data: bytes) -> bytes:
+    return b"%02x" % (sum(data) % 256)
+
+
+def frame(payload: str) -> bytes:
+    data = payload.encode()
+    return b"$" + data + b"#" + checksum(data)
+
+
+def decode_rle(data: str) -> str:
+    """Undo RSP run-length encoding: 'X*' + chr(n + 29) repeats X n more times."""
+    out: list[str] = []
+    i = 0
+    while i < len(data):
+        if data[i] == "*" and out:
+            out.append(out[-1] * (ord(data[i + 1]) - 29))
+            i += 2
+        else:
+            out.append(data[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_stop(reply: str) -> Stop | None:
+    """'T05thread:01;' -> Stop(5, '01'); 'S05' -> Stop(5, None); W/X (exited) -> None."""
+    if m := _STOP_RE.match(reply):
+        thread = None
+        for item in m.group(2).split(";"):
+            if item.startswith("thread:"):
+                thread = item.split(":", 1)[1].split(".")[-1]
+        return Stop(int(m.group(1), 16), thread, reply)
+    if reply.startswith("S") and len(reply) >= 3:
+        return Stop(int(reply[1:3], 16), None, reply)
+    return None
+
+
+def parse_registers(hexdata: str) -> Registers:
+    raw = bytes.fromhex(hexdata)
+    if len(raw) < NUM_X * 8 + 20:
+        raise RspError(f"register packet too short ({len(raw)} bytes)")
+    words = [int.from_bytes(raw[i * 8:(i + 1) * 8], "little") for i in range(NUM_X + 2)]
+    cpsr = int.from_bytes(raw[(NUM_X + 2) * 8:(NUM_X + 2) * 8 + 4], "little")
+    return Registers(tuple(words[:NUM_X]), words[NUM_X], words[NUM_X + 1], cpsr)
+
+
+class GdbStub:
+    def __init__(self, address: tuple[str, int] | Path, timeout: float = 10.0, log: list[str] | None = None):
+        self.timeout = timeout
+        self.log = log            # if given, every packet in and out ("> ..." / "< ..."), for transcripts
+        self._buf = b""
+        self._ack = True
+        self._attached = False
+        family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(address) if isinstance(address, Path) else address)
+            self._attached = True
+            self.command("qSupported:swbreak+;hwbreak+")
+            if self.command("QStartNoAckMode") == "OK":
+                self._ack = False
+            self.initial_stop = self.command("?")      # QEMU stops every vCPU for a debugger
+        except BaseException:
+            self.close()
+            raise
+
+    # --- packets ---------------------------------------------------------------------------
+
+    def _send(self, payload: str) -> None:
+        if self.log is not None:
+            self.log.append(f"> {payload}")
+        self.sock.sendall(frame(payload))
+        if self._ack:
+            self._read_ack()
+
+    def _read_ack(self) -> None:
+        while True:
+            if self._buf:
+                c, self._buf = self._buf[:1], self._buf[1:]
+                if c == b"+":
+                    return
+                if c == b"-":
+                    raise RspError("packet rejected by the stub (bad checksum)")
+                continue
+            self._fill(time.monotonic() + self.timeout)
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("gdbstub did not answer in time")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("gdbstub did not answer in time") from None
+        if not data:
+            raise RspError("gdbstub closed the connection")
+        self._buf += data
+
+    def recv(self, deadline: float) -> str:
+        """The next packet's payload (acks and stray bytes before '$' are skipped)."""
+        while True:
+            start = self._buf.find(b"$")
+            end = self._buf.find(b"#", start + 1) if start >= 0 else -1
+            if start >= 0 and end >= 0 and len(self._buf) >= end + 3:
+                data, cs = self._buf[start + 1:end], self._buf[end + 1:end + 3]
+                self._buf = self._buf[end + 3:]
+                if checksum(data) != cs.lower():
+                    raise RspError(f"bad checksum on packet {data[:40]!r}")
+                if self._ack:
+                    self.sock.sendall(b"+")
+                payload = decode_rle(data.decode(errors="replace"))
+                if self.log is not None:
+                    self.log.append(f"< {payload}")
+                return payload
+            self._fill(deadline)
+
+    def command(self, payload: str) -> str:
+        self._send(payload)
+        return self.recv(time.monotonic() + self.timeout)
+
+    # --- what the tracer uses ----------------------------------------------------------------
+
+    def set_breakpoint(self, addr: int) -> None:
+        reply = self.command(f"Z1,{addr:x},4")
+        if reply != "OK":
+            raise RspError(f"cannot set a hardware breakpoint at {addr:#x}: {reply or 'not supported'}")
+
+    def remove_breakpoint(self, addr: int) -> None:
+        self.command(f"z1,{addr:x},4")
+
+    def registers(self, thread: str | None) -> Registers:
+        if thread is not None:
+            reply = self.command(f"Hg{thread}")
+            if reply != "OK":
+                raise RspError(f"cannot select thread {thread}: {reply}")
+        return parse_registers(self.command("g"))
+
+    def step(self, thread: str | None, timeout: float = 5.0) -> Stop | None:
+        """Single-step one vCPU while the others stay stopped (vCont with one action)."""
+        self._send(f"vCont;s:{thread}" if thread else "s")
+        return self.wait_stop(timeout)
+
+    def resume(self) -> None:
+        """Continue every vCPU; the next stop arrives through wait_stop()."""
+        self._send("c")
+
+    def wait_stop(self, timeout: float) -> Stop | None:
+        """The next stop reply, or None if none came within `timeout` seconds."""
+        try:
+            reply = self.recv(time.monotonic() + timeout)
+        except TimeoutError:
+            return None
+        stop = parse_stop(reply)
+        if stop is None:
+            raise RspError(f"the machine is gone: {reply}")
+        return stop
+
+    def interrupt(self, timeout: float = 5.0) -> Stop | None:
+        if self.log is not None:
+            self.log.append("> ^C")
+        self.sock.sendall(b"\x03")
+        return self.wait_stop(timeout)
+
+    def detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            with contextlib.suppress(OSError, TimeoutError):
+                self.command("D")
+
+    def close(self) -> None:
+        """Detach (the machine runs on) and close. Safe to call twice."""
+        self.detach()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> "GdbStub":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

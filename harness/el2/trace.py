@@ -1,0 +1,269 @@
+"""Trace every call into the EL2 page allocator of a running QEMU pKVM host.
+
+Hardware breakpoints sit at the hyp VAs of hyp_pool_init, hyp_alloc_pages, hyp_put_page,
+hyp_get_page and hyp_split_page (hyp VA = kernel symbol - kimage_voffset - hyp_physvirt_offset).
+A hit is recorded only if the CPU is at EL2 (PSTATE.EL). hyp_alloc_pages' result is read at its
+return: a second breakpoint at the caller's address (x30), matched to the call by CPU and stack
+pointer. QEMU stops every vCPU at each hit (all-stop), so records are in the order the calls
+entered; two CPUs racing for one pool's lock could apply in the other order (not seen with the
+workloads here; each record keeps its CPU).
+
+Start: breakpoints armed, then a snapshot while the machine is still stopped, so the trace and
+the snapshot describe the same instant. Stop: interrupt, final snapshot, remove the breakpoints,
+detach. `Tracer` is a context manager and always detaches.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.el2.gdbstub import GdbStub, Registers
+from harness.el2.memory import MASK64
+from harness.el2.snapshot import NVHE, El2Reader, Snapshot
+
+FUNCTIONS = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page", "hyp_split_page")
+U32 = 0xFFFF_FFFF
+
+
+@dataclass
+class Op:
+    seq: int
+    cpu: int | None
+    pool: int | None          # PA of the struct hyp_pool (None for hyp_split_page: no pool argument)
+    op: str                   # init, alloc, put, get, split
+    args: dict = field(default_factory=dict)   # physical addresses already converted
+    result: int | None = None  # alloc: PA of the block, or None for NULL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(line: str) -> "Op":
+        return Op(**json.loads(line))
+
+
+@dataclass
+class Trace:
+    ops: list[Op]
+    initial: Snapshot
+    final: Snapshot | None
+    hits_ignored: int            # breakpoint hits not at EL2 (a host process at the same VA)
+    seconds: float
+
+    def per_pool(self) -> dict[int | None, dict[str, int]]:
+        out: dict[int | None, dict[str, int]] = {}
+        for op in self.ops:
+            counts = out.setdefault(op.pool, {})
+            counts[op.op] = counts.get(op.op, 0) + 1
+        return out
+
+
+class Tracer:
+    def __init__(self, reader: El2Reader, gdb: tuple[str, int] | Path, *, timeout: float = 10.0,
+                 packet_log: list[str] | None = None) -> None:
+        self.packet_log = packet_log
+        self.reader = reader
+        self.gdb_address = gdb
+        self.timeout = timeout
+        self.ops: list[Op] = []
+        self.hits_ignored = 0
+        self.error: BaseException | None = None
+        self._gdb: GdbStub | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pending: dict[tuple[int | None, int], dict] = {}   # (cpu, sp) -> alloc call awaiting return
+        self._return_bps: dict[int, int] = {}                     # return address -> calls waiting on it
+        self.initial: Snapshot | None = None
+        self._started = 0.0
+
+    # --- addresses ---------------------------------------------------------------------------
+
+    def hyp_va(self, symbol: str) -> int:
+        off = self._off
+        return (self.reader.kpa(symbol) - off) & MASK64
+
+    def h2p(self, va: int) -> int:
+        return (va + self._off) & MASK64
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> Snapshot:
+        self._gdb = GdbStub(self.gdb_address, self.timeout, log=self.packet_log)
+        try:
+            self.initial = self.reader.snapshot()          # the machine is stopped by the debugger
+            self._off = self.initial.hyp_physvirt_offset
+            hp = self.reader.kernel.struct("hyp_page")
+            self._vmemmap, self._page_size = self.initial.vmemmap_va, hp.size
+            self._entries = {self.hyp_va(NVHE + f): f for f in FUNCTIONS}
+            for addr in self._entries:
+                self._gdb.set_breakpoint(addr)
+            self._started = time.monotonic()
+            self._gdb.resume()
+        except BaseException:
+            self._gdb.close()
+            raise
+        self._thread = threading.Thread(target=self._loop, name="el2-tracer", daemon=True)
+        self._thread.start()
+        return self.initial
+
+    def stop(self) -> Trace:
+        """Stop tracing: final snapshot with the machine stopped, then detach (it runs on)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(self.timeout + 5)
+        gdb = self._gdb
+        final = None
+        try:
+            if gdb and self.error is None:
+                final = self.reader.snapshot()
+                for addr in [*self._entries, *self._return_bps]:
+                    gdb.remove_breakpoint(addr)
+        finally:
+            if gdb:
+                gdb.close()
+            self._gdb = None
+        if self.error:
+            raise self.error
+        assert self.initial is not None
+        return Trace(self.ops, self.initial, final, self.hits_ignored, time.monotonic() - self._started)
+
+    def close(self) -> None:
+        """Detach whatever state we are in (used on errors and Ctrl-C)."""
+        self._stop.set()
+        if self._thread and self._thread.is_alive():
+            self._thread.join(self.timeout + 5)
+        if self._gdb:
+            self._gdb.close()
+            self._gdb = None
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the stop loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        gdb = self._gdb
+        assert gdb is not None
+        try:
+            while True:
+                stop = gdb.wait_stop(0.2)
+                if stop is None:
+                    if self._stop.is_set():
+                        gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
+                        return
+                    continue
+                regs = gdb.registers(stop.thread)
+                self._hit(stop.cpu, regs)
+                self._step_over(gdb, stop.thread, regs.pc)
+                gdb.resume()
+        except BaseException as e:   # surfaced by stop(); the machine is detached in any case
+            self.error = e
+
+    def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
+        """QEMU would stop again at once on the breakpoint it stands on: lift it for one step."""
+        armed = pc in self._entries or pc in self._return_bps
+        if armed:
+            gdb.remove_breakpoint(pc)
+        gdb.step(thread, self.timeout)
+        if armed and (pc in self._entries or pc in self._return_bps):
+            gdb.set_breakpoint(pc)
+
+    def _record(self, cpu: int | None, pool: int | None, op: str, args: dict, result: int | None = None) -> dict:
+        rec = Op(len(self.ops), cpu, pool, op, args, result)
+        self.ops.append(rec)
+        return rec.__dict__
+
+    def _hit(self, cpu: int | None, r: Registers) -> None:
+        if r.el != 2:
+            self.hits_ignored += 1
+            return
+        fn = self._entries.get(r.pc)
+        if fn is None:
+            self._returned(cpu, r)
+            return
+        x = r.x
+        if fn == "hyp_pool_init":
+            self._record(cpu, self.h2p(x[0]), "init",
+                         {"pfn": x[1], "nr_pages": x[2] & U32, "reserved_pages": x[3] & U32})
+        elif fn == "hyp_alloc_pages":
+            rec = self._record(cpu, self.h2p(x[0]), "alloc", {"order": x[1] & 0xFF})
+            self._pending[(cpu, r.sp)] = rec
+            if x[30] not in self._return_bps and x[30] not in self._entries:
+                assert self._gdb is not None
+                self._gdb.set_breakpoint(x[30])
+            self._return_bps[x[30]] = self._return_bps.get(x[30], 0) + 1
+        elif fn in ("hyp_put_page", "hyp_get_page"):
+            self._record(cpu, self.h2p(x[0]), fn[4:7], {"addr": self.h2p(x[1])})
+        elif fn == "hyp_split_page":
+            pa = ((x[0] - self._vmemmap) // self._page_size) << 12
+            self._record(cpu, None, "split", {"addr": pa})
+
+    def _returned(self, cpu: int | None, r: Registers) -> None:
+        rec = self._pending.pop((cpu, r.sp), None)
+        if rec is None:
+            return          # the return address was reached by another path: not our call
+        rec["result"] = self.h2p(r.x[0]) if r.x[0] else None
+        left = self._return_bps[r.pc] - 1
+        if left:
+            self._return_bps[r.pc] = left
+        else:
+            del self._return_bps[r.pc]
+            assert self._gdb is not None
+            self._gdb.remove_breakpoint(r.pc)
+
+
+# --- files: trace.jsonl, and the pools of both snapshots ---------------------------------------
+
+def pools_to_json(snap: Snapshot) -> dict:
+    """The pool state replay needs, keyed by the struct's PA (JSON object keys are strings)."""
+    return {str(p.struct_pa): {"name": name, "range_start": p.range_start, "range_end": p.range_end,
+                               "max_order": p.max_order,
+                               "free_lists": {str(k): v for k, v in p.free_lists.items()},
+                               "pages": {str(pa): list(st) for pa, st in p.pages.items()}}
+            for name, p in snap.pools.items()}
+
+
+@dataclass
+class SavedPool:
+    name: str
+    range_start: int
+    range_end: int
+    max_order: int
+    free_lists: dict[int, list[int]]
+    pages: dict[int, tuple[int, int]]
+
+
+def pools_from_json(data: dict) -> dict[int, SavedPool]:
+    return {int(pa): SavedPool(p["name"], p["range_start"], p["range_end"], p["max_order"],
+                               {int(k): v for k, v in p["free_lists"].items()},
+                               {int(a): (st[0], st[1]) for a, st in p["pages"].items()})
+            for pa, p in data.items()}
+
+
+def save(trace: Trace, run_dir: Path) -> dict[str, Path]:
+    """trace.jsonl (one operation a line) and the initial and final snapshots, in run_dir."""
+    files = {"trace": run_dir / "trace.jsonl", "initial": run_dir / "snapshot-initial.json",
+             "final": run_dir / "snapshot-final.json"}
+    files["trace"].write_text("".join(op.to_json() + "\n" for op in trace.ops))
+    for key, snap in (("initial", trace.initial), ("final", trace.final)):
+        if snap is not None:
+            files[key].write_text(json.dumps({"kernel_version": snap.kernel_version, "pools": pools_to_json(snap),
+                                              "snapshot": snap.to_dict()}) + "\n")
+    return files
+
+
+def load(path: Path) -> tuple[list[Op], dict, dict | None]:
+    """A saved trace: `path` is trace.jsonl or its directory. Returns (ops, initial, final)."""
+    run_dir = path if path.is_dir() else path.parent
+    trace_file = path if path.is_file() else run_dir / "trace.jsonl"
+    ops = [Op.from_json(line) for line in trace_file.read_text().splitlines() if line.strip()]
+    initial = json.loads((run_dir / "snapshot-initial.json").read_text())
+    final_file = run_dir / "snapshot-final.json"
+    return ops, initial, json.loads(final_file.read_text()) if final_file.is_file() else None

@@ -1,0 +1,165 @@
+"""Replay a trace of EL2 allocator calls in the model and demand the same answers (pure).
+
+Start: each pool as the snapshot taken when the breakpoints were armed showed it (free lists in
+kernel order and every page's refcount and order). Then each recorded call, in order:
+  init  -> a new pool, as hyp_pool_init builds it (per-VM pools created while tracing)
+  alloc -> the model must return the very page the kernel returned (or NULL when it did)
+  put / get -> on the page holding the address (host stage-2 code passes PTE addresses)
+  split -> on the pool whose range holds the page (hyp_split_page takes no pool)
+A call the model refuses (BuddyBug) is a divergence too: the kernel did something the model says
+must BUG. End: each pool still present must match a fresh snapshot exactly.
+
+Pages that leave the allocator outside its API: on VM teardown, reclaim_guest_pages()
+(mem_protect.c:269-287) takes every page from the VM's pool with hyp_alloc_pages (traced), then
+zeroes its hyp_page and donates it to the host, and the pkvm_hyp_vm holding the pool is donated
+back as well. Such a pool is absent from the final snapshot; its model is dropped there (listed in
+`dropped`), which is where the replay resynchronises with the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.model.buddy import BuddyBug, HypPool
+
+PAGE = 4096
+CONTEXT_OPS = 8
+
+
+@dataclass
+class Divergence:
+    seq: int
+    pool: str
+    op: str
+    reason: str
+    previous: list[str]                         # the pool's last operations before this one
+    model_lists: dict[int, list[int]]           # the model's free lists at the orders concerned
+    kernel_lists: dict[int, list[int]] | None   # the kernel's, from the nearest snapshot after
+
+    def render(self) -> str:
+        lines = [f"first divergence at operation #{self.seq} on {self.pool}: {self.op}", f"  {self.reason}",
+                 "  previous operations on this pool:"]
+        lines += [f"    {p}" for p in self.previous] or ["    (none)"]
+        for order, blocks in sorted(self.model_lists.items()):
+            lines.append(f"  model  free_area[{order}]: {' '.join(f'{b:#x}' for b in blocks) or '(empty)'}")
+            if self.kernel_lists is not None:
+                kernel = self.kernel_lists.get(order, [])
+                lines.append(f"  kernel free_area[{order}]: {' '.join(f'{b:#x}' for b in kernel) or '(empty)'}"
+                             "   (at the end of the trace)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ReplayResult:
+    ops: int
+    per_pool: dict[str, dict[str, int]]
+    divergence: Divergence | None
+    final_mismatches: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.divergence is None and not self.final_mismatches
+
+
+def _get(op: Any, name: str) -> Any:
+    return op[name] if isinstance(op, Mapping) else getattr(op, name)
+
+
+def _describe(op: Any) -> str:
+    args = ", ".join(f"{k}={v:#x}" if isinstance(v, int) and v > 255 else f"{k}={v}"
+                     for k, v in _get(op, "args").items())
+    result = _get(op, "result")
+    tail = f" -> {result:#x}" if isinstance(result, int) else (" -> NULL" if _get(op, "op") == "alloc" else "")
+    return f"#{_get(op, 'seq')} cpu{_get(op, 'cpu')} {_get(op, 'op')}({args}){tail}"
+
+
+def _model_from(pool: Any, version: str) -> HypPool:
+    nr = (pool.range_end - pool.range_start) // PAGE
+    return HypPool.from_state(pool.range_start, nr, pool.pages, pool.free_lists, version=version,
+                              max_order=pool.max_order)
+
+
+def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, Any] | None,
+           version: str, names: Mapping[int, str] | None = None) -> ReplayResult:
+    """`initial`/`final`: pool struct PA -> pool state (range_start, range_end, max_order,
+    free_lists, pages); `ops`: trace records (seq, cpu, pool, op, args, result)."""
+    names = dict(names or {})
+    models = {pa: _model_from(p, version) for pa, p in initial.items()}
+    history: dict[int, list[str]] = {pa: [] for pa in models}
+    per_pool: dict[str, dict[str, int]] = {}
+    count = 0
+
+    def name(pa: int) -> str:
+        return names.get(pa, f"pool@{pa:#x}")
+
+    def diverge(op: Any, pa: int, reason: str, orders: Iterable[int]) -> ReplayResult:
+        model = models.get(pa)
+        lists = model.free_lists() if model else {}
+        kernel = final[pa].free_lists if final is not None and pa in final else None
+        wanted = sorted(set(orders))
+        div = Divergence(_get(op, "seq"), name(pa), _describe(op), reason, history.get(pa, [])[-CONTEXT_OPS:],
+                         {k: lists.get(k, []) for k in wanted},
+                         {k: kernel.get(k, []) for k in wanted} if kernel is not None else None)
+        return ReplayResult(count, per_pool, div)
+
+    for op in ops:
+        count += 1
+        kind, args = _get(op, "op"), _get(op, "args")
+        pa = _get(op, "pool")
+        if kind == "split":
+            page = args["addr"]
+            pa = next((p for p, m in models.items() if m.range_start <= page < m.range_end), None)
+            if pa is None:
+                return diverge(op, -1, f"split of {page:#x}, which lies in no traced pool", [])
+        if kind == "init":
+            models[pa] = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=version)
+            history[pa] = []
+            names.setdefault(pa, f"pool@{pa:#x}")
+        elif pa not in models:
+            return diverge(op, pa, "a call on a pool that neither the snapshot nor a traced hyp_pool_init knows", [])
+        model = models[pa]
+        counts = per_pool.setdefault(name(pa), {})
+        counts[kind] = counts.get(kind, 0) + 1
+        try:
+            if kind == "alloc":
+                predicted = model.alloc(args["order"])
+                actual = _get(op, "result")
+                if predicted != actual:
+                    shown = lambda x: f"{x:#x}" if x is not None else "NULL"   # noqa: E731
+                    return diverge(op, pa, f"the kernel returned {shown(actual)}, the model predicts "
+                                           f"{shown(predicted)}", range(args["order"], model.max_order + 1))
+            elif kind in ("put", "get"):
+                page = args["addr"] & ~(PAGE - 1)
+                (model.put if kind == "put" else model.get)(page)
+            elif kind == "split":
+                model.split(args["addr"])
+        except BuddyBug as e:
+            return diverge(op, pa, f"the model refuses it: {e}", range(0, model.max_order + 1))
+        except ValueError as e:
+            return diverge(op, pa, f"the model cannot apply it: {e}", [])
+        history[pa].append(_describe(op))
+
+    result = ReplayResult(count, per_pool, None)
+    if final is None:
+        return result
+    for pa, model in models.items():
+        if pa not in final:
+            result.dropped.append(name(pa))
+            continue
+        kernel = final[pa]
+        mine = model.free_lists()
+        for order in sorted(set(mine) | set(kernel.free_lists)):
+            if mine.get(order, []) != kernel.free_lists.get(order, []):
+                result.final_mismatches.append(
+                    f"{name(pa)} free_area[{order}]: model {[hex(b) for b in mine.get(order, [])]}, "
+                    f"kernel {[hex(b) for b in kernel.free_lists.get(order, [])]}")
+        for page, state in kernel.pages.items():
+            if model.range_start <= page < model.range_end and model.page(page) != state:
+                result.final_mismatches.append(f"{name(pa)} page {page:#x}: model {model.page(page)}, "
+                                               f"kernel {state}")
+                if len(result.final_mismatches) > 20:
+                    return result
+    return result
