@@ -252,8 +252,8 @@ def cmd_replay(a: argparse.Namespace) -> int:
     return _print_replay(result)
 
 
-COMMANDS = {"doctor": cmd_doctor, "trace": cmd_trace, "replay": cmd_replay, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
-            "inspect": cmd_inspect}
+COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
+            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay}
 
 
 def _terminate(signum: int, frame: object) -> None:

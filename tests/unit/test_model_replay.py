@@ -1,0 +1,97 @@
+"""Replay on traces made with the model itself: an untouched trace replays clean; one changed
+answer is reported as the first divergence with its context."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+from harness.el2.trace import Op, SavedPool
+from harness.model.buddy import HypPool
+from harness.model.replay import replay
+
+BASE, POOL = 0x4000_0000, 0x7F50_0000
+
+
+def pool_state(m: HypPool) -> SavedPool:
+    return SavedPool("hpool", m.range_start, m.range_end, m.max_order, m.free_lists(), m.pages())
+
+
+def make_trace(seed: int = 7, n: int = 300) -> tuple[dict, list[Op], dict]:
+    """Run random calls on a 'kernel' (the model) and record them as the tracer would."""
+    rng = random.Random(seed)
+    kernel = HypPool(BASE, 200, version="6.12")
+    initial = {POOL: pool_state(kernel)}
+    ops, live = [], []
+    for seq in range(n):
+        if live and rng.random() < 0.45:
+            pa = live.pop(rng.randrange(len(live)))
+            kernel.put(pa)
+            ops.append(Op(seq, 0, POOL, "put", {"addr": pa + 8 * rng.randrange(512)}))  # a PTE address
+        else:
+            order = rng.choice([0, 0, 0, 1, 2])
+            pa = kernel.alloc(order)
+            ops.append(Op(seq, rng.randrange(2), POOL, "alloc", {"order": order}, pa))
+            if pa is not None:
+                if order and rng.random() < 0.3:
+                    kernel.split(pa)
+                    ops.append(Op(len(ops), 0, None, "split", {"addr": pa}))
+                    live += [pa + i * 4096 for i in range(1 << order)]
+                else:
+                    live.append(pa)
+        for i, op in enumerate(ops):
+            op.seq = i
+    return initial, ops, {POOL: pool_state(kernel)}
+
+
+def test_a_faithful_trace_replays_clean():
+    initial, ops, final = make_trace()
+    r = replay(initial, ops, final, "6.12", {POOL: "hpool"})
+    assert r.ok and r.ops == len(ops) and r.per_pool["hpool"]["alloc"] > 50
+
+
+def test_a_changed_alloc_answer_is_the_first_divergence():
+    initial, ops, final = make_trace()
+    allocs = [op for op in ops if op.op == "alloc" and op.result is not None]
+    victim = allocs[len(allocs) // 2]
+    bad = copy.deepcopy(ops)
+    bad[victim.seq].result = victim.result + 0x1000 * (1 << bad[victim.seq].args["order"])
+    r = replay(initial, bad, final, "6.12", {POOL: "hpool"})
+    d = r.divergence
+    assert d is not None and d.seq == victim.seq and d.pool == "hpool"
+    assert f"the kernel returned {bad[victim.seq].result:#x}, the model predicts {victim.result:#x}" in d.reason
+    assert 0 < len(d.previous) <= 8 and all(p.startswith("#") for p in d.previous)
+    assert int(d.previous[-1].split()[0][1:]) < victim.seq          # they came before it
+    assert victim.args["order"] in d.model_lists and d.kernel_lists is not None
+    text = d.render()
+    assert f"operation #{victim.seq}" in text and "model  free_area" in text and "kernel free_area" in text
+
+
+def test_a_put_the_model_refuses_is_a_divergence():
+    initial, ops, final = make_trace()
+    first_alloc = next(op for op in ops if op.op == "alloc" and op.result is not None)
+    bad = ops[: first_alloc.seq + 1] + [Op(first_alloc.seq + 1, 0, POOL, "put", {"addr": first_alloc.result}),
+                                        Op(first_alloc.seq + 2, 0, POOL, "put", {"addr": first_alloc.result})]
+    r = replay(initial, bad, None, "6.12", {POOL: "hpool"})
+    assert r.divergence is not None and r.divergence.seq == first_alloc.seq + 2
+    assert "refuses" in r.divergence.reason and "BUG_ON" in r.divergence.reason
+
+
+def test_final_state_differences_are_listed():
+    initial, ops, final = make_trace()
+    final[POOL].free_lists[0] = list(reversed(final[POOL].free_lists[0]))
+    r = replay(initial, ops, final, "6.12", {POOL: "hpool"})
+    assert r.divergence is None and any("free_area[0]" in m for m in r.final_mismatches) and not r.ok
+
+
+def test_pools_created_while_tracing_are_followed_and_dropped_at_teardown():
+    vm_pool = 0x4100_1000
+    ops = [Op(0, 0, vm_pool, "init", {"pfn": 0x41020, "nr_pages": 16, "reserved_pages": 0}),
+           Op(1, 0, vm_pool, "alloc", {"order": 4}, 0x4102_0000),
+           Op(2, 0, None, "split", {"addr": 0x4102_0000}),
+           *[Op(3 + i, 0, vm_pool, "put", {"addr": 0x4102_0000 + i * 4096}) for i in range(16)],
+           Op(19, 0, vm_pool, "alloc", {"order": 0}, 0x4102_0000)]
+    r = replay({}, ops, {}, "6.12", {})
+    assert r.ok and r.dropped == ["pool@0x41001000"]
+    ops[-1].result = 0x4102_1000                   # the kernel would have taken the head of the list
+    assert replay({}, ops, {}, "6.12", {}).divergence.seq == 19
