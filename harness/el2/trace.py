@@ -159,7 +159,7 @@ class Tracer:
                         gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
                         return
                     continue
-                regs = gdb.registers(stop.thread)
+                regs = gdb.registers(None)      # QEMU selects the vCPU that stopped
                 self._hit(stop.cpu, regs)
                 self._step_over(gdb, stop.thread, regs.pc)
                 gdb.resume()
@@ -167,13 +167,10 @@ class Tracer:
             self.error = e
 
     def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
-        """QEMU would stop again at once on the breakpoint it stands on: lift it for one step."""
-        armed = pc in self._entries or pc in self._return_bps
-        if armed:
-            gdb.remove_breakpoint(pc)
+        """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
+        single-step override the breakpoint under the PC, so one step of this vCPU gets past it
+        without removing it; removing and re-inserting would also throw away translated code."""
         gdb.step(thread, self.timeout)
-        if armed and (pc in self._entries or pc in self._return_bps):
-            gdb.set_breakpoint(pc)
 
     def _record(self, cpu: int | None, pool: int | None, op: str, args: dict, result: int | None = None) -> dict:
         rec = Op(len(self.ops), cpu, pool, op, args, result)
