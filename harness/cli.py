@@ -28,6 +28,8 @@ def _kernel_args(p: argparse.ArgumentParser) -> None:
                         "pkvm.config is always applied first)")
     g.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y",
                    help="one extra config option, applied last (repeatable)")
+    g.add_argument("--patch", action="append", default=[], type=Path, metavar="FILE", dest="patches",
+                   help="apply a patch (-p1) to a copy of the kernel source before building (repeatable)")
     g.add_argument("--cross-compile", default="aarch64-linux-gnu-", metavar="PREFIX",
                    help="cross toolchain prefix (default: %(default)s)")
     g.add_argument("-j", "--jobs", type=int, metavar="N", help="make jobs (default: one per core)")
@@ -115,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _kernel_options(a: argparse.Namespace) -> pipeline.KernelOptions:
     return pipeline.KernelOptions(kernel_src=a.kernel_src, fragments=a.fragments, kconfig=a.kconfig,
-                                  cross_compile=a.cross_compile, jobs=a.jobs, build_timeout=a.build_timeout)
+                                  cross_compile=a.cross_compile, jobs=a.jobs, build_timeout=a.build_timeout,
+                                  patches=a.patches)
 
 
 def _boot_options(a: argparse.Namespace) -> pipeline.BootOptions:

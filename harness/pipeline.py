@@ -29,6 +29,7 @@ class KernelOptions:
     cross_compile: str = "aarch64-linux-gnu-"
     jobs: int | None = None
     build_timeout: float = 3600.0
+    patches: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class BootOptions:
 def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> BuildRequest:
     """Validate the kernel inputs (no build yet): source, fragments, compiler."""
     requested = kconfig.merge(opts.fragments, opts.kconfig)
-    source = ksource.resolve(opts.kernel_src, cache_dir, quiet=quiet)
+    source = ksource.with_patches(ksource.resolve(opts.kernel_src, cache_dir, quiet=quiet),
+                                  [Path(p) for p in opts.patches], cache_dir, quiet=quiet)
     req = BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
                        cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,
                        **({"jobs": opts.jobs} if opts.jobs else {}))

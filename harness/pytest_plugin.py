@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--config", action="append", default=[], dest="pkvm_fragments",
                 help="extra kernel config fragment (repeatable)")
     g.addoption("--kconfig", action="append", default=[], dest="pkvm_kconfig", help="extra CONFIG_X=y")
+    g.addoption("--patch", action="append", default=[], type=Path, dest="pkvm_patches",
+                help="patch applied to a copy of the kernel source (repeatable)")
     g.addoption("--ssh-key", type=Path, default=None, help="private key for a board")
     g.addoption("--ssh-known-hosts", type=Path, default=Path("~/.ssh/known_hosts").expanduser(),
                 help="known_hosts for a board (default: ~/.ssh/known_hosts)")
@@ -95,7 +97,8 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
     cache = default_cache_dir()
     kopts = pipeline.KernelOptions(kernel_src=config.getoption("--kernel-src"),
                                    fragments=config.getoption("pkvm_fragments"),
-                                   kconfig=config.getoption("pkvm_kconfig"))
+                                   kconfig=config.getoption("pkvm_kconfig"),
+                                   patches=config.getoption("pkvm_patches"))
     req = pipeline.build_request(kopts, cache, quiet=True)
     kernel = build(req)
     payloads = build_payloads(req, kernel)

@@ -182,3 +182,40 @@ def _from_tarball(tarball: Path, cache_dir: Path, *, quiet: bool) -> KernelSourc
     version = check_linux_tree(tree)
     return KernelSource(tree=tree, identity=f"tarball:{digest}", version=version,
                         origin=str(tarball))
+
+
+def with_patches(source: KernelSource, patches: list[Path], cache_dir: Path, *, quiet: bool = False) -> KernelSource:
+    """The source with `patches` applied (patch -p1, in order), in a copy under the cache.
+
+    The copy is made of hard links (`cp -al`); `patch` writes each file it changes anew and
+    renames it into place, so the original tree is never modified. The identity is the
+    original's plus the patches' hash, so patched builds are cached apart.
+    """
+    if not patches:
+        return source
+    h = hashlib.sha256()
+    for patch in patches:
+        if not patch.is_file():
+            raise UsageError(f"--patch {patch} does not exist", hint="pass a unified diff for `patch -p1`")
+        h.update(patch.read_bytes())
+    digest = h.hexdigest()[:16]
+    base_key = hashlib.sha256(source.identity.encode()).hexdigest()[:12]
+    entry = cache_dir / "src" / f"patched-{base_key}-{digest}"
+    with file_lock(cache_dir / "src" / f".{entry.name}.lock"):
+        if not entry.is_dir():
+            Progress("patch", quiet=quiet).note(f"applying {len(patches)} patch(es) to a copy of {source.tree}")
+            with atomic_dir(entry) as tmp:
+                tree = tmp / "tree"
+                r = subprocess.run(["cp", "-al", str(source.tree), str(tree)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise InfraError(f"could not copy {source.tree}: {r.stderr.strip()[:200]}",
+                                     hint="hard links need the cache on the same file system as the tree")
+                for patch in patches:
+                    r = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(tree), "-i",
+                                        str(patch.resolve())], capture_output=True, text=True)
+                    if r.returncode != 0:
+                        raise UsageError(f"--patch {patch} does not apply to {source.origin}: "
+                                         f"{(r.stdout + r.stderr).strip().splitlines()[-1][:200]}",
+                                         hint="rebase the patch onto this kernel version")
+    return KernelSource(tree=entry / "tree", identity=f"{source.identity}+patches:{digest}",
+                        version=source.version, origin=f"{source.origin} + {', '.join(p.name for p in patches)}")

@@ -104,3 +104,24 @@ def test_atomic_dir_leaves_nothing_behind_on_failure(tmp_path):
     with atomic_dir(final) as tmp:
         (tmp / "Image").write_bytes(b"whole")
     assert (final / "Image").read_bytes() == b"whole"
+
+
+def test_patches_apply_to_a_copy_and_change_the_identity(tmp_path):
+    tree = _linux_tree(tmp_path / "linux")
+    target = tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c"
+    patch = tmp_path / "fix.patch"
+    patch.write_text("--- a/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n+++ b/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n"
+                     "@@ -1 +1 @@\n-// buddy\n+// buddy, patched\n")
+    base = source.resolve(tree, tmp_path / "cache")
+    patched = source.with_patches(base, [patch], tmp_path / "cache")
+    assert patched.identity.startswith(base.identity + "+patches:") and patched.tree != base.tree
+    assert (patched.tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").read_text() == "// buddy, patched\n"
+    assert target.read_text() == "// buddy\n"                       # the user's tree is untouched
+    assert source.with_patches(base, [patch], tmp_path / "cache") == patched    # reused
+    bad = tmp_path / "bad.patch"
+    bad.write_text(patch.read_text().replace("-// buddy\n", "-// something else\n"))
+    with pytest.raises(source.UsageError, match="does not apply"):
+        source.with_patches(base, [bad], tmp_path / "cache")
+    entries = list((tmp_path / "cache" / "src").iterdir())
+    assert not any(p.name.endswith(".tmp") for p in entries)           # nothing half-written
+    assert [p.name for p in entries if p.name.startswith("patched-")] == [patched.tree.parent.name]

@@ -1,0 +1,29 @@
+"""A kernel with a deliberately broken allocator (tests/patches/page_alloc-head-insertion.patch:
+freed blocks go to the head of their free list, not the tail). Replay must name the first
+operation where the kernel and the model part. Marked slow: it builds a second kernel (a cold
+build, ~9 minutes on 2 cores); run it with `make test-slow`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import pipeline
+from harness.image.payloads import GUEST_DIR
+
+PATCH = Path(__file__).resolve().parents[1] / "patches" / "page_alloc-head-insertion.patch"
+
+
+@pytest.mark.slow
+def test_replay_names_the_first_divergence_on_a_broken_allocator(cache_dir, tmp_path):
+    kopts = pipeline.KernelOptions(patches=[PATCH])
+    out = pipeline.trace_command(kopts, pipeline.BootOptions(), cache_dir, tmp_path,
+                                 f"{GUEST_DIR}/pkvm_guest --vms 2 --vcpus 2 --pages 8", quiet=True)
+    d = out.replay.divergence
+    assert d is not None, "the replay did not notice head insertion"
+    assert d.op.split()[2].startswith("alloc(")                # an allocation got another page
+    assert "the kernel returned" in d.reason and "the model predicts" in d.reason
+    assert d.model_lists and d.kernel_lists is not None
+    assert out.trace.ops[d.seq].op == "alloc"
+    assert all(op.seq < d.seq for op in out.trace.ops[: d.seq])
