@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/boot.py
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/model.py
+	$(BIN)/python bench/trace.py
 
 lint:
 	shellcheck ci/*.sh .ci/run
