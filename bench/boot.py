@@ -13,16 +13,14 @@ Usage: python bench/boot.py [--boots 5] [--warm-runs 5] [--cpu max] [--cold-buil
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import print_table, stats, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 from harness import pipeline  # noqa: E402
 from harness.boot import boot  # noqa: E402
@@ -30,11 +28,6 @@ from harness.image.initramfs import READY_MARKER, build_initramfs  # noqa: E402
 from harness.kernel.build import build  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 from harness.targets.qemu import QemuSpec  # noqa: E402
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "n": len(values)}
 
 
 def main() -> int:
@@ -91,17 +84,12 @@ def main() -> int:
                 return 1
     figures["warm_run_s"] = stats(warm)
 
-    rows = [("QEMU start -> ready marker", figures["qemu_start_to_ready_s"], "median <= 1.5 s"),
-            ("QEMU start -> pKVM initialized", figures["qemu_start_to_pkvm_s"], ""),
-            ("warm `pkvm-harness run`", figures["warm_run_s"], "<= 20 s")]
-    print(f"{'figure':34} {'median':>8} {'min':>8} {'max':>8} {'n':>3}  target")
-    for name, s, target in rows:
-        print(f"{name:34} {s['median']:8.3f} {s['min']:8.3f} {s['max']:8.3f} {s['n']:3d}  {target}")
+    print_table([("QEMU start -> ready marker (s)", figures["qemu_start_to_ready_s"], "median <= 1.5 s"),
+                 ("QEMU start -> pKVM initialized (s)", figures["qemu_start_to_pkvm_s"], ""),
+                 ("warm `pkvm-harness run` (s)", figures["warm_run_s"], "<= 20 s")])
     cb = figures["cold_build_s"]
-    print(f"{'cold kernel build (s)':34} {cb['value']!s:>8} ({cb['measured']})  target <= 360 s")
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written {a.json}")
+    print(f"cold kernel build (s): {cb['value']} ({cb['measured']}); target <= 360 s")
+    write_json(a.json, figures)
     return 0
 
 

@@ -11,14 +11,12 @@ Usage: python bench/snapshot.py [--snapshots 10] [--mem 1024] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import print_table, stats, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 from harness import pipeline  # noqa: E402
 from harness.el2 import symbols  # noqa: E402
@@ -27,11 +25,6 @@ from harness.image.initramfs import build_initramfs  # noqa: E402
 from harness.kernel.build import build  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 from harness.targets.qemu_target import QemuTarget  # noqa: E402
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1), "n": len(values)}
 
 
 def main() -> int:
@@ -59,16 +52,12 @@ def main() -> int:
             pauses = [r.snapshot().pause_ms for _ in range(a.snapshots)]
 
     figures = {"guest_mem_mib": int(a.mem), "kernel": kernel.meta["version"],
-               "snapshot_pause_ms": stats(pauses), "dwarf_first_parse_ms": round(first),
-               "dwarf_cached_parse_ms": stats(cached)}
-    print(f"{'figure':32} {'median':>8} {'min':>8} {'max':>8} {'n':>3}  target")
-    for name, s, target in (("snapshot pause (ms)", figures["snapshot_pause_ms"], "median <= 150"),
-                            ("cached DWARF parse (ms)", figures["dwarf_cached_parse_ms"], "<= 100")):
-        print(f"{name:32} {s['median']:8} {s['min']:8} {s['max']:8} {s['n']:3}  {target}")
-    print(f"{'first DWARF parse (ms)':32} {figures['dwarf_first_parse_ms']:8}                       <= 10000")
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written {a.json}")
+               "snapshot_pause_ms": stats(pauses, 1), "dwarf_first_parse_ms": round(first),
+               "dwarf_cached_parse_ms": stats(cached, 1)}
+    print_table([("snapshot pause (ms)", figures["snapshot_pause_ms"], "median <= 150"),
+                 ("cached DWARF parse (ms)", figures["dwarf_cached_parse_ms"], "<= 100")])
+    print(f"first DWARF parse (ms): {figures['dwarf_first_parse_ms']}; target <= 10000")
+    write_json(a.json, figures)
     return 0
 
 

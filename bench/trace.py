@@ -10,15 +10,13 @@ Usage: python bench/trace.py [--runs 5] [--workload CMD] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import print_table, stats, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 from harness import pipeline  # noqa: E402
 from harness.el2.snapshot import El2Reader  # noqa: E402
@@ -33,9 +31,6 @@ from harness.targets.qemu_target import QemuTarget  # noqa: E402
 WORKLOAD = f"{GUEST_DIR}/pkvm_guest --vms 2 --vcpus 3 --pages 16"
 
 
-def stats(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "n": len(values)}
 
 
 def main() -> int:
@@ -72,16 +67,12 @@ def main() -> int:
     figures = {"workload": a.workload, "untraced_s": stats(untraced), "traced_s": stats(traced),
                "operations": stats([float(x) for x in ops], 0), "cost_per_op_ms": stats(per_op, 2),
                "traced_over_untraced": stats(ratios, 2)}
-    print(f"{'figure':30} {'median':>8} {'min':>8} {'max':>8} {'n':>3}  target")
-    for name, key, target in (("untraced workload (s)", "untraced_s", ""), ("traced workload (s)", "traced_s", ""),
-                              ("allocator calls traced", "operations", ""),
-                              ("cost of one traced op (ms)", "cost_per_op_ms", "<= 5"),
-                              ("traced / untraced", "traced_over_untraced", "<= 3")):
-        s = figures[key]
-        print(f"{name:30} {s['median']:8} {s['min']:8} {s['max']:8} {s['n']:3}  {target}")
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written {a.json}")
+    print_table([("untraced workload (s)", figures["untraced_s"], ""),
+                 ("traced workload (s)", figures["traced_s"], ""),
+                 ("allocator calls traced", figures["operations"], ""),
+                 ("cost of one traced op (ms)", figures["cost_per_op_ms"], "<= 5"),
+                 ("traced / untraced", figures["traced_over_untraced"], "<= 3")])
+    write_json(a.json, figures)
     return 0
 
 
