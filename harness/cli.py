@@ -238,7 +238,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
                                  " ".join(command), timeout=a.timeout, quiet=a.quiet)
     trace = out.trace
     print(f"traced `{' '.join(command)}`: {len(trace.ops)} allocator calls in {trace.seconds:.1f}s"
-          f" ({trace.hits_ignored} hits outside EL2 ignored)")
+          f" ({trace.hits_ignored} hits outside EL2 ignored, {trace.steps_repeated} steps repeated)")
     code = _print_replay(out.replay)
     print(f"run dir: {out.run_dir} (trace.jsonl, snapshot-initial.json, snapshot-final.json)")
     return code

@@ -196,6 +196,19 @@ class GdbStub:
         self._send(f"vCont;s:{thread}" if thread else "s")
         return self.wait_stop(timeout)
 
+    def threads(self) -> list[str]:
+        """Every vCPU's thread id (qfThreadInfo / qsThreadInfo)."""
+        out: list[str] = []
+        reply = self.command("qfThreadInfo")
+        while reply.startswith("m"):
+            out += [t.split(".")[-1] for t in reply[1:].split(",") if t]
+            reply = self.command("qsThreadInfo")
+        return out
+
+    def read_pc(self) -> int:
+        """The selected vCPU's PC (register 32 in QEMU's aarch64 numbering)."""
+        return int.from_bytes(bytes.fromhex(self.command("p20")), "little")
+
     def resume(self) -> None:
         """Continue every vCPU; the next stop arrives through wait_stop()."""
         self._send("c")

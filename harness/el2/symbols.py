@@ -19,7 +19,7 @@ from elftools.elf.elffile import ELFFile
 
 from harness.fsutil import atomic_write_text
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 # Structs the EL2 readers need. host_kvm is the pre-6.0 name of host_mmu.
 WANTED = ("hyp_pool", "hyp_page", "host_mmu", "host_kvm", "kvm_pgtable", "kvm_s2_mmu", "kvm_arch",
           "pkvm_hyp_vm", "memblock_region", "list_head", "kvm_pgtable_mm_ops")
@@ -70,6 +70,7 @@ class KernelInfo:
     symbols: dict[str, int]
     structs: dict[str, Struct]
     missing: dict[str, str] = field(default_factory=dict)   # struct -> why it is not there
+    sizes: dict[str, int] = field(default_factory=dict)     # nVHE function symbol -> its size in bytes
 
     def sym(self, name: str) -> int:
         try:
@@ -108,6 +109,7 @@ def load(vmlinux: Path, cache_dir: Path | None = None) -> KernelInfo:
 
 def _to_json(info: KernelInfo) -> dict:
     return {"build_id": info.build_id, "version": info.version, "symbols": info.symbols, "missing": info.missing,
+            "sizes": info.sizes,
             "structs": {n: {"size": s.size, "fields": {p: asdict(f) for p, f in s.fields.items()}}
                         for n, s in info.structs.items()}}
 
@@ -115,7 +117,7 @@ def _to_json(info: KernelInfo) -> dict:
 def _from_json(d: dict) -> KernelInfo:
     structs = {n: Struct(n, s["size"], {p: Field(**f) for p, f in s["fields"].items()})
                for n, s in d["structs"].items()}
-    return KernelInfo(d["build_id"], d["version"], d["symbols"], structs, d["missing"])
+    return KernelInfo(d["build_id"], d["version"], d["symbols"], structs, d["missing"], d.get("sizes", {}))
 
 
 def _build_id(elf: ELFFile) -> str:
@@ -129,15 +131,18 @@ def _build_id(elf: ELFFile) -> str:
 
 def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
     symbols: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for sym in elf.get_section_by_name(".symtab").iter_symbols():
         if sym.name and sym["st_shndx"] != "SHN_UNDEF":
             symbols.setdefault(sym.name, sym["st_value"])
+            if sym.name.startswith("__kvm_nvhe_") and sym["st_info"]["type"] == "STT_FUNC":
+                sizes.setdefault(sym.name, sym["st_size"])
     version = _read_banner_version(elf, symbols)
     structs: dict[str, Struct] = {}
     missing: dict[str, str] = {}
     if not elf.has_dwarf_info():
         return KernelInfo(build_id, version, symbols, {}, {n: "vmlinux has no DWARF (CONFIG_DEBUG_INFO)"
-                                                          for n in WANTED})
+                                                          for n in WANTED}, sizes)
     dwarf = elf.get_dwarf_info()
     aranges = dwarf.get_aranges()
     seen: set[int] = set()
@@ -159,7 +164,7 @@ def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
         if name not in structs:
             anchors = ", ".join(a for a in CU_ANCHORS if a in symbols)
             missing[name] = f"not defined in the compile units of {anchors}"
-    return KernelInfo(build_id, version, symbols, structs, missing)
+    return KernelInfo(build_id, version, symbols, structs, missing, sizes)
 
 
 def _read_banner_version(elf: ELFFile, symbols: dict[str, int]) -> str:

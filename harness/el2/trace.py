@@ -53,6 +53,7 @@ class Trace:
     final: Snapshot | None
     hits_ignored: int            # breakpoint hits not at EL2 (a host process at the same VA)
     seconds: float
+    steps_repeated: int = 0      # single-steps that had to be repeated (see Tracer._step_over)
 
     def per_pool(self) -> dict[int | None, dict[str, int]]:
         out: dict[int | None, dict[str, int]] = {}
@@ -71,6 +72,8 @@ class Tracer:
         self.timeout = timeout
         self.ops: list[Op] = []
         self.hits_ignored = 0
+        self.steps_repeated = 0
+        self._drain_rounds = 0
         self.error: BaseException | None = None
         self._gdb: GdbStub | None = None
         self._thread: threading.Thread | None = None
@@ -94,11 +97,17 @@ class Tracer:
     def start(self) -> Snapshot:
         self._gdb = GdbStub(self.gdb_address, self.timeout, log=self.packet_log)
         try:
-            self.initial = self.reader.snapshot()          # the machine is stopped by the debugger
-            self._off = self.initial.hyp_physvirt_offset
+            probe = self.reader.snapshot()                  # for the offsets; the machine is stopped
+            self._off = probe.hyp_physvirt_offset
             hp = self.reader.kernel.struct("hyp_page")
-            self._vmemmap, self._page_size = self.initial.vmemmap_va, hp.size
+            self._vmemmap, self._page_size = probe.vmemmap_va, hp.size
             self._entries = {self.hyp_va(NVHE + f): f for f in FUNCTIONS}
+            self._bodies = [(va, va + max(4, self.reader.kernel.sizes.get(NVHE + f, 4)))
+                            for va, f in self._entries.items()]
+            # A vCPU already inside a traced function would change a pool after the snapshot
+            # without a record: let the machine run on, untraced, until none is.
+            self._quiesce(self._gdb)
+            self.initial = self.reader.snapshot()
             for addr in self._entries:
                 self._gdb.set_breakpoint(addr)
             self._started = time.monotonic()
@@ -129,7 +138,8 @@ class Tracer:
         if self.error:
             raise self.error
         assert self.initial is not None
-        return Trace(self.ops, self.initial, final, self.hits_ignored, time.monotonic() - self._started)
+        return Trace(self.ops, self.initial, final, self.hits_ignored, time.monotonic() - self._started,
+                     self.steps_repeated)
 
     def close(self) -> None:
         """Detach whatever state we are in (used on errors and Ctrl-C)."""
@@ -157,6 +167,10 @@ class Tracer:
                 if stop is None:
                     if self._stop.is_set():
                         gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
+                        if self._inside_traced(gdb) and self._drain_rounds < 200:
+                            self._drain_rounds += 1      # a call is under way: let it finish, traced
+                            gdb.resume()
+                            continue
                         return
                     continue
                 regs = gdb.registers(None)      # QEMU selects the vCPU that stopped
@@ -166,11 +180,37 @@ class Tracer:
         except BaseException as e:   # surfaced by stop(); the machine is detached in any case
             self.error = e
 
+    def _inside_traced(self, gdb: GdbStub) -> bool:
+        """Is any vCPU at EL2 with its PC inside a traced function (past its entry)?"""
+        for thread in gdb.threads():
+            regs = gdb.registers(thread)
+            if regs.el == 2 and any(lo < regs.pc < hi for lo, hi in self._bodies):
+                return True
+        return False
+
+    def _quiesce(self, gdb: GdbStub) -> None:
+        """Before breakpoints are armed: run the machine in short bursts until no vCPU is
+        inside a traced function."""
+        for _ in range(200):
+            if not self._inside_traced(gdb):
+                return
+            gdb.resume()
+            time.sleep(0.002)
+            gdb.interrupt(self.timeout)
+        raise RuntimeError("a vCPU stayed inside the EL2 allocator for 200 bursts")
+
     def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
         """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
         single-step override the breakpoint under the PC, so one step of this vCPU gets past it
-        without removing it; removing and re-inserting would also throw away translated code."""
-        gdb.step(thread, self.timeout)
+        without removing it (removing and re-inserting would also throw away translated code).
+        A step now and then ends where it began (seen under load); resuming from there would
+        record the call twice, so the PC is checked and the step repeated."""
+        for _ in range(8):
+            gdb.step(thread, self.timeout)
+            if gdb.read_pc() != pc:
+                return
+            self.steps_repeated += 1
+        raise RuntimeError(f"CPU {thread} does not step past the breakpoint at {pc:#x}")
 
     def _record(self, cpu: int | None, pool: int | None, op: str, args: dict, result: int | None = None) -> dict:
         rec = Op(len(self.ops), cpu, pool, op, args, result)

@@ -13,7 +13,8 @@ Pages that leave the allocator outside its API: on VM teardown, reclaim_guest_pa
 (mem_protect.c:269-287) takes every page from the VM's pool with hyp_alloc_pages (traced), then
 zeroes its hyp_page and donates it to the host, and the pkvm_hyp_vm holding the pool is donated
 back as well. Such a pool is absent from the final snapshot; its model is dropped there (listed in
-`dropped`), which is where the replay resynchronises with the kernel.
+`dropped`), which is where the replay resynchronises with the kernel. The same pages may come back
+as a later VM's pool: a model whose range a new hyp_pool_init overlaps is retired at that init.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ class Divergence:
                  "  previous operations on this pool:"]
         lines += [f"    {p}" for p in self.previous] or ["    (none)"]
         for order, blocks in sorted(self.model_lists.items()):
-            lines.append(f"  model  free_area[{order}]: {' '.join(f'{b:#x}' for b in blocks) or '(empty)'}")
+            lines.append(f"  model  free_area[{order}] before it: {' '.join(f'{b:#x}' for b in blocks) or '(empty)'}")
             if self.kernel_lists is not None:
                 kernel = self.kernel_lists.get(order, [])
-                lines.append(f"  kernel free_area[{order}]: {' '.join(f'{b:#x}' for b in kernel) or '(empty)'}"
-                             "   (at the end of the trace)")
+                lines.append(f"  kernel free_area[{order}] at the end: {' '.join(f'{b:#x}' for b in kernel) or '(empty)'}")
         return "\n".join(lines)
 
 
@@ -90,20 +90,23 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
     models = {pa: _model_from(p, version) for pa, p in initial.items()}
     history: dict[int, list[str]] = {pa: [] for pa in models}
     per_pool: dict[str, dict[str, int]] = {}
+    result_dropped: list[str] = []
     count = 0
 
     def name(pa: int) -> str:
         return names.get(pa, f"pool@{pa:#x}")
 
-    def diverge(op: Any, pa: int, reason: str, orders: Iterable[int]) -> ReplayResult:
+    def diverge(op: Any, pa: int, reason: str, orders: Iterable[int],
+                lists: dict[int, list[int]] | None = None) -> ReplayResult:
         model = models.get(pa)
-        lists = model.free_lists() if model else {}
+        if lists is None:
+            lists = model.free_lists() if model else {}
         kernel = final[pa].free_lists if final is not None and pa in final else None
         wanted = sorted(set(orders))
         div = Divergence(_get(op, "seq"), name(pa), _describe(op), reason, history.get(pa, [])[-CONTEXT_OPS:],
                          {k: lists.get(k, []) for k in wanted},
                          {k: kernel.get(k, []) for k in wanted} if kernel is not None else None)
-        return ReplayResult(count, per_pool, div)
+        return ReplayResult(count, per_pool, div, dropped=result_dropped)
 
     for op in ops:
         count += 1
@@ -115,7 +118,14 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
             if pa is None:
                 return diverge(op, -1, f"split of {page:#x}, which lies in no traced pool", [])
         if kind == "init":
-            models[pa] = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=version)
+            fresh = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=version)
+            # Pages of a torn-down VM's pool go back to the host and may come back as a new VM's
+            # pool: the old model describes memory that was reclaimed, so it retires here.
+            for old in [p for p, m in models.items()
+                        if p != pa and m.range_start < fresh.range_end and fresh.range_start < m.range_end]:
+                del models[old]
+                result_dropped.append(name(old))
+            models[pa] = fresh
             history[pa] = []
             names.setdefault(pa, f"pool@{pa:#x}")
         elif pa not in models:
@@ -125,12 +135,14 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
         counts[kind] = counts.get(kind, 0) + 1
         try:
             if kind == "alloc":
+                before = model.free_lists()          # shown as they were if this call diverges
                 predicted = model.alloc(args["order"])
                 actual = _get(op, "result")
                 if predicted != actual:
                     shown = lambda x: f"{x:#x}" if x is not None else "NULL"   # noqa: E731
                     return diverge(op, pa, f"the kernel returned {shown(actual)}, the model predicts "
-                                           f"{shown(predicted)}", range(args["order"], model.max_order + 1))
+                                           f"{shown(predicted)}", range(args["order"], model.max_order + 1),
+                                   before)
             elif kind in ("put", "get"):
                 page = args["addr"] & ~(PAGE - 1)
                 (model.put if kind == "put" else model.get)(page)
@@ -142,7 +154,7 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
             return diverge(op, pa, f"the model cannot apply it: {e}", [])
         history[pa].append(_describe(op))
 
-    result = ReplayResult(count, per_pool, None)
+    result = ReplayResult(count, per_pool, None, dropped=result_dropped)
     if final is None:
         return result
     for pa, model in models.items():

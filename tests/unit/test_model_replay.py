@@ -65,6 +65,8 @@ def test_a_changed_alloc_answer_is_the_first_divergence():
     assert victim.args["order"] in d.model_lists and d.kernel_lists is not None
     text = d.render()
     assert f"operation #{victim.seq}" in text and "model  free_area" in text and "kernel free_area" in text
+    assert victim.result in d.model_lists[victim.args["order"]] or any(   # lists from before the call
+        victim.result in blocks for blocks in d.model_lists.values())
 
 
 def test_a_put_the_model_refuses_is_a_divergence():
@@ -95,3 +97,17 @@ def test_pools_created_while_tracing_are_followed_and_dropped_at_teardown():
     assert r.ok and r.dropped == ["pool@0x41001000"]
     ops[-1].result = 0x4102_1000                   # the kernel would have taken the head of the list
     assert replay({}, ops, {}, "6.12", {}).divergence.seq == 19
+
+
+def test_a_new_pool_over_a_dead_pools_pages_retires_the_old_model():
+    """VM A's PGD pages are reclaimed at teardown and reused as VM B's pool: the split and puts
+    after B's init must go to B's model, not to A's."""
+    a, b = 0x4100_1000, 0x4200_1000
+    lifetime = lambda pool, seq: [                                       # noqa: E731
+        Op(seq, 0, pool, "init", {"pfn": 0x42190, "nr_pages": 16, "reserved_pages": 0}),
+        Op(seq + 1, 0, pool, "alloc", {"order": 4}, 0x4219_0000),
+        Op(seq + 2, 0, None, "split", {"addr": 0x4219_0000}),
+        *[Op(seq + 3 + i, 0, pool, "put", {"addr": 0x4219_0000 + i * 4096}) for i in range(16)]]
+    r = replay({}, lifetime(a, 0) + lifetime(b, 19), {}, "6.12", {})
+    assert r.ok, r.divergence.render() if r.divergence else r.final_mismatches
+    assert r.dropped == ["pool@0x41001000", "pool@0x42001000"]
