@@ -43,11 +43,13 @@ class Divergence:
         lines = [f"first divergence at operation #{self.seq} on {self.pool}: {self.op}", f"  {self.reason}",
                  "  previous operations on this pool:"]
         lines += [f"    {p}" for p in self.previous] or ["    (none)"]
+        def listed(blocks: list[int]) -> str:
+            return " ".join(f"{b:#x}" for b in blocks) or "(empty)"
+
         for order, blocks in sorted(self.model_lists.items()):
-            lines.append(f"  model  free_area[{order}] before it: {' '.join(f'{b:#x}' for b in blocks) or '(empty)'}")
+            lines.append(f"  model  free_area[{order}] before it: {listed(blocks)}")
             if self.kernel_lists is not None:
-                kernel = self.kernel_lists.get(order, [])
-                lines.append(f"  kernel free_area[{order}] at the end: {' '.join(f'{b:#x}' for b in kernel) or '(empty)'}")
+                lines.append(f"  kernel free_area[{order}] at the end: {listed(self.kernel_lists.get(order, []))}")
         return "\n".join(lines)
 
 
