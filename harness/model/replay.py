@@ -60,6 +60,9 @@ class ReplayResult:
     divergence: Divergence | None
     final_mismatches: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # Allocated pages whose reference count differs between model and kernel while everything
+    # else (free lists, free/allocated, order) agrees: the open tracing issue in the README.
+    refcount_drift: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -172,8 +175,10 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
                     f"kernel {[hex(b) for b in kernel.free_lists.get(order, [])]}")
         for page, state in kernel.pages.items():
             if model.range_start <= page < model.range_end and model.page(page) != state:
-                result.final_mismatches.append(f"{name(pa)} page {page:#x}: model {model.page(page)}, "
-                                               f"kernel {state}")
+                mine_state = model.page(page)
+                line = f"{name(pa)} page {page:#x}: model {mine_state}, kernel {state}"
+                both_allocated = mine_state[0] > 0 and state[0] > 0 and mine_state[1] == state[1]
+                (result.refcount_drift if both_allocated else result.final_mismatches).append(line)
                 if len(result.final_mismatches) > 20:
                     return result
     return result

@@ -111,3 +111,15 @@ def test_a_new_pool_over_a_dead_pools_pages_retires_the_old_model():
     r = replay({}, lifetime(a, 0) + lifetime(b, 19), {}, "6.12", {})
     assert r.ok, r.divergence.render() if r.divergence else r.final_mismatches
     assert r.dropped == ["pool@0x41001000", "pool@0x42001000"]
+
+
+def test_refcount_drift_on_allocated_pages_is_reported_apart():
+    initial, ops, final = make_trace()
+    allocated = next(pa for pa, (ref, _) in final[POOL].pages.items() if ref > 0)
+    ref, order = final[POOL].pages[allocated]
+    final[POOL].pages[allocated] = (ref + 1, order)
+    r = replay(initial, ops, final, "6.12", {POOL: "hpool"})
+    assert r.ok and r.final_mismatches == [] and len(r.refcount_drift) == 1 and hex(allocated) in r.refcount_drift[0]
+    free_head = next(h for blocks in final[POOL].free_lists.values() for h in blocks)
+    final[POOL].pages[free_head] = (1, 0)                      # a listed free block marked allocated
+    assert not replay(initial, ops, final, "6.12", {POOL: "hpool"}).ok
