@@ -5,21 +5,18 @@
   pytest test_suites/ --target ssh://root@board:22 --ssh-key ~/.ssh/id_ed25519
 
 Fixtures: `target` (session; booted once, closed at the end), `payload` (path of a guest
-program on the target, uploaded to a board on first use), `el2` (QEMU only: physical memory over
-QMP and the kernel's symbols; skips elsewhere). Markers: needs_el2, needs_qemu, slow.
+program on the target, uploaded to a board on first use), `el2` (QEMU only: an El2Reader for
+snapshots, physical reads and symbols; skips elsewhere). Markers: needs_el2, needs_qemu, slow.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from harness.el2 import symbols as el2_symbols
-from harness.el2.memory import PhysicalMemory, find_kimage_voffset
 from harness.errors import HarnessError
 from harness.paths import default_cache_dir, default_runs_dir
 
@@ -108,7 +105,7 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
     spec = pipeline.qemu_spec(bopts, kernel, initramfs, run_dir)
     t = QemuTarget(spec, run_dir, transport=config.getoption("--transport"), keys=ensure_keys(cache),
                    boot_timeout=config.getoption("--boot-timeout"))
-    t.kernel = kernel        # the el2 fixture reads its System.map
+    t.kernel = kernel        # the el2 fixture reads its vmlinux
     t.payloads = payloads
     return t
 
@@ -162,27 +159,16 @@ def _board_payload_build():
     return build_payloads(req, build(req))
 
 
-@dataclass
-class El2Access:
-    """What the EL2 readers build on: physical memory over QMP and the kernel's symbols."""
-
-    memory: PhysicalMemory
-    symbols: dict[str, int]
-    kimage_voffset: int
-
-    def kernel_pa(self, symbol: str) -> int:
-        return self.symbols[symbol] - self.kimage_voffset
-
-
 @pytest.fixture(scope="session")
-def el2(target) -> El2Access:
+def el2(target):
+    """An El2Reader on the target (snapshots, physical reads, symbols); skips off QEMU."""
+    from harness.el2.snapshot import El2Reader
+
     qmp = getattr(target, "qmp_socket", None)
     kernel = getattr(target, "kernel", None)
     if qmp is None or kernel is None:
         pytest.skip(f"EL2 memory cannot be read on {target.name}: only QEMU targets expose physical "
                     "memory (QMP)")
-    mem = PhysicalMemory(qmp)
-    syms = el2_symbols.load(kernel.vmlinux, default_cache_dir()).symbols
-    access = El2Access(mem, syms, find_kimage_voffset(mem, syms))
-    yield access
-    mem.close()
+    reader = El2Reader(qmp, kernel.vmlinux, default_cache_dir())
+    yield reader
+    reader.close()

@@ -77,7 +77,7 @@ def test_a_hung_command_times_out_and_the_target_survives(target):
 
 @pytest.mark.needs_el2
 def test_physical_reads_see_the_running_kernel(target, el2):
-    banner = el2.memory.read(el2.kernel_pa("linux_banner"), 256).split(b"\0")[0].decode()
+    banner = el2.mem.read(el2.kpa("linux_banner"), 256).split(b"\0")[0].decode()
     assert banner.strip() == target.run("cat /proc/version").check().stdout.strip()
 
 
