@@ -148,12 +148,14 @@ def _finish(run_dir: Path, result: dict, code: ExitCode, started: float) -> None
     rundir.write_result(run_dir, result)
 
 
-def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path,
-                   before: str | None = None, quiet: bool = False):
-    """Boot a QEMU target (with the guest payloads), optionally run a command, snapshot EL2."""
-    from harness.el2.snapshot import El2Reader
+def _prepare_qemu(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path, quiet: bool,
+                  gdb: bool = False) -> tuple[Path, KernelArtifacts, QemuSpec]:
+    """Inputs checked, a run directory, the kernel, an image with the guest payloads, and the
+    QEMU spec (with a gdbstub socket when tracing), its command written to the run directory."""
+    from dataclasses import replace as dc_replace
+
     from harness.image.payloads import build_payloads
-    from harness.targets.qemu_target import QemuTarget
+    from harness.targets.qemu import socket_path
 
     req = build_request(kopts, cache_dir, quiet=quiet)
     find_qemu(bopts.qemu)
@@ -161,7 +163,19 @@ def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, ru
     kernel = build(req)
     initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
     spec = qemu_spec(bopts, kernel, initramfs, run_dir)
+    if gdb:
+        spec = dc_replace(spec, gdb_socket=socket_path(run_dir, "gdb.sock"))
     rundir.write_qemu_command(run_dir, spec.shell_line())
+    return run_dir, kernel, spec
+
+
+def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path,
+                   before: str | None = None, quiet: bool = False):
+    """Boot a QEMU target (with the guest payloads), optionally run a command, snapshot EL2."""
+    from harness.el2.snapshot import El2Reader
+    from harness.targets.qemu_target import QemuTarget
+
+    run_dir, kernel, spec = _prepare_qemu(kopts, bopts, cache_dir, runs_dir, quiet)
     with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target:
         if before:
             target.run(before, timeout=300).check()
@@ -181,22 +195,12 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
                   timeout: float = 600.0, quiet: bool = False) -> TraceOutcome:
     """Boot a QEMU target with its gdbstub, run `command` under an EL2 allocator trace, save the
     trace and both snapshots in the run directory, and replay it in the model."""
-    from dataclasses import replace as dc_replace
-
     from harness.el2.snapshot import El2Reader
     from harness.el2.trace import Tracer, save
-    from harness.image.payloads import build_payloads
     from harness.model.replay import replay
-    from harness.targets.qemu import socket_path
     from harness.targets.qemu_target import QemuTarget
 
-    req = build_request(kopts, cache_dir, quiet=quiet)
-    find_qemu(bopts.qemu)
-    run_dir = rundir.create(runs_dir)
-    kernel = build(req)
-    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
-    spec = dc_replace(qemu_spec(bopts, kernel, initramfs, run_dir), gdb_socket=socket_path(run_dir, "gdb.sock"))
-    rundir.write_qemu_command(run_dir, spec.shell_line())
+    run_dir, kernel, spec = _prepare_qemu(kopts, bopts, cache_dir, runs_dir, quiet, gdb=True)
     with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target, \
             El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader, \
             Tracer(reader, spec.gdb_socket) as tracer:

@@ -114,7 +114,8 @@ class Snapshot:
         kinds: dict[str, int] = {}
         sizes: dict[int, int] = {}
         for leaf in self.host_s2.leaves if self.host_s2 else []:
-            kinds[self.classify(leaf)] = kinds.get(self.classify(leaf), 0) + leaf.size
+            kind = self.classify(leaf)
+            kinds[kind] = kinds.get(kind, 0) + leaf.size
             sizes[leaf.size] = sizes.get(leaf.size, 0) + 1
         return {"bytes_by_kind": kinds, "leaves_by_size": dict(sorted(sizes.items()))}
 
@@ -203,6 +204,11 @@ class El2Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def _mmu_name(self) -> str:
+        """The host stage-2 container: `host_mmu`, called `host_kvm` before 6.2."""
+        return "host_mmu" if self.kernel.has_struct("host_mmu") else "host_kvm"
+
     def kpa(self, name: str) -> int:
         """Physical address of a kernel (or nVHE, with the prefix) symbol."""
         return (self.kernel.sym(name) - self.kimage_voffset) & MASK64
@@ -246,7 +252,7 @@ class El2Reader:
     def _locks_held(self, cache: RegionCache) -> bool:
         pool_t = self.kernel.struct("hyp_pool")
         checks = [(NVHE + "hpool", pool_t), (NVHE + "host_s2_pool", pool_t)]
-        mmu_name = "host_mmu" if self.kernel.has_struct("host_mmu") else "host_kvm"
+        mmu_name = self._mmu_name
         if self.kernel.has_struct(mmu_name) and self.kernel.struct(mmu_name).has("lock"):
             checks.append((NVHE + mmu_name, self.kernel.struct(mmu_name)))
         for sym, st in checks:
@@ -314,13 +320,13 @@ class El2Reader:
         snap.vmemmap_va = cache.u64(self.kpa(NVHE + "__hyp_vmemmap"))
 
     def _lpa2(self, cache: RegionCache) -> bool:
-        mmu_name = "host_mmu" if self.kernel.has_struct("host_mmu") else "host_kvm"
+        mmu_name = self._mmu_name
         st = self.kernel.struct(mmu_name)
         path = "arch.mmu.vtcr" if st.has("arch.mmu.vtcr") else "arch.vtcr"
         return bool(cache.u64(self.kpa(NVHE + mmu_name) + st.offset(path)) & VTCR_EL2_DS)
 
     def _host_s2(self, cache: RegionCache, snap: Snapshot) -> None:
-        mmu_name = "host_mmu" if self.kernel.has_struct("host_mmu") else "host_kvm"
+        mmu_name = self._mmu_name
         st = self.kernel.struct(mmu_name)
         at = self.kpa(NVHE + mmu_name)
         snap.lpa2 = self._lpa2(cache)
