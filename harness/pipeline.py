@@ -192,7 +192,7 @@ class TraceOutcome:
 
 
 def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path, command: str,
-                  timeout: float = 600.0, quiet: bool = False) -> TraceOutcome:
+                  timeout: float = 600.0, quiet: bool = False, packet_log: bool = False) -> TraceOutcome:
     """Boot a QEMU target with its gdbstub, run `command` under an EL2 allocator trace, save the
     trace and both snapshots in the run directory, and replay it in the model."""
     from harness.el2.snapshot import El2Reader
@@ -201,12 +201,17 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
     from harness.targets.qemu_target import QemuTarget
 
     run_dir, kernel, spec = _prepare_qemu(kopts, bopts, cache_dir, runs_dir, quiet, gdb=True)
-    with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target, \
-            El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader, \
-            Tracer(reader, spec.gdb_socket) as tracer:
-        tracer.start()
-        output = target.run(command, timeout=timeout)
-        trace = tracer.stop()
+    packets: list[str] | None = [] if packet_log else None
+    try:
+        with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target, \
+                El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader, \
+                Tracer(reader, spec.gdb_socket, packet_log=packets) as tracer:
+            tracer.start()
+            output = target.run(command, timeout=timeout)
+            trace = tracer.stop()
+    finally:
+        if packets is not None:     # written on failure too: that is when it is wanted
+            (run_dir / "gdb-packets.log").write_text("\n".join(packets) + "\n")
     (run_dir / "command.log").write_text(f"$ {command}\nexit {output.status}\n{output.stdout}{output.stderr}")
     save(trace, run_dir)
     names = {p.struct_pa: n for n, p in trace.initial.pools.items()}

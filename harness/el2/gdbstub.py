@@ -3,7 +3,9 @@
 Why our own client rather than gdb-multiarch in MI mode: a trace stops the machine thousands of
 times, and each stop here costs a handful of short packets on one socket (stop reply, select the
 thread, read the registers, continue), with no second debugger process to start, feed, parse and
-reliably kill. The protocol subset QEMU needs is small: qSupported, QStartNoAckMode, ?, Hg, g,
+reliably kill. The protocol subset QEMU needs is small: qSupported, QStartNoAckMode, ?,
+qXfer:features:read (QEMU answers `p` with an empty packet until the client has read the target
+description, as gdb always does), Hg, g, p, m,
 Z1/z1 (hardware breakpoints; TCG treats Z0 the same), vCont;s (step one vCPU over a breakpoint,
 as QEMU re-triggers one at the PC it resumes from), c, the 0x03 interrupt, and D (detach).
 
@@ -115,6 +117,7 @@ class GdbStub:
             if self.command("QStartNoAckMode") == "OK":
                 self._ack = False
             self.initial_stop = self.command("?")      # QEMU stops every vCPU for a debugger
+            self._read_target_description()
         except BaseException:
             self.close()
             raise
@@ -174,6 +177,18 @@ class GdbStub:
         self._send(payload)
         return self.recv(time.monotonic() + self.timeout)
 
+    def _read_target_description(self) -> None:
+        """Read target.xml to its end ('l'): QEMU enables single-register reads only after it."""
+        offset = 0
+        for _ in range(64):
+            reply = self.command(f"qXfer:features:read:target.xml:{offset:x},ffb")
+            if reply[:1] == "l":
+                return
+            if reply[:1] != "m":
+                raise RspError(f"cannot read the target description: {reply!r}")
+            offset += len(reply) - 1
+        raise RspError("the target description did not end")
+
     # --- what the tracer uses ----------------------------------------------------------------
 
     def set_breakpoint(self, addr: int) -> None:
@@ -207,7 +222,17 @@ class GdbStub:
 
     def read_pc(self) -> int:
         """The selected vCPU's PC (register 32 in QEMU's aarch64 numbering)."""
-        return int.from_bytes(bytes.fromhex(self.command("p20")), "little")
+        reply = self.command("p20")
+        if len(reply) != 16:     # an empty reply would read as PC 0 and hide a step that did not move
+            raise RspError(f"cannot read the PC: {reply!r}")
+        return int.from_bytes(bytes.fromhex(reply), "little")
+
+    def read_memory(self, addr: int, length: int) -> bytes:
+        """`length` bytes at a virtual address, through the selected vCPU's current translation."""
+        reply = self.command(f"m{addr:x},{length:x}")
+        if reply.startswith("E") or len(reply) != 2 * length:
+            raise RspError(f"cannot read {length} bytes at {addr:#x}: {reply}")
+        return bytes.fromhex(reply)
 
     def resume(self) -> None:
         """Continue every vCPU; the next stop arrives through wait_stop()."""

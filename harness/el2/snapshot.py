@@ -406,7 +406,7 @@ class El2Reader:
             if backing is None:
                 raise LookupError(f"vmemmap entry of {pa:#x} (VA {va:#x}) is not mapped at EL2")
             raw = cache.read(backing, hp.size)   # the backing is in the carveout copy
-            return _field(raw, ref), _field(raw, order)
+            return field_value(raw, ref), field_value(raw, order)
 
         for pool in snap.pools.values():
             for pa in range(pool.range_start, pool.range_end, PAGE_SIZE):
@@ -414,7 +414,7 @@ class El2Reader:
         snap._vmemmap = page
 
 
-def _field(raw: bytes, f: ksyms.Field) -> int:
+def field_value(raw: bytes, f: ksyms.Field) -> int:
     """An integer field, or a bitfield (6.14+ hyp_page packs states next to the order)."""
     value = int.from_bytes(raw[f.offset:f.offset + f.size], "little")
     if f.bit_size is not None:

@@ -8,9 +8,14 @@ pointer. QEMU stops every vCPU at each hit (all-stop), so records are in the ord
 entered; two CPUs racing for one pool's lock could apply in the other order (not seen with the
 workloads here; each record keeps its CPU).
 
-Start: breakpoints armed, then a snapshot while the machine is still stopped, so the trace and
-the snapshot describe the same instant. Stop: interrupt, final snapshot, remove the breakpoints,
-detach. `Tracer` is a context manager and always detaches.
+Start: the machine is stopped at an instant when no vCPU is at EL2 (so no hyp call is half done),
+snapshotted, and the breakpoints are armed before it runs again: the trace and the snapshot
+describe the same instant. Stop: interrupt, let any vCPU at EL2 finish (traced) until none is,
+final snapshot, remove the breakpoints, detach. `Tracer` is a context manager and always detaches.
+
+Every get and put also records what the kernel's hyp_page held at the call (`seen`), read through
+the stopped vCPU's own hyp stage-1 mapping. Replay checks the model against it before each call,
+so a call the trace lacks is found at the next call on that page, not only at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from harness.el2.gdbstub import GdbStub, Registers
 from harness.el2.memory import MASK64
-from harness.el2.snapshot import NVHE, El2Reader, Snapshot
+from harness.el2.snapshot import NVHE, El2Reader, Snapshot, field_value
 
 FUNCTIONS = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page", "hyp_split_page")
 U32 = 0xFFFF_FFFF
@@ -37,6 +42,7 @@ class Op:
     op: str                   # init, alloc, put, get, split
     args: dict = field(default_factory=dict)   # physical addresses already converted
     result: int | None = None  # alloc: PA of the block, or None for NULL
+    seen: list[int] | None = None  # get/put: the page's [refcount, order] in the kernel at entry
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -101,11 +107,11 @@ class Tracer:
             self._off = probe.hyp_physvirt_offset
             hp = self.reader.kernel.struct("hyp_page")
             self._vmemmap, self._page_size = probe.vmemmap_va, hp.size
+            self._page_fields = hp.field("refcount"), hp.field("order")
             self._entries = {self.hyp_va(NVHE + f): f for f in FUNCTIONS}
-            self._bodies = [(va, va + max(4, self.reader.kernel.sizes.get(NVHE + f, 4)))
-                            for va, f in self._entries.items()]
-            # A vCPU already inside a traced function would change a pool after the snapshot
-            # without a record: let the machine run on, untraced, until none is.
+            # A vCPU already at EL2 may be half-way through an allocator call (or in a helper it
+            # calls, such as __hyp_attach_page) and would change a pool after the snapshot
+            # without a record: let the machine run on, untraced, until no vCPU is at EL2.
             self._quiesce(self._gdb)
             self.initial = self.reader.snapshot()
             for addr in self._entries:
@@ -167,8 +173,10 @@ class Tracer:
                 if stop is None:
                     if self._stop.is_set():
                         gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
-                        if self._inside_traced(gdb) and self._drain_rounds < 200:
-                            self._drain_rounds += 1      # a call is under way: let it finish, traced
+                        if self._any_at_el2(gdb):
+                            self._drain_rounds += 1      # a hyp call is under way: let it finish, traced
+                            if self._drain_rounds > 200:
+                                raise RuntimeError("a vCPU stayed at EL2 for 200 rounds at the end of the trace")
                             gdb.resume()
                             continue
                         return
@@ -180,24 +188,19 @@ class Tracer:
         except BaseException as e:   # surfaced by stop(); the machine is detached in any case
             self.error = e
 
-    def _inside_traced(self, gdb: GdbStub) -> bool:
-        """Is any vCPU at EL2 with its PC inside a traced function (past its entry)?"""
-        for thread in gdb.threads():
-            regs = gdb.registers(thread)
-            if regs.el == 2 and any(lo < regs.pc < hi for lo, hi in self._bodies):
-                return True
-        return False
+    def _any_at_el2(self, gdb: GdbStub) -> bool:
+        """Is any vCPU executing hyp code? (A vCPU at EL1/EL0 has no hyp call half done.)"""
+        return any(gdb.registers(thread).el == 2 for thread in gdb.threads())
 
     def _quiesce(self, gdb: GdbStub) -> None:
-        """Before breakpoints are armed: run the machine in short bursts until no vCPU is
-        inside a traced function."""
+        """Before breakpoints are armed: run the machine in short bursts until no vCPU is at EL2."""
         for _ in range(200):
-            if not self._inside_traced(gdb):
+            if not self._any_at_el2(gdb):
                 return
             gdb.resume()
             time.sleep(0.002)
             gdb.interrupt(self.timeout)
-        raise RuntimeError("a vCPU stayed inside the EL2 allocator for 200 bursts")
+        raise RuntimeError("a vCPU stayed at EL2 for 200 bursts before the trace")
 
     def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
         """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
@@ -237,10 +240,17 @@ class Tracer:
                 self._gdb.set_breakpoint(x[30])
             self._return_bps[x[30]] = self._return_bps.get(x[30], 0) + 1
         elif fn in ("hyp_put_page", "hyp_get_page"):
-            self._record(cpu, self.h2p(x[0]), fn[4:7], {"addr": self.h2p(x[1])})
+            rec = self._record(cpu, self.h2p(x[0]), fn[4:7], {"addr": self.h2p(x[1])})
+            rec["seen"] = self._page_state(self.h2p(x[1]))
         elif fn == "hyp_split_page":
             pa = ((x[0] - self._vmemmap) // self._page_size) << 12
             self._record(cpu, None, "split", {"addr": pa})
+
+    def _page_state(self, pa: int) -> list[int]:
+        """[refcount, order] of the page holding `pa`, read through the stopped vCPU's hyp VA."""
+        assert self._gdb is not None
+        raw = self._gdb.read_memory(self._vmemmap + (pa >> 12) * self._page_size, self._page_size)
+        return [field_value(raw, f) for f in self._page_fields]
 
     def _returned(self, cpu: int | None, r: Registers) -> None:
         rec = self._pending.pop((cpu, r.sp), None)

@@ -16,6 +16,7 @@ from harness.targets.qemu_target import QemuTarget
 from tests.integration.conftest import HARNESS, qemu_pids_mentioning
 
 LIFECYCLE = f"for i in 1 2 3; do {GUEST_DIR}/pkvm_guest --vms 2 --vcpus 3 --pages 16 || exit 1; done"
+HEAVY = f"for i in 1 2 3; do {GUEST_DIR}/pkvm_guest --vms 8 --vcpus 2 --pages 8 >/dev/null || exit 1; done"
 
 
 def test_vm_lifecycle_under_trace_replays_with_zero_divergences(kernel, cache_dir, tmp_path):
@@ -32,7 +33,22 @@ def test_vm_lifecycle_under_trace_replays_with_zero_divergences(kernel, cache_di
     assert len(allocs) >= 6 * 17                                  # PGD + reclaim per VM, each checked
     for name in ("trace.jsonl", "snapshot-initial.json", "snapshot-final.json", "command.log"):
         assert (out.run_dir / name).is_file()
+    assert all(op.seen is not None for op in trace.ops if op.op in ("get", "put"))
     assert not qemu_pids_mentioning(str(tmp_path))
+
+
+def test_eight_vms_at_once_under_trace_replay_exactly(kernel, cache_dir, tmp_path):
+    """Heavy traffic: ~4,800 calls, hundreds of gets and puts on single host stage-2 table pages.
+    This is where a call recorded twice (a step that did not move, once hidden by an unread PC)
+    used to show, as a refcount one too high."""
+    out = pipeline.trace_command(pipeline.KernelOptions(), pipeline.BootOptions(), cache_dir, tmp_path,
+                                 HEAVY, quiet=True)
+    result, trace = out.replay, out.trace
+    assert result.ok, result.divergence.render() if result.divergence else result.final_mismatches
+    assert len(trace.ops) >= 3000
+    busiest = max(sum(1 for op in trace.ops if op.op in ("get", "put") and op.args["addr"] >> 12 == page)
+                  for page in {op.args["addr"] >> 12 for op in trace.ops if op.op == "get"})
+    assert busiest >= 100
 
 
 def test_trace_and_offline_replay_from_the_cli(kernel, tmp_path):

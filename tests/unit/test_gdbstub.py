@@ -94,12 +94,12 @@ def test_the_recorded_tracing_session_replays(stub):
     g.set_breakpoint(bp)
     g.resume()
     stop = g.wait_stop(5)
-    assert (stop.signal, stop.thread, stop.cpu) == (5, "02", 1)
+    assert (stop.signal, stop.thread, stop.cpu) == (5, "01", 0)
     regs = g.registers(stop.thread)
     assert regs.pc == bp and regs.el == 2          # a hit at EL2, at the breakpoint
-    assert regs.x[1] == 0                          # hyp_alloc_pages(pool, order 0)
     g.remove_breakpoint(bp)
-    assert g.step(stop.thread).thread == "02"
+    assert g.step(stop.thread).thread == "01"
+    assert g.read_pc() == bp + 4                   # one instruction on (needs the target description)
     g.resume()
     assert g.interrupt().signal == 2
     g.close()
@@ -115,6 +115,31 @@ def test_a_silent_stub_times_out_within_the_deadline(tmp_path):
     with pytest.raises(TimeoutError):
         GdbStub(tmp_path / "s", timeout=0.5)
     assert time.monotonic() - start < 3
+    server.close()
+
+
+def test_a_pc_read_the_stub_refuses_is_an_error_not_address_zero(tmp_path):
+    """QEMU answers `p` with an empty packet until target.xml has been read; taken as PC 0, that
+    once hid steps that did not move and recorded calls twice."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "s"))
+    server.listen(1)
+    _, recorded = transcript()
+    script = recorded[:6] + [(">", "qXfer:features:read:target.xml:0,ffb"), ("<", "l"), (">", "p20"), ("<", "")]
+
+    held = []
+
+    def serve():
+        conn, _ = server.accept()
+        held.append(conn)            # kept open: the client acks the last reply
+        FakeStub(conn, script).run()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    g = GdbStub(tmp_path / "s", timeout=2)
+    with pytest.raises(RspError, match="cannot read the PC"):
+        g.read_pc()
+    g.sock.close()
     server.close()
 
 
