@@ -227,6 +227,12 @@ class GdbStub:
             raise RspError(f"cannot read the PC: {reply!r}")
         return int.from_bytes(bytes.fromhex(reply), "little")
 
+    def write_register(self, number: int, value: int) -> None:
+        """Set one register of the selected vCPU (QEMU's aarch64 numbering: x0..x30, sp 31, pc 32)."""
+        reply = self.command(f"P{number:x}={value.to_bytes(8, 'little').hex()}")
+        if reply != "OK":
+            raise RspError(f"cannot write register {number}: {reply!r}")
+
     def read_memory(self, addr: int, length: int) -> bytes:
         """`length` bytes at a virtual address, through the selected vCPU's current translation."""
         reply = self.command(f"m{addr:x},{length:x}")

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.el2 import emulate
 from harness.el2.gdbstub import GdbStub, Registers
 from harness.el2.memory import MASK64
 from harness.el2.snapshot import NVHE, El2Reader, Snapshot, field_value
@@ -79,6 +80,7 @@ class Tracer:
         self.ops: list[Op] = []
         self.hits_ignored = 0
         self.steps_repeated = 0
+        self.emulated = 0             # breakpoints passed by emulating their instruction
         self._drain_rounds = 0
         self.error: BaseException | None = None
         self._gdb: GdbStub | None = None
@@ -109,6 +111,10 @@ class Tracer:
             self._vmemmap, self._page_size = probe.vmemmap_va, hp.size
             self._page_fields = hp.field("refcount"), hp.field("order")
             self._entries = {self.hyp_va(NVHE + f): f for f in FUNCTIONS}
+            # The first instruction of each traced function, for passing its breakpoint without a
+            # step where it can be executed here (see harness/el2/emulate.py).
+            self._first_insn = {va: int.from_bytes(self.reader.mem.read(self.reader.kpa(NVHE + f), 4), "little")
+                                for va, f in self._entries.items()}
             # A vCPU already at EL2 may be half-way through an allocator call (or in a helper it
             # calls, such as __hyp_attach_page) and would change a pool after the snapshot
             # without a record: let the machine run on, untraced, until no vCPU is at EL2.
@@ -183,7 +189,8 @@ class Tracer:
                     continue
                 regs = gdb.registers(None)      # QEMU selects the vCPU that stopped
                 self._hit(stop.cpu, regs)
-                self._step_over(gdb, stop.thread, regs.pc)
+                if not self._emulate_over(gdb, regs):
+                    self._step_over(gdb, stop.thread, regs.pc)
                 gdb.resume()
         except BaseException as e:   # surfaced by stop(); the machine is detached in any case
             self.error = e
@@ -201,6 +208,18 @@ class Tracer:
             time.sleep(0.002)
             gdb.interrupt(self.timeout)
         raise RuntimeError("a vCPU stayed at EL2 for 200 bursts before the trace")
+
+    def _emulate_over(self, gdb: GdbStub, regs: Registers) -> bool:
+        """Pass the breakpoint by executing its instruction here: write the result and PC + 4.
+        One debug stop per call instead of a stop and a step (each flushes QEMU's code cache)."""
+        insn = self._first_insn.get(regs.pc)
+        done = emulate.adrp(insn, regs.pc) if insn is not None and regs.el == 2 else None
+        if done is None:
+            return False
+        gdb.write_register(done[0], done[1])
+        gdb.write_register(32, regs.pc + 4)
+        self.emulated += 1
+        return True
 
     def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
         """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
