@@ -197,7 +197,6 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
     trace and both snapshots in the run directory, and replay it in the model."""
     from harness.el2.snapshot import El2Reader
     from harness.el2.trace import Tracer, save
-    from harness.model.replay import replay
     from harness.targets.qemu_target import QemuTarget
 
     run_dir, kernel, spec = _prepare_qemu(kopts, bopts, cache_dir, runs_dir, quiet, gdb=True)
@@ -214,13 +213,24 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
             (run_dir / "gdb-packets.log").write_text("\n".join(packets) + "\n")
     (run_dir / "command.log").write_text(f"$ {command}\nexit {output.status}\n{output.stdout}{output.stderr}")
     save(trace, run_dir)
+    result, names = replay_trace(trace), pool_names(trace)
+    return TraceOutcome(run_dir, trace, result, names)
+
+
+def pool_names(trace) -> dict[int, str]:
     names = {p.struct_pa: n for n, p in trace.initial.pools.items()}
     if trace.final is not None:
         names.update({p.struct_pa: n for n, p in trace.final.pools.items()})
-    result = replay({p.struct_pa: p for p in trace.initial.pools.values()}, trace.ops,
-                    {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
-                    trace.initial.kernel_version, names)
-    return TraceOutcome(run_dir, trace, result, names)
+    return names
+
+
+def replay_trace(trace):
+    """Replay a live trace (harness.el2.trace.Trace) in the model, from its initial snapshot to its final one."""
+    from harness.model.replay import replay
+
+    return replay({p.struct_pa: p for p in trace.initial.pools.values()}, trace.ops,
+                  {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
+                  trace.initial.kernel_version, pool_names(trace))
 
 
 def replay_saved(path: Path):

@@ -11,8 +11,12 @@ snapshots, physical reads and symbols; skips elsewhere). Markers: needs_el2, nee
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
 import time
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--run-dir", type=Path, default=None,
                 help="where the target's console logs go (default: runs/<time>-pytest)")
     g.addoption("--boot-timeout", type=float, default=120.0, help="QEMU boot deadline")
+    g.addoption("--expect-mode", choices=["nVHE", "hVHE"], default=None,
+                help="the pKVM mode the boot suite demands (default on QEMU: from --cpu; on a board: either)")
+    g.addoption("--seed", type=int, default=None,
+                help="seed for the randomized workloads (default: a new one, printed in each test's report)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -89,6 +97,7 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
     from harness.image.keys import ensure_keys
     from harness.image.payloads import build_payloads
     from harness.kernel.build import build
+    from harness.targets.qemu import socket_path
     from harness.targets.qemu_target import QemuTarget
 
     cache = default_cache_dir()
@@ -102,7 +111,8 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
     initramfs = build_initramfs(cache, payloads)
     bopts = pipeline.BootOptions(cpu=config.getoption("--cpu"), smp=config.getoption("--smp"),
                                  mem=config.getoption("--mem"))
-    spec = pipeline.qemu_spec(bopts, kernel, initramfs, run_dir)
+    # A gdbstub socket costs nothing until a tracer connects (the allocator suites trace).
+    spec = replace(pipeline.qemu_spec(bopts, kernel, initramfs, run_dir), gdb_socket=socket_path(run_dir, "gdb.sock"))
     t = QemuTarget(spec, run_dir, transport=config.getoption("--transport"), keys=ensure_keys(cache),
                    boot_timeout=config.getoption("--boot-timeout"))
     t.kernel = kernel        # the el2 fixture reads its vmlinux
@@ -172,3 +182,51 @@ def el2(target):
     reader = El2Reader(qmp, kernel.vmlinux, default_cache_dir())
     yield reader
     reader.close()
+
+
+# The pKVM mode each QEMU -cpu gives with kvm-arm.mode=protected on 6.12 (VHE-capable CPUs: hVHE).
+QEMU_CPU_MODES = {"max": "hVHE", "cortex-a72": "nVHE", "cortex-a57": "nVHE", "cortex-a53": "nVHE"}
+
+
+@pytest.fixture(scope="session")
+def expected_pkvm_mode(request: pytest.FixtureRequest, target) -> str | None:
+    given = request.config.getoption("--expect-mode")
+    if given:
+        return given
+    return QEMU_CPU_MODES.get(getattr(getattr(target, "spec", None), "cpu", None) or "")
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The randomized workloads' seed: --seed, or a new one. It is printed and kept in the test
+    report, so a failing run can be replayed with --seed."""
+    value = request.config.getoption("--seed")
+    if value is None:
+        value = random.SystemRandom().randrange(1 << 32)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value} (replay with --seed {value})")
+    return value
+
+
+@pytest.fixture
+def el2_trace(target, el2):
+    """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
+    on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult)."""
+    from harness.el2.trace import Tracer
+
+    gdb = getattr(getattr(target, "spec", None), "gdb_socket", None)
+    if gdb is None:
+        pytest.skip(f"{target.name} has no gdbstub to trace through")
+
+    @contextlib.contextmanager
+    def session():
+        from harness.pipeline import replay_trace
+
+        box = types.SimpleNamespace(trace=None, result=None)
+        with Tracer(el2, gdb) as tracer:
+            tracer.start()
+            yield box
+            box.trace = tracer.stop()
+        box.result = replay_trace(box.trace)
+
+    return session

@@ -150,6 +150,38 @@ def predict_from_tables(addr: int, regions: list[Region], walk, version: tuple[i
     return predict_fault(addr, regions, level, pte, version)
 
 
+def leaf_at(walk, addr: int, starts: list[int] | None = None):
+    """The leaf covering addr (zero entries are not leaves: None for an untouched address).
+    `starts`: the leaves' addresses, when many lookups share one walk."""
+    starts = starts if starts is not None else [leaf.addr for leaf in walk.leaves]
+    i = bisect.bisect_right(starts, addr) - 1
+    if i >= 0 and walk.leaves[i].addr <= addr < walk.leaves[i].addr + walk.leaves[i].size:
+        return walk.leaves[i]
+    return None
+
+
+def untouched_by_leaf_level(walk, regions: list[Region], start: int, end: int,
+                            version: tuple[int, ...] = (6, 12)) -> dict[int, int]:
+    """For each leaf level a host access in [start, end) would install now, the first address
+    that gets it: addresses with a zero entry (never mapped, no owner), one per 4 KiB page."""
+    found: dict[int, int] = {}
+    starts = [leaf.addr for leaf in walk.leaves]
+    addr = start & ~((1 << PAGE_SHIFT) - 1)
+    while addr < end and len(found) < 3:
+        leaf = leaf_at(walk, addr, starts)
+        if leaf is not None:
+            addr = leaf.addr + leaf.size
+            continue
+        try:
+            pred = predict_from_tables(addr, regions, walk, version)
+        except HostAbortError:
+            addr += 1 << PAGE_SHIFT
+            continue
+        found.setdefault(pred.leaf_level, addr)
+        addr = max(pred.start + pred.size, addr + (1 << PAGE_SHIFT))   # the rest of it maps alike
+    return found
+
+
 # --- page states ----------------------------------------------------------------------------
 
 class State(str, Enum):

@@ -1,0 +1,84 @@
+"""How much memory pKVM reserves for EL2 at boot, computed as kvm_hyp_reserve() does (pure).
+
+Linux 6.12, arch/arm64/kvm/pkvm.c:59-105 and arch/arm64/include/asm/kvm_pkvm.h:27-130:
+
+  hyp_mem_pages = hyp_s1_pgtable_pages()      every memblock at page granularity + 1 GiB private
+                + host_s2_pgtable_pages()     every memblock at page granularity + 16 + 1 GiB MMIO
+                + hyp_vm_table_pages()        KVM_MAX_PVMS pointers
+                + hyp_vmemmap_pages()         a struct hyp_page per page of every memblock
+                + hyp_ffa_proxy_pages()       FF-A mailboxes and one fragmented descriptor
+
+then rounded up to 2 MiB when the PMD-aligned allocation succeeds (it does on the machines here),
+and printed as "Reserved N MiB at 0x...".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAGE_SHIFT = 12
+PAGE = 1 << PAGE_SHIFT
+PTRS_PER_PTE = 512
+PMD_SIZE = 2 << 20
+SZ_1G = 1 << 30
+KVM_MAX_PVMS = 255
+# KVM_PGTABLE_FIRST_LEVEL..KVM_PGTABLE_LAST_LEVEL: -1..3 since 6.7 (LPA2), 0..3 before.
+LEVELS_FROM_6_7 = 5
+LEVELS_BEFORE_6_7 = 4
+# hyp_ffa_proxy_pages(): 2 mailbox pages + DIV_ROUND_UP(desc_max, PAGE_SIZE), where desc_max =
+# sizeof(ffa_mem_region) 48 + sizeof(ffa_mem_region_attributes) 16 + sizeof(ffa_composite_mem_region)
+# 16 + SG_MAX_SEGMENTS (2048 on arm64, which chains scatterlists) * sizeof(ffa_mem_region_addr_range) 16
+# = 32848 bytes -> 9 pages.
+FFA_PROXY_PAGES = 2 + -(-(48 + 16 + 16 + 2048 * 16) // PAGE)
+
+
+@dataclass(frozen=True)
+class HypReserve:
+    hyp_s1: int
+    host_s2: int
+    vm_table: int
+    vmemmap: int
+    ffa_proxy: int
+
+    @property
+    def pages(self) -> int:
+        return self.hyp_s1 + self.host_s2 + self.vm_table + self.vmemmap + self.ffa_proxy
+
+    @property
+    def bytes(self) -> int:
+        """What memblock_phys_alloc() takes: the size rounded up to PMD_SIZE."""
+        size = self.pages << PAGE_SHIFT
+        return -(-size // PMD_SIZE) * PMD_SIZE
+
+    @property
+    def mib(self) -> int:
+        return self.bytes >> 20
+
+
+def _pgtable_max_pages(nr_pages: int, levels: int) -> int:
+    """__hyp_pgtable_max_pages(): the worst case, every level fully populated."""
+    total = 0
+    for _ in range(levels):
+        nr_pages = -(-nr_pages // PTRS_PER_PTE)
+        total += nr_pages
+    return total
+
+
+def _vmemmap_bytes(base: int, size: int, entry_size: int) -> int:
+    """hyp_vmemmap_memblock_size(): the vmemmap slice of one memblock, page-aligned outwards."""
+    start = (base >> PAGE_SHIFT) * entry_size
+    end = start + (size >> PAGE_SHIFT) * entry_size
+    return (-(-end // PAGE) * PAGE) - (start // PAGE * PAGE)
+
+
+def hyp_reserve(memblocks: list[tuple[int, int]], version: tuple[int, ...], hyp_page_size: int) -> HypReserve:
+    """`memblocks`: (base, size) of every region in hyp_memory; `hyp_page_size`: sizeof(struct
+    hyp_page) from the kernel's DWARF (4 in 6.12)."""
+    if version < (6, 2):
+        raise ValueError(f"hyp memory sizing is modelled from 6.2 on, not {'.'.join(map(str, version))}")
+    levels = LEVELS_FROM_6_7 if version >= (6, 7) else LEVELS_BEFORE_6_7
+    all_memory = sum(_pgtable_max_pages(size >> PAGE_SHIFT, levels) for _, size in memblocks)
+    one_gib = _pgtable_max_pages(SZ_1G >> PAGE_SHIFT, levels)
+    vmemmap = sum(_vmemmap_bytes(base, size, hyp_page_size) for base, size in memblocks) >> PAGE_SHIFT
+    return HypReserve(hyp_s1=all_memory + one_gib, host_s2=all_memory + 16 + one_gib,
+                      vm_table=-(-(KVM_MAX_PVMS * 8) // PAGE), vmemmap=vmemmap, ffa_proxy=FFA_PROXY_PAGES)

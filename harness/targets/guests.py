@@ -1,0 +1,43 @@
+"""The pkvm_guest payload driven from the host side of any target: in the foreground, or in the
+background (so EL2 can be inspected while VMs live) with its progress read from a log file."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from harness.targets.base import CommandResult, Target, TargetError
+
+
+def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0) -> str:
+    return f"--vms {vms} --vcpus {vcpus} --pages {pages}" + (f" --hold {hold}" if hold else "")
+
+
+def run_guests(target: Target, binary: str, args: str, timeout: float = 300.0) -> CommandResult:
+    """Run pkvm_guest to its end; a failed KVM call fails here with the payload's own error line."""
+    return target.run(f"{binary} {args}", timeout=timeout).check()
+
+
+class BackgroundGuests:
+    """pkvm_guest running in the background: `wait("ready")` once every VM has run, then
+    `wait("done")` after --hold seconds, when every VM is closed (torn down at EL2)."""
+
+    def __init__(self, target: Target, binary: str, args: str) -> None:
+        self.target = target
+        self.log = f"/tmp/pkvm-guest-{secrets.token_hex(4)}.log"
+        target.run(f"{binary} {args} > {self.log} 2>&1 &").check()
+
+    def output(self) -> str:
+        return self.target.run(f"cat {self.log}").stdout
+
+    def wait(self, word: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            if any(line.startswith(word) for line in out.splitlines()):
+                return out
+            if "error=" in out or "usage" in out:
+                raise TargetError(f"pkvm_guest failed: {out.strip().splitlines()[-1]}")
+            if time.monotonic() > deadline:
+                raise TargetError(f"pkvm_guest printed no '{word}' line within {timeout:.0f}s: {out[-200:]!r}")
+            time.sleep(0.3)

@@ -1,0 +1,85 @@
+"""Stage-2 suite: what the host's touches and a VM's life do to the host stage-2 and the hyp
+stage-1, against the model (harness.model.stage2) and the pKVM page-state rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.el2.memory import MASK64
+from harness.model.invariants import run_checks
+from harness.model.stage2 import Region, leaf_at, predict_from_tables, untouched_by_leaf_level
+from harness.targets.guests import BackgroundGuests, guest_args
+
+pytestmark = pytest.mark.needs_el2
+
+PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: nothing maps it at boot
+
+
+def _touch(target, addr: int) -> None:
+    target.run(f"devmem {addr:#x} 32").check()
+
+
+@pytest.mark.parametrize("level,size", [(1, "1 GiB"), (2, "2 MiB"), (3, "4 KiB")])
+def test_a_host_touch_installs_the_leaves_the_model_predicts(target, el2, level, size):
+    before = el2.snapshot()
+    regions = [Region(base, length) for base, length, _ in before.memblocks]
+    version = tuple(el2.kernel.version_tuple[:2])
+    if level == 1:
+        addr = PCIE_HIGH_MMIO + 0x1000 * (1 + len(before.host_s2.leaves) % 16)
+    else:
+        found = {}
+        for base, length in ((r.base, r.size) for r in regions):
+            found.update({k: v for k, v in untouched_by_leaf_level(before.host_s2, regions, base, base + length,
+                                                                    version).items() if k not in found})
+        if level not in found:
+            pytest.skip(f"no untouched RAM left that would map at level {level} ({size})")
+        addr = found[level]
+    want = predict_from_tables(addr, regions, before.host_s2, version)
+    if leaf_at(before.host_s2, addr) is not None:
+        pytest.skip(f"{addr:#x} is mapped already (an earlier test touched it)")
+    _touch(target, addr)
+    after = el2.snapshot()
+    leaf = leaf_at(after.host_s2, addr)
+    assert leaf is not None and leaf.valid, f"{addr:#x} not mapped after the host read it"
+    assert leaf.level == want.leaf_level, f"{addr:#x}: model level {want.leaf_level}, kernel {leaf.describe()}"
+    new = [lf for lf in after.host_s2.leaves if want.start <= lf.addr < want.start + want.size]
+    assert (min(lf.addr for lf in new), sum(lf.size for lf in new)) == (want.start, want.size)
+    assert all(lf.valid and lf.pa == lf.addr and lf.state == "OWNED" for lf in new)
+    assert all(lf.xn == want.xn and lf.memattr == want.memattr for lf in new), \
+        "RAM maps executable, MMIO execute-never, both as normal memory (the host forces S2FWB off)"
+    assert run_checks(after) == []
+
+
+def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2):
+    snap = el2.snapshot()
+    text = (el2.kpa("__hyp_text_start"), el2.kpa("__hyp_text_end"))
+    for lo, hi in (snap.carveout and (snap.carveout[0], snap.carveout[0] + snap.carveout[1]), text):
+        for pa in range(lo, hi, 4096):
+            leaf = leaf_at(snap.host_s2, pa)
+            assert leaf is not None and not leaf.valid and leaf.owner == 1, \
+                f"{pa:#x} in [{lo:#x}, {hi:#x}): {leaf.describe() if leaf else 'unmapped (host-owned)'}"
+
+
+def _hyp_va_to_pa(snap, va: int) -> int:
+    return (va + snap.hyp_physvirt_offset) & MASK64
+
+
+def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2):
+    guests = BackgroundGuests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=4, hold=3))
+    guests.wait("ready")
+    live = el2.snapshot()
+    (vm,) = live.vms
+    host_kvm_va = el2.mem.u64(vm.pa + el2.kernel.struct("pkvm_hyp_vm").offset("host_kvm"))
+    host_kvm = _hyp_va_to_pa(live, host_kvm_va)
+    s2, s1 = leaf_at(live.host_s2, host_kvm), leaf_at(live.hyp_s1, host_kvm_va)
+    assert s2 is not None and s2.valid and s2.state == "SHARED_OWNED", f"host struct kvm in host stage-2: {s2}"
+    assert s1 is not None and s1.valid and s1.state == "SHARED_BORROWED", f"host struct kvm at EL2: {s1}"
+    for what, pa in (("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
+        leaf = leaf_at(live.host_s2, pa)
+        assert leaf is not None and not leaf.valid and leaf.owner == 1, f"donated {what} at {pa:#x}: {leaf}"
+    guests.wait("done")
+    after = el2.snapshot()
+    for what, pa in (("struct kvm", host_kvm), ("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
+        leaf = leaf_at(after.host_s2, pa)
+        assert leaf is None or (leaf.valid and leaf.state == "OWNED"), f"{what} at {pa:#x} after teardown: {leaf}"
+    assert run_checks(after) == []
