@@ -34,9 +34,18 @@ class Payloads:
         return self.dir / name
 
 
+def selftest_lines() -> list[tuple[str, str]]:
+    """(path, arguments) per line of rootfs/kvm-selftests.txt."""
+    out = []
+    for line in SELFTESTS_FILE.read_text().splitlines():
+        words = line.split("#", 1)[0].split(None, 1)
+        if words:
+            out.append((words[0], words[1].strip() if len(words) > 1 else ""))
+    return out
+
+
 def selftest_names() -> list[str]:
-    return [line.split("#", 1)[0].strip() for line in SELFTESTS_FILE.read_text().splitlines()
-            if line.split("#", 1)[0].strip()]
+    return [name for name, _ in selftest_lines()]
 
 
 def _sources_digest() -> str:

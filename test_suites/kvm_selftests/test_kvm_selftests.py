@@ -1,0 +1,35 @@
+"""Upstream KVM selftests, built from the kernel tree under test (rootfs/kvm-selftests.txt lists
+them with arguments sized for TCG). A test that prints TAP/KTAP gives one pytest result per
+subtest; one that prints none is judged by its kselftest exit status (0 pass, 4 skip)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import ktap
+from harness.image.payloads import selftest_lines
+
+SELFTESTS = selftest_lines()
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+@pytest.mark.parametrize("name,args", SELFTESTS, ids=[name for name, _ in SELFTESTS])
+def test_kvm_selftest(target, payload, subtests, name, args):
+    r = target.run(f"{payload('kvm-selftests/' + name)} {args} 2>&1", timeout=600)
+    report = ktap.parse(r.stdout)
+    if not report.is_tap:
+        outcome = ktap.outcome_of_status(r.status)
+        if outcome == "skip":
+            pytest.skip(f"{name} skipped itself: {_tail(r.stdout, 3)}")
+        assert outcome == "pass", f"{name} {args} exited {r.status}:\n{_tail(r.stdout)}"
+        return
+    for result in report.results:
+        with subtests.test(msg=f"{result.number} {result.name}"):
+            if result.outcome == "skip":
+                pytest.skip(result.reason or "skipped by the test")
+            assert result.outcome == "pass", f"not ok {result.number} {result.name}"
+    assert report.problems() == [], f"{name}: {report.problems()}\n{_tail(r.stdout)}"
+    assert ktap.outcome_of_status(r.status) != "fail", f"{name} exited {r.status}:\n{_tail(r.stdout)}"
