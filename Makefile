@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test test-unit test-slow bench lint clean-runs
+.PHONY: all setup run test test-unit test-slow test-mutants bench lint clean-runs
 
 all: run
 
@@ -16,17 +16,23 @@ setup:
 run: setup
 	$(BIN)/pkvm-harness run $(ARGS)
 
-# Unit tests and the integration tests that build (or reuse) and boot real pKVM kernels.
-# The kernel is built first, in the open, so a cold build shows its progress in CI logs.
+# Unit tests and the integration tests that build (or reuse) and boot real pKVM kernels, then
+# the nightly suites (test_suites/) on one QEMU boot. The kernel is built first, in the open, so
+# a cold build shows its progress in CI logs.
 test: setup lint
 	$(BIN)/pkvm-harness build
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not mutant" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest test_suites -m "not slow" $(PYTEST_ARGS)
 
 test-unit: setup
-	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not integration and not slow and not mutant" $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Each kernel patch in tests/mutants/ must fail the suites with a message naming its bug.
+test-mutants: setup
+	$(BIN)/python -m pytest tests/mutants -m mutant $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/boot.py

@@ -56,7 +56,10 @@ def _sources_digest() -> str:
 
 
 def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
-    entry = req.cache_dir / "payloads" / f"{kernel.key}-{_sources_digest()}"
+    # Keyed by what the payloads are built from (the source's userspace side, the compiler), not
+    # by the kernel: kernel-only patch sets (mutants, bisect steps) share one build.
+    side = hashlib.sha256(f"{req.source.userspace_identity}\0{kernel.meta.get('compiler', '')}".encode()).hexdigest()
+    entry = req.cache_dir / "payloads" / f"{side[:24]}-{_sources_digest()}"
     if (entry / "bin").is_dir():
         return Payloads(entry / "bin")
     work = work_dir_for(req)

@@ -116,6 +116,8 @@ def build(req: BuildRequest) -> KernelArtifacts:
     with file_lock(work.with_name(work.name + ".lock")):
         if (entry / "meta.json").is_file():  # another run built it while we waited
             return KernelArtifacts(key, entry, json.loads((entry / "meta.json").read_text()), reused=True)
+        if req.source.checkout is not None:
+            req.source.checkout()
         work.mkdir(parents=True, exist_ok=True)
         log = work / "build.log"
         cold = not (work / "vmlinux").exists()

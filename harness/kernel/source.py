@@ -11,7 +11,8 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InfraError, UsageError
@@ -30,6 +31,16 @@ class KernelSource:
     identity: str     # stable id of the exact source content
     version: str      # e.g. "6.12.117"
     origin: str       # what the user gave, for reports
+    # Puts this source's content into `tree` (re-patched trees, harness.kernel.source.with_patches);
+    # build() calls it under the build lock, just before make.
+    checkout: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    # The identity of what userspace builds see (tools/ and uapi headers): a patch set that
+    # touches neither shares the guest payloads of the unpatched source.
+    userspace_identity: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.userspace_identity:
+            object.__setattr__(self, "userspace_identity", self.identity)
 
     @property
     def version_tuple(self) -> tuple[int, int, int]:
@@ -185,11 +196,15 @@ def _from_tarball(tarball: Path, cache_dir: Path, *, quiet: bool) -> KernelSourc
 
 
 def with_patches(source: KernelSource, patches: list[Path], cache_dir: Path, *, quiet: bool = False) -> KernelSource:
-    """The source with `patches` applied (patch -p1, in order), in a copy under the cache.
+    """The source with `patches` applied (patch -p1, in order), in one re-patched copy per source.
 
-    The copy is made of hard links (`cp -al`); `patch` writes each file it changes anew and
-    renames it into place, so the original tree is never modified. The identity is the
-    original's plus the patches' hash, so patched builds are cached apart.
+    Every patch set of a source shares one tree, so it shares one O= directory: switching patch
+    sets (mutants, bisect steps) rebuilds only the files they touch. The copy is made of hard links
+    (`cp -al`), once; `patch` writes each file it changes anew, so the original is never modified.
+    The identity is the original's plus the patches' hash, so each patch set's kernel is cached
+    apart. The patches go into the tree only when a build needs it (`checkout`, called under the
+    build lock); they are tried on a scratch copy of the files they touch here, so a patch that
+    does not apply is refused before anything is built.
     """
     if not patches:
         return source
@@ -200,22 +215,77 @@ def with_patches(source: KernelSource, patches: list[Path], cache_dir: Path, *, 
         h.update(patch.read_bytes())
     digest = h.hexdigest()[:16]
     base_key = hashlib.sha256(source.identity.encode()).hexdigest()[:12]
-    entry = cache_dir / "src" / f"patched-{base_key}-{digest}"
-    with file_lock(cache_dir / "src" / f".{entry.name}.lock"):
-        if not entry.is_dir():
-            Progress("patch", quiet=quiet).note(f"applying {len(patches)} patch(es) to a copy of {source.tree}")
-            with atomic_dir(entry) as tmp:
-                tree = tmp / "tree"
-                r = subprocess.run(["cp", "-al", str(source.tree), str(tree)], capture_output=True, text=True)
+    root = cache_dir / "src" / f"patched-{base_key}"
+    with file_lock(cache_dir / "src" / f".{root.name}.lock"):
+        if not root.is_dir():
+            Progress("patch", quiet=quiet).note(f"making a re-patchable copy of {source.tree}")
+            with atomic_dir(root) as tmp:
+                r = subprocess.run(["cp", "-al", str(source.tree), str(tmp / "tree")], capture_output=True, text=True)
                 if r.returncode != 0:
                     raise InfraError(f"could not copy {source.tree}: {r.stderr.strip()[:200]}",
                                      hint="hard links need the cache on the same file system as the tree")
-                for patch in patches:
-                    r = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(tree), "-i",
-                                        str(patch.resolve())], capture_output=True, text=True)
-                    if r.returncode != 0:
-                        raise UsageError(f"--patch {patch} does not apply to {source.origin}: "
-                                         f"{(r.stdout + r.stderr).strip().splitlines()[-1][:200]}",
-                                         hint="rebase the patch onto this kernel version")
-    return KernelSource(tree=entry / "tree", identity=f"{source.identity}+patches:{digest}",
-                        version=source.version, origin=f"{source.origin} + {', '.join(p.name for p in patches)}")
+    _dry_run(source.tree, patches)
+    resolved = [p.resolve() for p in patches]
+    identity = f"{source.identity}+patches:{digest}"
+    kernel_only = not any(rel.startswith("tools/") or "/uapi/" in rel for p in patches for rel in patched_files(p))
+    return KernelSource(tree=root / "tree", identity=identity,
+                        version=source.version, origin=f"{source.origin} + {', '.join(p.name for p in patches)}",
+                        checkout=lambda: _checkout(source.tree, root, resolved, digest),
+                        userspace_identity=source.userspace_identity if kernel_only else identity)
+
+
+def patched_files(patch: Path) -> list[str]:
+    """Paths (relative to the tree) a -p1 unified diff creates, changes or deletes."""
+    out: list[str] = []
+    for line in patch.read_text(errors="replace").splitlines():
+        if line.startswith(("--- ", "+++ ")):
+            path = line[4:].split("\t")[0].strip()
+            if path != "/dev/null" and "/" in path:
+                rel = path.split("/", 1)[1]
+                if rel not in out:
+                    out.append(rel)
+    return out
+
+
+def _apply(tree: Path, patch: Path) -> None:
+    r = subprocess.run(["patch", "-p1", "--batch", "--forward", "-d", str(tree), "-i", str(patch)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UsageError(f"--patch {patch.name} does not apply: {(r.stdout + r.stderr).strip().splitlines()[-1][:200]}",
+                         hint="rebase the patch onto this kernel version")
+
+
+def _dry_run(pristine: Path, patches: list[Path]) -> None:
+    """Apply the patches to a scratch copy of just the files they touch."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pkvm-patch-") as tmp:
+        scratch = Path(tmp)
+        for patch in patches:
+            for rel in patched_files(patch):
+                src, dst = pristine / rel, scratch / rel
+                if src.is_file() and not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.write_bytes(src.read_bytes())
+        for patch in patches:
+            _apply(scratch, patch.resolve())
+
+
+def _checkout(pristine: Path, root: Path, patches: list[Path], digest: str) -> None:
+    """Make root/tree hold exactly pristine + patches. Files the previous patch set touched are
+    restored as fresh copies (a new mtime, so kbuild rebuilds them); the record is written
+    before the tree changes, so an interrupted checkout is undone by the next one."""
+    tree, record = root / "tree", root / "applied.json"
+    state = json.loads(record.read_text()) if record.is_file() else {"digest": None, "files": []}
+    if state["digest"] == digest:
+        return
+    wanted = [rel for p in patches for rel in patched_files(p)]
+    atomic_write_text(record, json.dumps({"digest": None, "files": sorted(set(state["files"]) | set(wanted))}))
+    for rel in state["files"]:
+        dst, src = tree / rel, pristine / rel
+        dst.unlink(missing_ok=True)
+        if src.is_file():
+            dst.write_bytes(src.read_bytes())
+    for patch in patches:
+        _apply(tree, patch)
+    atomic_write_text(record, json.dumps({"digest": digest, "files": sorted(set(wanted))}))

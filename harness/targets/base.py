@@ -64,6 +64,17 @@ class TargetDead(TargetError):
         self.command_started = command_started
 
 
+class TargetPanicked(TargetDead):
+    """The target died because its kernel (or EL2) panicked: the console's first panic line says where."""
+
+    exit_code = ExitCode.PANIC
+
+    def __init__(self, command: str, panic_line: str) -> None:
+        super().__init__(f"the target panicked during `{command}`: {panic_line}",
+                         hint="the console log in the run directory has the whole trace")
+        self.panic_line = panic_line
+
+
 @dataclass(frozen=True)
 class DmesgMark:
     lines: int     # dmesg lines that existed when the mark was taken

@@ -13,7 +13,7 @@ from harness.boot import check_started, crashed, wait_ready
 from harness.errors import ExitCode
 from harness.image.initramfs import READY_MARKER
 from harness.image.keys import GuestKeys
-from harness.targets.base import CommandResult, TargetDead, TargetError
+from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError, TargetPanicked
 from harness.targets.console import ConsoleShell
 from harness.targets.qemu import QemuMachine, QemuSpec, free_port
 from harness.targets.shell import ShellHelpers
@@ -21,6 +21,7 @@ from harness.targets.ssh import SshParams, SshSession
 
 TRANSPORTS = ("console", "ssh")
 _CHUNK = 48 * 1024   # bytes per console upload command (base64 lines stay short)
+PANIC_KINDS = {p.kind for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC}
 
 
 class BootFailed(TargetError):
@@ -133,6 +134,21 @@ class QemuTarget(ShellHelpers):
         return verdict.judge(self.console_text(), ready_marker=READY_MARKER)
 
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        try:
+            return self._run(cmd, timeout)
+        except (CommandTimeout, TargetDead) as e:
+            if isinstance(e, CommandTimeout) and e.target_alive:
+                raise
+            # A dead target is most often a panicked kernel or hypervisor: say so, with its line.
+            # Over SSH nobody reads the console meanwhile: collect what it printed first.
+            if self.ssh and self.machine and self.machine.console:
+                self.machine.console.drain(3)
+            panics = [ev for ev in self.verdict().events if ev.kind in PANIC_KINDS]
+            if panics:
+                raise TargetPanicked(cmd, panics[0].line) from e
+            raise
+
+    def _run(self, cmd: str, timeout: float) -> CommandResult:
         if self.machine is None or self.shell is None:
             raise TargetError("the QEMU target is not running", hint="it was closed or failed to boot")
         if not self.ssh:

@@ -41,7 +41,9 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, el2, level,
     after = el2.snapshot()
     leaf = leaf_at(after.host_s2, addr)
     assert leaf is not None and leaf.valid, f"{addr:#x} not mapped after the host read it"
-    assert leaf.level == want.leaf_level, f"{addr:#x}: model level {want.leaf_level}, kernel {leaf.describe()}"
+    assert leaf.level == want.leaf_level, (f"{addr:#x}: model level {want.leaf_level} ({want.size:#x} bytes at "
+                                           f"{want.start:#x}), kernel level {leaf.level} ({leaf.size:#x} bytes at "
+                                           f"{leaf.addr:#x}, {leaf.describe()})")
     new = [lf for lf in after.host_s2.leaves if want.start <= lf.addr < want.start + want.size]
     assert (min(lf.addr for lf in new), sum(lf.size for lf in new)) == (want.start, want.size)
     assert all(lf.valid and lf.pa == lf.addr and lf.state == "OWNED" for lf in new)

@@ -156,3 +156,21 @@ def test_a_machine_without_pkvm_is_refused(cache_dir, kernel, tmp_path):
     finally:
         t.close()
     assert not qemu_pids_mentioning(str(tmp_path))
+
+
+@pytest.mark.parametrize("transport", ["console", "ssh"])
+def test_a_command_that_panics_the_host_names_the_panic(cache_dir, kernel, tmp_path, transport):
+    """The host reads the hyp carveout: EL2 BUG()s, the host panics. The command's error must be
+    the panic (exit code 3, its console line), not a bare timeout."""
+    from harness.errors import ExitCode
+    from harness.targets.base import TargetPanicked
+
+    req = pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True)
+    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
+    spec = replace(pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, tmp_path), no_reboot=True)
+    with QemuTarget(spec, tmp_path, transport=transport, keys=ensure_keys(cache_dir)) as t:
+        base = int(t.run("dmesg | sed -n 's/.*Reserved [0-9]* MiB at \\(0x[0-9a-f]*\\).*/\\1/p'").check().stdout, 16)
+        with pytest.raises(TargetPanicked, match=r"nVHE hyp BUG at: arch/arm64/kvm/hyp/nvhe/mem_protect\.c") as e:
+            t.run(f"devmem {base:#x} 64", timeout=20)
+        assert e.value.exit_code == ExitCode.PANIC
+    assert not qemu_pids_mentioning(str(tmp_path))

@@ -1,7 +1,8 @@
-"""A kernel with a deliberately broken allocator (tests/patches/page_alloc-head-insertion.patch:
+"""A kernel with a deliberately broken allocator (tests/mutants/01-free-list-head-insertion.patch:
 freed blocks go to the head of their free list, not the tail). Replay must name the first
-operation where the kernel and the model part. Marked slow: it builds a second kernel (a cold
-build, ~9 minutes on 2 cores); run it with `make test-slow`."""
+operation where the kernel and the model part. Marked slow: it builds a patched kernel (in the
+re-patched tree shared with `make test-mutants`: cold the first time, ~9 minutes on 2 cores,
+then incremental); run it with `make test-slow`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from harness import pipeline
 from harness.image.payloads import GUEST_DIR
 
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "page_alloc-head-insertion.patch"
+PATCH = Path(__file__).resolve().parents[1] / "mutants" / "01-free-list-head-insertion.patch"
 
 
 @pytest.mark.slow

@@ -1,3 +1,4 @@
+import os
 import subprocess
 
 import pytest
@@ -106,22 +107,50 @@ def test_atomic_dir_leaves_nothing_behind_on_failure(tmp_path):
     assert (final / "Image").read_bytes() == b"whole"
 
 
-def test_patches_apply_to_a_copy_and_change_the_identity(tmp_path):
+def test_patches_apply_to_one_repatched_copy_and_change_the_identity(tmp_path):
     tree = _linux_tree(tmp_path / "linux")
     target = tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c"
     patch = tmp_path / "fix.patch"
     patch.write_text("--- a/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n+++ b/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n"
                      "@@ -1 +1 @@\n-// buddy\n+// buddy, patched\n")
+    other = tmp_path / "other.patch"
+    other.write_text(patch.read_text().replace("patched", "mutated"))
     base = source.resolve(tree, tmp_path / "cache")
     patched = source.with_patches(base, [patch], tmp_path / "cache")
     assert patched.identity.startswith(base.identity + "+patches:") and patched.tree != base.tree
-    assert (patched.tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").read_text() == "// buddy, patched\n"
+    assert patched.userspace_identity == base.identity            # kernel-only: payloads are shared
+    copy = patched.tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c"
+    patched.checkout()
+    assert copy.read_text() == "// buddy, patched\n"
     assert target.read_text() == "// buddy\n"                       # the user's tree is untouched
-    assert source.with_patches(base, [patch], tmp_path / "cache") == patched    # reused
+    mutated = source.with_patches(base, [other], tmp_path / "cache")
+    assert mutated.tree == patched.tree and mutated.identity != patched.identity   # one tree, one O= dir
+    mutated.checkout()
+    assert copy.read_text() == "// buddy, mutated\n" and target.read_text() == "// buddy\n"
+    patched.checkout()
+    assert copy.read_text() == "// buddy, patched\n"
     bad = tmp_path / "bad.patch"
     bad.write_text(patch.read_text().replace("-// buddy\n", "-// something else\n"))
     with pytest.raises(source.UsageError, match="does not apply"):
-        source.with_patches(base, [bad], tmp_path / "cache")
+        source.with_patches(base, [bad], tmp_path / "cache")          # refused before any build
+    assert copy.read_text() == "// buddy, patched\n"                 # and the shared tree is as it was
     entries = list((tmp_path / "cache" / "src").iterdir())
     assert not any(p.name.endswith(".tmp") for p in entries)           # nothing half-written
     assert [p.name for p in entries if p.name.startswith("patched-")] == [patched.tree.parent.name]
+
+
+def test_restored_files_get_a_new_mtime_so_kbuild_rebuilds_them(tmp_path):
+    tree = _linux_tree(tmp_path / "linux")
+    patch = tmp_path / "fix.patch"
+    patch.write_text("--- a/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n+++ b/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n"
+                     "@@ -1 +1 @@\n-// buddy\n+// buddy, patched\n")
+    base = source.resolve(tree, tmp_path / "cache")
+    patched = source.with_patches(base, [patch], tmp_path / "cache")
+    patched.checkout()
+    copy = patched.tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c"
+    os.utime(copy, (1, 1))
+    empty = tmp_path / "empty.patch"
+    empty.write_text("--- a/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n+++ b/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n"
+                     "@@ -1 +1 @@\n-// buddy\n+// buddy\n")
+    source.with_patches(base, [empty], tmp_path / "cache").checkout()
+    assert copy.read_text() == "// buddy\n" and copy.stat().st_mtime > 1

@@ -1,0 +1,64 @@
+"""Proof that the suites catch real EL2 memory bugs: each patch in tests/mutants/ is built (in
+the one re-patched tree, so incrementally) and the boot, allocator and stage2 suites run on it.
+Each mutant must fail them, with a message that matches its `Expect:` line. The stock kernel
+must pass the same suites first, or a "catch" would mean nothing. `make test-mutants`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mutants.mutants import catalogue, failures
+
+REPO = Path(__file__).resolve().parents[2]
+SUITES = [str(REPO / "test_suites" / s) for s in ("boot", "allocator", "stage2")]
+RESULTS: dict[str, dict] = {}      # mutant -> what caught it, for the table (conftest.py prints it)
+MUTANTS = catalogue()
+
+
+def run_suites(tmp_path: Path, patch: Path | None) -> tuple[int, list, int, str]:
+    junit = tmp_path / "junit.xml"
+    argv = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+            "--run-dir", str(tmp_path / "run"), "--seed", "1"]
+    if patch is not None:
+        argv += ["--patch", str(patch)]
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if not junit.is_file():
+        pytest.fail(f"the suites did not run (exit {r.returncode}): {(r.stdout + r.stderr)[-800:]}")
+    failed, total = failures(junit)
+    return r.returncode, failed, total, r.stdout[-3000:]
+
+
+@pytest.mark.mutant
+def test_the_stock_kernel_passes_the_suites(tmp_path):
+    code, failed, total, out = run_suites(tmp_path, None)
+    assert code == 0 and failed == [] and total > 10, out
+
+
+@pytest.mark.mutant
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
+def test_the_suites_catch_the_mutant(tmp_path, mutant):
+    code, failed, total, out = run_suites(tmp_path, mutant.path)
+    RESULTS[mutant.name] = {"bug": mutant.bug, "caught_by": sorted({f.test for f in failed}), "tests": total,
+                            "pointed": any(mutant.expect.search(f.message) for f in failed)}
+    assert failed, f"{mutant.name} passed every suite ({total} tests): not caught\n{out}"
+    assert code != 0
+    assert RESULTS[mutant.name]["pointed"], (
+        f"{mutant.name} was caught, but no failure message matches /{mutant.expect.pattern}/:\n"
+        + "\n---\n".join(f"{f.test}: {f.message[:600]}" for f in failed))
+
+
+def write_table(path: Path) -> str:
+    lines = ["| mutant | caught by | points at the bug |", "|---|---|---|"]
+    for name, r in RESULTS.items():
+        caught = "<br>".join(r["caught_by"]) or "**not caught**"
+        lines.append(f"| {name} | {caught} | {'yes' if r['pointed'] else 'no'} |")
+    table = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(table)
+    path.with_suffix(".json").write_text(json.dumps(RESULTS, indent=2) + "\n")
+    return table

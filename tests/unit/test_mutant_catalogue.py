@@ -1,0 +1,29 @@
+"""The mutant catalogue is well formed: at least six, each a one-file EL2 change with a bug
+description and a compilable Expect pattern."""
+
+import re
+
+from harness.kernel.source import patched_files
+from tests.mutants.mutants import catalogue, failures
+
+EL2 = "arch/arm64/kvm/hyp/nvhe/"
+
+
+def test_six_or_more_mutants_each_touching_el2_memory_code():
+    mutants = catalogue()
+    assert len(mutants) >= 6
+    assert len({m.name for m in mutants}) == len(mutants)
+    for m in mutants:
+        files = patched_files(m.path)
+        assert files and all(f.startswith(EL2) for f in files), (m.name, files)
+        assert len(m.bug) > 40 and isinstance(m.expect, re.Pattern)
+
+
+def test_junit_failures_are_read_with_their_messages(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="test_suites.stage2.test_stage2" name="test_a">'
+                   '<failure message="AssertionError: model level 2, kernel level 3">trace</failure></testcase>'
+                   '<testcase classname="test_suites.boot.test_boot" name="test_b"/></testsuite></testsuites>')
+    failed, total = failures(xml)
+    assert total == 2 and [f.test for f in failed] == ["stage2/test_stage2::test_a"]
+    assert "model level 2" in failed[0].message and "trace" in failed[0].message
