@@ -9,8 +9,25 @@ import time
 from harness.targets.base import CommandResult, Target, TargetError
 
 
-def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0) -> str:
-    return f"--vms {vms} --vcpus {vcpus} --pages {pages}" + (f" --hold {hold}" if hold else "")
+def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0, stride: int = 1,
+               slots: tuple[tuple[int, int, int], ...] = ()) -> str:
+    """pkvm_guest's command line; `slots`: extra memslots as (GPA, pages, stride)."""
+    out = f"--vms {vms} --vcpus {vcpus} --pages {pages}"
+    out += f" --stride {stride}" if stride != 1 else ""
+    out += "".join(f" --slot {gpa:#x}:{n}:{k}" for gpa, n, k in slots)
+    return out + (f" --hold {hold}" if hold else "")
+
+
+def touch_phys(target: Target, binary: str, addrs: list[int]) -> dict[int, str]:
+    """Read each physical address through /dev/mem on the target: {address: "value=0x..." or
+    "error=..."}. The host stage-2 maps what was not mapped (the read faults to EL2 first)."""
+    out = run_guests(target, binary, "--vms 0" + "".join(f" --phys {a:#x}" for a in addrs)).stdout
+    got = {}
+    for line in out.splitlines():
+        if line.startswith("phys=0x"):
+            addr, result = line.split(None, 1)
+            got[int(addr[5:], 16)] = result
+    return got
 
 
 def run_guests(target: Target, binary: str, args: str, timeout: float = 300.0) -> CommandResult:
@@ -25,17 +42,20 @@ class BackgroundGuests:
     def __init__(self, target: Target, binary: str, args: str) -> None:
         self.target = target
         self.log = f"/tmp/pkvm-guest-{secrets.token_hex(4)}.log"
-        target.run(f"{binary} {args} > {self.log} 2>&1 &").check()
+        self.pid = int(target.run(f"{binary} {args} > {self.log} 2>&1 & echo $!").check().stdout.strip())
 
     def output(self) -> str:
         return self.target.run(f"cat {self.log}").stdout
 
     def wait(self, word: str, timeout: float = 120.0) -> str:
+        """Until a line starts with `word`; for "done", also until the process has exited (its
+        last files closed: every VM torn down at EL2)."""
         deadline = time.monotonic() + timeout
         while True:
             out = self.output()
             if any(line.startswith(word) for line in out.splitlines()):
-                return out
+                if word != "done" or not self.target.run(f"kill -0 {self.pid} 2>/dev/null").ok:
+                    return out
             if "error=" in out or "usage" in out:
                 raise TargetError(f"pkvm_guest failed: {out.strip().splitlines()[-1]}")
             if time.monotonic() > deadline:

@@ -1,20 +1,33 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * pkvm_guest: run tiny guests on a pKVM host so that EL2 creates, maps and tears down VMs.
+ * pkvm_guest: run tiny guests on a pKVM host so that EL2 creates, maps and tears down VMs, and
+ * touch chosen physical addresses through /dev/mem so that EL2 maps them in the host stage-2.
  *
- *   pkvm_guest [--vms N] [--vcpus V] [--pages P] [--hold SECONDS]
+ *   pkvm_guest [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]...
+ *              [--hold SECONDS] [--phys ADDR]...
  *
- * Each VM has one memslot of P pages at GUEST_BASE and V vCPUs. Every vCPU runs the same code:
- * it stores to each of the P-1 data pages (so each page is faulted into the guest stage-2),
- * then stores to an unmapped address, which exits to the host as MMIO. In 6.12 the hyp VM is
- * created at EL2 on the first KVM_RUN, so after "ready" every VM is in EL2's vm_table.
- * The VMs are kept for --hold seconds, then closed (EL2 tears them down).
+ * Each VM has memslot 0 of P pages at GUEST_BASE (page 0 holds the code and a table of what to
+ * touch), any --slot memslots, and V vCPUs. Every vCPU runs the same code: it stores to every
+ * S-th data page of slot 0 and every STRIDE-th page of each --slot (so each is faulted into the
+ * guest stage-2), then stores to an unmapped address, which exits to the host as MMIO. The host
+ * then checks that exactly those pages were written. In 6.12 the hyp VM is created at EL2 on the
+ * first KVM_RUN, so after "ready" every VM is in EL2's vm_table. The VMs are kept for --hold
+ * seconds, then closed with all their vCPUs (EL2 tears each down before "done").
+ * --phys reads 4 bytes at each physical address through an uncached /dev/mem mapping (the host
+ * stage-2 maps it on the fault); an address with nothing behind it ends in SIGBUS, reported.
+ * --vms 0 runs no VM (--phys only).
  *
- * Output, one record per line: "vm=I vcpu=J exit=mmio addr=0x...", "ready vms=N", "done".
- * Exit status: 0 ok, 1 a KVM call failed (the line "error=..." says which), 2 bad usage.
+ * Output, one record per line:
+ *   "phys=0x... value=0x..." or "phys=0x... error=..."
+ *   "vm=I vcpu=J exit=mmio addr=0x...", "vm=I slot=K touched=T expected=E",
+ *   "ready vms=N", "done"
+ * Exit status: 0 ok, 1 a KVM call failed or a page was not touched as asked (the line
+ * "error=..." says which), 2 bad usage.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stddef.h>
 #include <linux/kvm.h>
 #include <stdint.h>
@@ -28,18 +41,33 @@
 #define PAGE 4096UL
 #define GUEST_BASE 0x40000000UL
 #define MMIO_ADDR 0x10000000UL
+#define TABLE_OFFSET 0x100UL
 #define MAX_VMS 64
 #define MAX_VCPUS 64
+#define MAX_SLOTS 8
+#define MAX_PHYS 64
 
-/* x0 = first data page, x1 = data pages, x2 = MMIO address */
+/*
+ * x4 = table of {first page GPA, count, stride in bytes}, ended by count 0; x2 = MMIO address.
+ * Each touched page gets the (non-zero) countdown value.
+ */
 static const uint32_t guest_code[] = {
-	0xB40000A1, /* loop: cbz  x1, out          */
-	0xF9000001, /*       str  x1, [x0]         */
-	0x91400400, /*       add  x0, x0, #4096    */
-	0xD1000421, /*       sub  x1, x1, #1       */
-	0x17FFFFFC, /*       b    loop             */
-	0xF900005F, /* out:  str  xzr, [x2]        */
-	0x14000000, /*       b    .                */
+	0xA8C10480, /* next: ldp  x0, x1, [x4], #16   */
+	0xB40000E1, /*       cbz  x1, out              */
+	0xF8408483, /*       ldr  x3, [x4], #8         */
+	0xF9000001, /* loop: str  x1, [x0]             */
+	0x8B030000, /*       add  x0, x0, x3           */
+	0xF1000421, /*       subs x1, x1, #1           */
+	0x54FFFFA1, /*       b.ne loop                 */
+	0x17FFFFF9, /*       b    next                 */
+	0xF900005F, /* out:  str  xzr, [x2]            */
+	0x14000000, /*       b    .                    */
+};
+
+struct slot {
+	uint64_t gpa;
+	unsigned long pages, stride;
+	void *mem;
 };
 
 static int fail(const char *what)
@@ -59,7 +87,7 @@ static int set_reg(int vcpu, uint64_t id, uint64_t value)
 
 /* Create and initialise a vCPU; pKVM sizes the hyp VM on the first KVM_RUN, so every vCPU
  * must exist before any of them runs. */
-static int create_vcpu(int vm, int index, unsigned long pages)
+static int create_vcpu(int vm, int index)
 {
 	struct kvm_vcpu_init init;
 	int vcpu;
@@ -70,9 +98,8 @@ static int create_vcpu(int vm, int index, unsigned long pages)
 	if (ioctl(vm, KVM_ARM_PREFERRED_TARGET, &init) || ioctl(vcpu, KVM_ARM_VCPU_INIT, &init))
 		return -fail("KVM_ARM_VCPU_INIT");
 	if (set_reg(vcpu, CORE_REG(regs.pc), GUEST_BASE) ||
-	    set_reg(vcpu, CORE_REG(regs.regs[0]), GUEST_BASE + PAGE) ||
-	    set_reg(vcpu, CORE_REG(regs.regs[1]), pages - 1) ||
-	    set_reg(vcpu, CORE_REG(regs.regs[2]), MMIO_ADDR))
+	    set_reg(vcpu, CORE_REG(regs.regs[2]), MMIO_ADDR) ||
+	    set_reg(vcpu, CORE_REG(regs.regs[4]), GUEST_BASE + TABLE_OFFSET))
 		return -fail("KVM_SET_ONE_REG");
 	return vcpu;
 }
@@ -98,11 +125,94 @@ static int run_vcpu(int kvm, int vcpu, int index, int vm_index)
 	return 0;
 }
 
+/* Which pages of a slot the guest wrote: exactly every stride-th one from `first`. */
+static int check_touched(int vm_index, int k, const struct slot *s, unsigned long first)
+{
+	unsigned long i, touched = 0, expected = 0, wrong = 0;
+
+	for (i = first; i < s->pages; i++) {
+		int want = (i - first) % s->stride == 0;
+		int got = *(volatile uint64_t *)((char *)s->mem + i * PAGE) != 0;
+
+		expected += want;
+		touched += got;
+		wrong += want != got;
+	}
+	printf("vm=%d slot=%d touched=%lu expected=%lu\n", vm_index, k, touched, expected);
+	if (wrong) {
+		printf("error=vm %d slot %d: %lu pages touched other than asked\n", vm_index, k, wrong);
+		return 1;
+	}
+	return 0;
+}
+
+static sigjmp_buf bus_jump;
+
+static void on_sigbus(int sig)
+{
+	(void)sig;
+	siglongjmp(bus_jump, 1);
+}
+
+static void touch_phys(const unsigned long *addrs, int n)
+{
+	struct sigaction sa = { .sa_handler = on_sigbus };
+	int fd, i;
+
+	sigaction(SIGBUS, &sa, NULL);
+	fd = open("/dev/mem", O_RDONLY | O_SYNC);
+	if (fd < 0) {
+		printf("phys=all error=open /dev/mem: %s\n", strerror(errno));
+		return;
+	}
+	for (i = 0; i < n; i++) {
+		unsigned long base = addrs[i] & ~(PAGE - 1);
+		volatile uint32_t *p;
+		void *map;
+
+		map = mmap(NULL, PAGE, PROT_READ, MAP_SHARED, fd, base);
+		if (map == MAP_FAILED) {
+			printf("phys=0x%lx error=mmap: %s\n", addrs[i], strerror(errno));
+			continue;
+		}
+		p = (volatile uint32_t *)((char *)map + (addrs[i] & (PAGE - 1) & ~3UL));
+		if (sigsetjmp(bus_jump, 1) == 0)
+			printf("phys=0x%lx value=0x%x\n", addrs[i], *p);
+		else
+			printf("phys=0x%lx error=SIGBUS\n", addrs[i]);
+		munmap(map, PAGE);
+	}
+	close(fd);
+}
+
+static int parse_slot(const char *arg, struct slot *s)
+{
+	char *end;
+
+	s->gpa = strtoull(arg, &end, 0);
+	if (*end != ':')
+		return -1;
+	s->pages = strtoul(end + 1, &end, 0);
+	s->stride = 1;
+	if (*end == ':')
+		s->stride = strtoul(end + 1, &end, 0);
+	return (*end || !s->pages || !s->stride || s->gpa % PAGE) ? -1 : 0;
+}
+
+static int usage(const char *prog)
+{
+	fprintf(stderr, "usage: %s [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]... "
+		"[--hold SECONDS] [--phys ADDR]...\n", prog);
+	return 2;
+}
+
 int main(int argc, char **argv)
 {
-	int nvms = 1, nvcpus = 1, hold = 0, vms[MAX_VMS], vcpus[MAX_VCPUS];
-	unsigned long pages = 4;
-	int kvm, i, j;
+	int nvms = 1, nvcpus = 1, hold = 0, nslots = 1, nphys = 0, vms[MAX_VMS], vcpus[MAX_VMS][MAX_VCPUS];
+	unsigned long phys[MAX_PHYS];
+	struct slot slots[MAX_SLOTS] = { { .gpa = GUEST_BASE, .pages = 4, .stride = 1 } };
+	static void *mems[MAX_VMS][MAX_SLOTS];
+	int kvm = -1, i, j, k;
 
 	for (i = 1; i < argc; i++) {
 		if (i + 1 < argc && !strcmp(argv[i], "--vms"))
@@ -110,53 +220,86 @@ int main(int argc, char **argv)
 		else if (i + 1 < argc && !strcmp(argv[i], "--vcpus"))
 			nvcpus = atoi(argv[++i]);
 		else if (i + 1 < argc && !strcmp(argv[i], "--pages"))
-			pages = strtoul(argv[++i], NULL, 0);
+			slots[0].pages = strtoul(argv[++i], NULL, 0);
+		else if (i + 1 < argc && !strcmp(argv[i], "--stride"))
+			slots[0].stride = strtoul(argv[++i], NULL, 0);
 		else if (i + 1 < argc && !strcmp(argv[i], "--hold"))
 			hold = atoi(argv[++i]);
-		else {
-			fprintf(stderr, "usage: %s [--vms N] [--vcpus V] [--pages P] [--hold SECONDS]\n", argv[0]);
-			return 2;
-		}
+		else if (i + 1 < argc && !strcmp(argv[i], "--slot") && nslots < MAX_SLOTS) {
+			if (parse_slot(argv[++i], &slots[nslots++]))
+				return usage(argv[0]);
+		} else if (i + 1 < argc && !strcmp(argv[i], "--phys") && nphys < MAX_PHYS)
+			phys[nphys++] = strtoul(argv[++i], NULL, 0);
+		else
+			return usage(argv[0]);
 	}
-	if (nvms < 1 || nvms > MAX_VMS || nvcpus < 1 || nvcpus > MAX_VCPUS || pages < 2) {
-		fprintf(stderr, "need 1 <= vms <= %d, 1 <= vcpus <= %d, pages >= 2\n", MAX_VMS, MAX_VCPUS);
+	if (nvms < 0 || nvms > MAX_VMS || nvcpus < 1 || nvcpus > MAX_VCPUS || slots[0].pages < 2 ||
+	    !slots[0].stride) {
+		fprintf(stderr, "need 0 <= vms <= %d, 1 <= vcpus <= %d, pages >= 2, stride >= 1\n", MAX_VMS, MAX_VCPUS);
 		return 2;
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		return fail("open /dev/kvm");
+	if (nphys)
+		touch_phys(phys, nphys);
+	if (nvms) {
+		kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+		if (kvm < 0)
+			return fail("open /dev/kvm");
+	}
 	for (i = 0; i < nvms; i++) {
-		struct kvm_userspace_memory_region slot;
-		void *mem;
+		uint64_t *table;
 
 		vms[i] = ioctl(kvm, KVM_CREATE_VM, 0);
 		if (vms[i] < 0)
 			return fail("KVM_CREATE_VM");
-		mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (mem == MAP_FAILED)
-			return fail("mmap guest memory");
-		memcpy(mem, guest_code, sizeof(guest_code));
-		slot = (struct kvm_userspace_memory_region){
-			.slot = 0, .guest_phys_addr = GUEST_BASE, .memory_size = pages * PAGE,
-			.userspace_addr = (uint64_t)mem,
-		};
-		if (ioctl(vms[i], KVM_SET_USER_MEMORY_REGION, &slot))
-			return fail("KVM_SET_USER_MEMORY_REGION");
+		for (k = 0; k < nslots; k++) {
+			struct kvm_userspace_memory_region region;
+
+			slots[k].mem = mmap(NULL, slots[k].pages * PAGE, PROT_READ | PROT_WRITE,
+					    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (slots[k].mem == MAP_FAILED)
+				return fail("mmap guest memory");
+			mems[i][k] = slots[k].mem;
+			region = (struct kvm_userspace_memory_region){
+				.slot = k, .guest_phys_addr = slots[k].gpa, .memory_size = slots[k].pages * PAGE,
+				.userspace_addr = (uint64_t)slots[k].mem,
+			};
+			if (ioctl(vms[i], KVM_SET_USER_MEMORY_REGION, &region))
+				return fail("KVM_SET_USER_MEMORY_REGION");
+		}
+		/* Page 0 of slot 0: the code, then {first GPA, count, stride bytes} per slot, then 0s. */
+		memcpy(slots[0].mem, guest_code, sizeof(guest_code));
+		table = (uint64_t *)((char *)slots[0].mem + TABLE_OFFSET);
+		for (k = 0; k < nslots; k++) {
+			unsigned long first = k == 0 ? 1 : 0;
+
+			*table++ = slots[k].gpa + first * PAGE;
+			*table++ = (slots[k].pages - first + slots[k].stride - 1) / slots[k].stride;
+			*table++ = slots[k].stride * PAGE;
+		}
 		for (j = 0; j < nvcpus; j++) {
-			vcpus[j] = create_vcpu(vms[i], j, pages);
-			if (vcpus[j] < 0)
+			vcpus[i][j] = create_vcpu(vms[i], j);
+			if (vcpus[i][j] < 0)
 				return 1;
 		}
 		for (j = 0; j < nvcpus; j++)
-			if (run_vcpu(kvm, vcpus[j], j, i))
+			if (run_vcpu(kvm, vcpus[i][j], j, i))
+				return 1;
+		for (k = 0; k < nslots; k++)
+			if (check_touched(i, k, &slots[k], k == 0 ? 1 : 0))
 				return 1;
 	}
 	printf("ready vms=%d\n", nvms);
 	if (hold > 0)
 		sleep(hold);
-	for (i = 0; i < nvms; i++)
+	/* A VM is destroyed when its last file goes: close the vCPUs first, so "done" follows teardown. */
+	for (i = 0; i < nvms; i++) {
+		for (j = 0; j < nvcpus; j++)
+			close(vcpus[i][j]);
 		close(vms[i]);
+		for (k = 0; k < nslots; k++)
+			munmap(mems[i][k], slots[k].pages * PAGE);
+	}
 	printf("done\n");
 	return 0;
 }

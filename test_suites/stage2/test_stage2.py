@@ -8,19 +8,15 @@ import pytest
 from harness.el2.memory import MASK64
 from harness.model.invariants import run_checks
 from harness.model.stage2 import Region, leaf_at, predict_from_tables, untouched_by_leaf_level
-from harness.targets.guests import BackgroundGuests, guest_args
+from harness.targets.guests import BackgroundGuests, guest_args, touch_phys
 
 pytestmark = pytest.mark.needs_el2
 
 PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: nothing maps it at boot
 
 
-def _touch(target, addr: int) -> None:
-    target.run(f"devmem {addr:#x} 32").check()
-
-
 @pytest.mark.parametrize("level,size", [(1, "1 GiB"), (2, "2 MiB"), (3, "4 KiB")])
-def test_a_host_touch_installs_the_leaves_the_model_predicts(target, el2, level, size):
+def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el2, level, size):
     before = el2.snapshot()
     regions = [Region(base, length) for base, length, _ in before.memblocks]
     version = tuple(el2.kernel.version_tuple[:2])
@@ -37,7 +33,7 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, el2, level,
     want = predict_from_tables(addr, regions, before.host_s2, version)
     if leaf_at(before.host_s2, addr) is not None:
         pytest.skip(f"{addr:#x} is mapped already (an earlier test touched it)")
-    _touch(target, addr)
+    assert touch_phys(target, payload("pkvm_guest"), [addr])[addr].startswith("value=")
     after = el2.snapshot()
     leaf = leaf_at(after.host_s2, addr)
     assert leaf is not None and leaf.valid, f"{addr:#x} not mapped after the host read it"
