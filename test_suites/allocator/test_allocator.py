@@ -58,10 +58,10 @@ def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, e
     after = el2.snapshot()
     _replayed(box)
     assert box.result.per_pool.get("hpool") and len(box.result.dropped) == 2     # two VM pools, torn down
-    assert after.vms == [] and set(after.pools) == {"hpool", "host_s2_pool"}
-    assert _hpool_free(after) == _hpool_free(before), "hpool pages not given back after the VMs were destroyed"
     findings = run_checks(after)
     assert findings == [], _render(findings)
+    assert after.vms == [] and set(after.pools) == {"hpool", "host_s2_pool"}
+    assert _hpool_free(after) == _hpool_free(before), "hpool pages not given back after the VMs were destroyed"
 
 
 def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
@@ -75,8 +75,10 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
     assert findings == [], _render(findings)
     guests.wait("done")
     after = el2.snapshot()
-    assert after.vms == [] and _hpool_free(after) == _hpool_free(before)
-    assert run_checks(after) == []
+    findings = run_checks(after)
+    assert findings == [], _render(findings)
+    assert after.vms == []
+    assert _hpool_free(after) == _hpool_free(before), "hpool free pages per order not back to the baseline"
 
 
 def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
@@ -97,5 +99,6 @@ def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, 
     print("steps: " + " | ".join(steps))
     _replayed(box)
     after = el2.snapshot()
+    findings = run_checks(after)
+    assert findings == [], f"seed {seed}: " + _render(findings)
     assert after.vms == [] and _hpool_free(after) == _hpool_free(before), f"seed {seed}"
-    assert run_checks(after) == [], f"seed {seed}"

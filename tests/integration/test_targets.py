@@ -3,6 +3,7 @@ real paramiko), and the SSH bad-input cases against the guest's real SSH server.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from harness import pipeline
 from harness.image.initramfs import build_initramfs
 from harness.image.keys import ensure_keys
-from harness.image.payloads import build_payloads
+from harness.image.payloads import build_payloads, selftest_lines
 from harness.targets.base import TargetError
 from harness.targets.qemu_target import QemuTarget
 from harness.targets.ssh import SshParams, SshTarget
@@ -88,6 +89,23 @@ def test_smoke_suite_as_a_board_run(guest, cache_dir, tmp_path):
     assert "8 passed, 2 skipped" in r.stdout                 # needs_qemu and needs_el2 skip on a board
     uploaded = guest.run("ls /tmp/pkvm-harness/bin /tmp/pkvm-harness/bin/kvm-selftests").check().stdout
     assert "kvm_caps" in uploaded and "kvm_create_max_vcpus" in uploaded
+
+
+def test_nightly_suites_as_a_board_run(guest, cache_dir, tmp_path):
+    """On a board the suites that need no EL2 access run (boot, kvm_selftests with their KTAP
+    subtests); the EL2 ones (allocator, stage2, the sizing check) skip, each with its reason."""
+    kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
+    r = subprocess.run([sys.executable, "-m", "pytest", *[str(REPO / "test_suites" / s) for s in
+                                                         ("boot", "allocator", "stage2", "kvm_selftests")],
+                        "-q", "-rs", "-p", "no:cacheprovider", "--target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
+                        "--ssh-key", str(ensure_keys(cache_dir).client_private), "--ssh-known-hosts", str(kh),
+                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    passed, skipped = (int(re.search(rf"(\d+) {w}", summary).group(1)) for w in ("passed", "skipped"))
+    assert passed >= 2 + len(selftest_lines()) and skipped >= 1 + 6 + 5, summary
+    assert "subtests passed" in summary                     # KTAP selftests report per subtest
+    assert "needs_el2: the target is ssh://" in r.stdout
 
 
 def test_unknown_host_key_is_refused_unless_accepted(guest, cache_dir, tmp_path):
