@@ -18,10 +18,13 @@ def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0, stri
     return out + (f" --hold {hold}" if hold else "")
 
 
-def touch_phys(target: Target, binary: str, addrs: list[int]) -> dict[int, str]:
-    """Read each physical address through /dev/mem on the target: {address: "value=0x..." or
-    "error=..."}. The host stage-2 maps what was not mapped (the read faults to EL2 first)."""
-    out = run_guests(target, binary, "--vms 0" + "".join(f" --phys {a:#x}" for a in addrs)).stdout
+def touch_phys(target: Target, binary: str, addrs: list[int] = (),
+               ranges: list[tuple[int, int, int]] = ()) -> dict[int, str]:
+    """Read each physical address (and each of `ranges`: (first, count, stride)) through /dev/mem
+    on the target: {address: "value=0x..." or "error=..."}. The host stage-2 maps what was not
+    mapped (the read faults to EL2 first)."""
+    args = "".join(f" --phys {a:#x}" for a in addrs) + "".join(f" --phys {a:#x}:{n}:{k:#x}" for a, n, k in ranges)
+    out = run_guests(target, binary, "--vms 0" + args).stdout
     got = {}
     for line in out.splitlines():
         if line.startswith("phys=0x"):

@@ -4,7 +4,7 @@
  * touch chosen physical addresses through /dev/mem so that EL2 maps them in the host stage-2.
  *
  *   pkvm_guest [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]...
- *              [--hold SECONDS] [--phys ADDR]...
+ *              [--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]...
  *
  * Each VM has memslot 0 of P pages at GUEST_BASE (page 0 holds the code and a table of what to
  * touch), any --slot memslots, and V vCPUs. Every vCPU runs the same code: it stores to every
@@ -15,6 +15,7 @@
  * seconds, then closed with all their vCPUs (EL2 tears each down before "done").
  * --phys reads 4 bytes at each physical address through an uncached /dev/mem mapping (the host
  * stage-2 maps it on the fault); an address with nothing behind it ends in SIGBUS, reported.
+ * ADDR:COUNT:STRIDE reads COUNT addresses STRIDE bytes apart.
  * --vms 0 runs no VM (--phys only).
  *
  * Output, one record per line:
@@ -45,7 +46,7 @@
 #define MAX_VMS 64
 #define MAX_VCPUS 64
 #define MAX_SLOTS 8
-#define MAX_PHYS 64
+#define MAX_PHYS 8192
 
 /*
  * x4 = table of {first page GPA, count, stride in bytes}, ended by count 0; x2 = MMIO address.
@@ -202,14 +203,14 @@ static int parse_slot(const char *arg, struct slot *s)
 static int usage(const char *prog)
 {
 	fprintf(stderr, "usage: %s [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]... "
-		"[--hold SECONDS] [--phys ADDR]...\n", prog);
+		"[--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]...\n", prog);
 	return 2;
 }
 
 int main(int argc, char **argv)
 {
 	int nvms = 1, nvcpus = 1, hold = 0, nslots = 1, nphys = 0, vms[MAX_VMS], vcpus[MAX_VMS][MAX_VCPUS];
-	unsigned long phys[MAX_PHYS];
+	static unsigned long phys[MAX_PHYS];
 	struct slot slots[MAX_SLOTS] = { { .gpa = GUEST_BASE, .pages = 4, .stride = 1 } };
 	static void *mems[MAX_VMS][MAX_SLOTS];
 	int kvm = -1, i, j, k;
@@ -228,8 +229,21 @@ int main(int argc, char **argv)
 		else if (i + 1 < argc && !strcmp(argv[i], "--slot") && nslots < MAX_SLOTS) {
 			if (parse_slot(argv[++i], &slots[nslots++]))
 				return usage(argv[0]);
-		} else if (i + 1 < argc && !strcmp(argv[i], "--phys") && nphys < MAX_PHYS)
-			phys[nphys++] = strtoul(argv[++i], NULL, 0);
+		} else if (i + 1 < argc && !strcmp(argv[i], "--phys")) {
+			char *end;
+			unsigned long addr = strtoul(argv[++i], &end, 0), count = 1, stride = 0, n;
+
+			if (*end == ':') {
+				count = strtoul(end + 1, &end, 0);
+				if (*end != ':')
+					return usage(argv[0]);
+				stride = strtoul(end + 1, &end, 0);
+			}
+			if (*end || nphys + count > MAX_PHYS)
+				return usage(argv[0]);
+			for (n = 0; n < count; n++)
+				phys[nphys++] = addr + n * stride;
+		}
 		else
 			return usage(argv[0]);
 	}

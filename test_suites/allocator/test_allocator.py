@@ -16,7 +16,8 @@ import random
 import pytest
 
 from harness.model.invariants import run_checks
-from harness.targets.guests import BackgroundGuests, guest_args, run_guests
+from harness.targets.guests import BackgroundGuests, guest_args, run_guests, touch_phys
+from harness.verdict import clean, scan
 
 pytestmark = pytest.mark.needs_el2
 
@@ -102,3 +103,43 @@ def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, 
     findings = run_checks(after)
     assert findings == [], f"seed {seed}: " + _render(findings)
     assert after.vms == [] and _hpool_free(after) == _hpool_free(before), f"seed {seed}"
+
+
+REGION = 1 << 39           # one level-0 entry of the host stage-2: 512 GiB
+
+
+def _pa_bits(target) -> int:
+    config = getattr(getattr(target, "kernel", None), "config", None)
+    return 52 if config is not None and "CONFIG_ARM64_PA_BITS_52=y" in config.read_text() else 48
+
+
+def test_host_s2_pool_pressure_is_relieved_by_unmapping_mmio(target, payload, el2):
+    """Touch MMIO in many empty 512 GiB regions (each costs host_s2_pool one table page: 6.12
+    maps the whole region as 512 1 GiB blocks) until the pool runs dry. The next fault must make
+    EL2 call host_stage2_unmap_dev_all(): every MMIO mapping goes and its tables return to the
+    pool, which rises again; no hyp panic, and every invariant holds."""
+    before = el2.snapshot()
+    free0 = before.pools["host_s2_pool"].free_pages
+    first = 2                                          # regions 0 (RAM, low MMIO) and 1 (PCIe) are in use
+    reachable = (1 << _pa_bits(target)) // REGION - first
+    if reachable < free0 + 64:
+        pytest.skip(f"/dev/mem reaches {reachable} empty 512 GiB regions, host_s2_pool has {free0} free pages: "
+                    "this needs CONFIG_ARM64_PA_BITS_52 (the default fragment's olddefconfig gives it)")
+    batch, seen, region = 64, [free0], first
+    while region < first + free0 + 2 * batch:
+        got = touch_phys(target, payload("pkvm_guest"), ranges=[(region * REGION, batch, REGION)])
+        assert len(got) == batch, "the payload did not report every address"
+        region += batch
+        seen.append(el2.snapshot().pools["host_s2_pool"].free_pages)
+        if seen[-1] > seen[-2]:
+            break
+    print(f"host_s2_pool free pages after each batch of {batch} regions:", seen)
+    assert min(seen) < free0 // 4, f"the pool never ran low: {seen}"
+    assert seen[-1] > seen[-2], f"the pool never rose again (no host_stage2_unmap_dev_all reclaim): {seen}"
+    after = el2.snapshot()
+    mapped = {leaf.addr // REGION for leaf in after.host_s2.leaves if leaf.valid and leaf.addr >= first * REGION}
+    assert len(mapped) < region - first, f"all {region - first} regions still mapped: nothing was reclaimed"
+    events = scan(clean(target.dmesg()))
+    assert events == [], [e.line for e in events]
+    findings = run_checks(after)
+    assert findings == [], _render(findings)
