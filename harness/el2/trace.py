@@ -105,21 +105,22 @@ class Tracer:
     def start(self) -> Snapshot:
         self._gdb = GdbStub(self.gdb_address, self.timeout, log=self.packet_log)
         try:
-            probe = self.reader.snapshot()                  # for the offsets; the machine is stopped
-            self._off = probe.hyp_physvirt_offset
+            # Attaching stops the machine wherever it was, possibly at EL2 inside an allocator
+            # call holding a pool lock (a snapshot would then never succeed) or half-way through
+            # one (it would change a pool after the snapshot without a record): let it run on,
+            # untraced, until no vCPU is at EL2. This snapshot is then both consistent and the
+            # trace's starting point.
+            self._quiesce(self._gdb)
+            self.initial = self.reader.snapshot()
+            self._off = self.initial.hyp_physvirt_offset
             hp = self.reader.kernel.struct("hyp_page")
-            self._vmemmap, self._page_size = probe.vmemmap_va, hp.size
+            self._vmemmap, self._page_size = self.initial.vmemmap_va, hp.size
             self._page_fields = hp.field("refcount"), hp.field("order")
             self._entries = {self.hyp_va(NVHE + f): f for f in FUNCTIONS}
             # The first instruction of each traced function, for passing its breakpoint without a
             # step where it can be executed here (see harness/el2/emulate.py).
             self._first_insn = {va: int.from_bytes(self.reader.mem.read(self.reader.kpa(NVHE + f), 4), "little")
                                 for va, f in self._entries.items()}
-            # A vCPU already at EL2 may be half-way through an allocator call (or in a helper it
-            # calls, such as __hyp_attach_page) and would change a pool after the snapshot
-            # without a record: let the machine run on, untraced, until no vCPU is at EL2.
-            self._quiesce(self._gdb)
-            self.initial = self.reader.snapshot()
             for addr in self._entries:
                 self._gdb.set_breakpoint(addr)
             self._started = time.monotonic()
