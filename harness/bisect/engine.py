@@ -117,8 +117,8 @@ def run_bisect(repo: Path, tree: Path, runner: StepRunner, state: State, *, runs
         for rev, want in ((good, Outcome.GOOD), (bad, Outcome.BAD)):
             got = step(rev)
             if got.outcome != want.value:
-                raise EndsWrong(f"--check-ends: {rev[:12]} was given as {want.value} but is {got.outcome}: {got.reason}",
-                                hint="check the revisions and the test selection (-k)")
+                raise EndsWrong(f"--check-ends: {rev[:12]} was given as {want.value} but is {got.outcome}: "
+                                f"{got.reason}", hint="check the revisions and the test selection (-k)")
     bisect = g.Bisect(tree, good, bad)
     try:
         for _ in range(4096):
