@@ -112,9 +112,84 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("traced_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the shell command to run on the target, after --")
 
+    p = sub.add_parser("bisect", epilog=EPILOG,
+                       help="find the commit that broke EL2: build, boot and run the suites at each step")
+    _common_args(p)
+    p.add_argument("--repo", type=Path, metavar="PATH",
+                   help="the kernel's git repository (never written: the bisect runs in a private worktree)")
+    p.add_argument("--good", metavar="REV", help="a commit where the tests pass")
+    p.add_argument("--bad", metavar="REV", help="a later commit where they fail")
+    p.add_argument("-k", dest="test_expr", metavar="EXPR", help="pytest -k expression selecting the tests")
+    p.add_argument("--suites", default="allocator,stage2", metavar="LIST",
+                   help="test_suites/ to run at each step (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=1, metavar="N",
+                   help="runs per step; the step is bad if any run is bad (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="retries of a run that fails on infrastructure (default: %(default)s)")
+    p.add_argument("--check-ends", action="store_true", help="first confirm that good is good and bad is bad")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted bisect from its run dir")
+    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
+    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT", dest="fragments",
+                   help="extra config fragment (repeatable)")
+    p.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y", help="extra option (repeatable)")
+    p.add_argument("--cpu", default="max", help="QEMU -cpu (default: %(default)s)")
+    p.add_argument("--smp", type=int, default=2, help="vCPUs of the pKVM host (default: %(default)s)")
+    p.add_argument("--mem", default="1024", help="QEMU -m (default: %(default)s)")
+
     p = sub.add_parser("replay", epilog=EPILOG, help="replay a saved trace (trace.jsonl or its run directory)")
     p.add_argument("trace", type=Path, metavar="TRACE")
     return top
+
+
+def cmd_bisect(a: argparse.Namespace) -> int:
+    import json
+
+    from harness import rundir
+    from harness.bisect import git as g
+    from harness.bisect.engine import State, run_bisect
+    from harness.bisect.runner import SuiteStep
+
+    if a.resume:
+        state_file = a.resume / "bisect.json"
+        if not state_file.is_file():
+            raise UsageError(f"{a.resume} holds no bisect.json", hint="pass the run directory of the bisect to resume")
+        state, run_dir = State.load(state_file), a.resume
+        params = state.params
+    else:
+        if not (a.repo and a.good and a.bad):
+            raise UsageError("bisect needs --repo, --good and --bad (or --resume RUN_DIR)",
+                             hint="pkvm-harness bisect --repo ~/linux --good v6.12 --bad HEAD")
+        repo = a.repo.expanduser().resolve()
+        if not (repo / ".git").exists():
+            raise UsageError(f"--repo {a.repo} is not a git repository", hint="pass the root of a kernel git checkout")
+        good, bad = g.resolve(repo, a.good), g.resolve(repo, a.bad)
+        g.check_range(repo, good, bad)
+        run_dir = rundir.create(a.runs_dir)
+        params = {"repo": str(repo), "good": good, "bad": bad, "test_expr": a.test_expr,
+                  "suites": [s for s in a.suites.split(",") if s], "runs": a.runs, "retries": a.retries,
+                  "fragments": a.fragments, "kconfig": a.kconfig, "cpu": a.cpu, "smp": a.smp, "mem": a.mem}
+        state = State.new(run_dir / "bisect.json", **params)
+        state.save()
+    repo = Path(params["repo"])
+    tree = g.worktree_for(repo, a.cache_dir)
+    g.prepare_worktree(repo, tree, params["bad"])
+    runner = SuiteStep(a.cache_dir, run_dir, tuple(params["suites"]), params["test_expr"], params["fragments"],
+                       params["kconfig"], params["cpu"], params["smp"], params["mem"], count=len(state.data["steps"]))
+    print(f"bisecting {params['good'][:12]}..{params['bad'][:12]} in {tree} (state: {state.path})")
+    report = run_bisect(repo, tree, runner, state, runs=params["runs"], retries=params["retries"],
+                        check_ends=a.check_ends and not a.resume)
+    (run_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(f"\n{'step':<4} {'commit':<12} {'verdict':<7} {'seconds':>7}  subject")
+    for i, s in enumerate(report.steps, 1):
+        print(f"{i:<4} {s.rev[:12]:<12} {s.outcome:<7} {s.seconds:>7.1f}  {s.subject[:70]}")
+    if report.first_bad:
+        print(f"\nfirst bad commit: {report.first_bad} {report.subject}\n  {report.reason}")
+        if report.excerpt:
+            print("\n".join("  | " + line for line in report.excerpt.splitlines()[:20]))
+    else:
+        print(f"\n{report.reason}: {', '.join(c[:12] for c in report.candidates)}")
+    print(f"run dir: {run_dir} (bisect.json, report.json, step-*/)")
+    return ExitCode.PASS if report.first_bad else ExitCode.TEST_FAILURE
 
 
 def _kernel_options(a: argparse.Namespace) -> pipeline.KernelOptions:
@@ -259,7 +334,8 @@ def cmd_replay(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
-            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay}
+            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay,
+            "bisect": cmd_bisect}
 
 
 def _terminate(signum: int, frame: object) -> None:

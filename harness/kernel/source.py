@@ -106,9 +106,28 @@ def _from_tree(tree: Path) -> KernelSource:
     version = check_linux_tree(tree)
     if (tree / ".git").exists():
         identity = _git_identity(tree)
+        userspace = _git_userspace_identity(tree, identity)
     else:
-        identity = "tree:" + _tree_listing_hash(tree)
-    return KernelSource(tree=tree, identity=identity, version=version, origin=str(tree))
+        identity = userspace = "tree:" + _tree_listing_hash(tree)
+    return KernelSource(tree=tree, identity=identity, version=version, origin=str(tree),
+                        userspace_identity=userspace)
+
+
+# What the guest payloads are built from: the selftests and tools, and the uapi headers.
+USERSPACE_PATHS = ("tools", "include/uapi", "arch/arm64/include/uapi")
+
+
+def _git_userspace_identity(tree: Path, identity: str) -> str:
+    """The git tree ids of USERSPACE_PATHS: commits that change only the kernel (bisect steps)
+    share one payload build. A dirty tree keeps its full identity."""
+    if "+dirty:" in identity:
+        return identity
+    ids = []
+    for path in USERSPACE_PATHS:
+        r = subprocess.run(["git", "-C", str(tree), "rev-parse", "--verify", "--quiet", f"HEAD:{path}"],
+                           capture_output=True, text=True, env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
+        ids.append(r.stdout.strip() or "-")
+    return "git-userspace:" + hashlib.sha256(" ".join(ids).encode()).hexdigest()[:16]
 
 
 def _git(tree: Path, *args: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The mutant catalogue (tests/mutants/*.patch) and what a suite run on one of them reported.
+"""The mutant catalogue (tests/mutants/*.patch).
 
 A mutant patch opens with a header that `patch` ignores:
     Mutant: <name>
@@ -9,7 +9,6 @@ A mutant patch opens with a header that `patch` ignores:
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +32,3 @@ def catalogue() -> list[Mutant]:
         bug = " ".join(line for line in header if not line.startswith(("Mutant:", "Expect:"))).strip()
         out.append(Mutant(fields["Mutant"], path, bug, re.compile(fields["Expect"])))
     return out
-
-
-@dataclass(frozen=True)
-class Failure:
-    test: str           # e.g. "allocator/test_allocator.py::test_every_invariant_holds_after_boot"
-    message: str
-
-
-def failures(junit_xml: Path) -> tuple[list[Failure], int]:
-    """(failed or errored test cases with their messages, number of test cases) from a JUnit file."""
-    root = ET.parse(junit_xml).getroot()
-    out, total = [], 0
-    for case in root.iter("testcase"):
-        total += 1
-        for bad in [*case.findall("failure"), *case.findall("error")]:
-            name = f"{case.get('classname', '').replace('.', '/')}::{case.get('name')}"
-            out.append(Failure(name.split("test_suites/", 1)[-1], f"{bad.get('message', '')}\n{bad.text or ''}"))
-    return out, total

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mutants.mutants import catalogue, failures
+from harness.junit import failures
+from tests.mutants.mutants import catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 SUITES = [str(REPO / "test_suites" / s) for s in ("boot", "allocator", "stage2")]

@@ -48,6 +48,27 @@ def test_git_identity_tracks_commit_diff_and_untracked_files(tmp_path):
     assert (tree / ".git/index").read_bytes() == index_before                  # never written
 
 
+def test_commits_that_change_only_the_kernel_share_the_userspace_identity(tmp_path):
+    """Bisect steps that touch only kernel code reuse one payload build; a tools/ change does not."""
+    tree = _linux_tree(tmp_path)
+    (tree / "tools").mkdir()
+    (tree / "tools/t.c").write_text("int main(void) { return 0; }\n")
+    _git(tree, "init", "-q")
+
+    def commit(msg):
+        _git(tree, "add", "-A")
+        _git(tree, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", msg)
+        return source.resolve(tree, tmp_path / "cache")
+
+    first = commit("base")
+    (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").write_text("// buddy, changed\n")
+    kernel_only = commit("kernel")
+    (tree / "tools/t.c").write_text("int main(void) { return 1; }\n")
+    tools = commit("tools")
+    assert first.identity != kernel_only.identity
+    assert first.userspace_identity == kernel_only.userspace_identity != tools.userspace_identity
+
+
 def test_plain_tree_identity_changes_with_content(tmp_path):
     tree = _linux_tree(tmp_path)
     first = source.resolve(tree, tmp_path / "cache").identity

@@ -71,3 +71,24 @@ def test_missing_qemu(tmp_path, cmd):
 def test_argparse_errors_use_the_same_code(tmp_path):
     r = cli("run", "--smp", "two", cache=tmp_path / "c")
     assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+def test_bisect_bad_input_is_one_line_with_exit_2(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    for i in range(3):
+        (repo / "f").write_text(str(i))
+        git("add", "-A")
+        git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", f"c{i}")
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    _one_line_usage_error(cli("bisect", "--repo", str(repo), *runs, cache=tmp_path / "c"))
+    r = cli("bisect", "--repo", str(repo), "--good", "HEAD", "--bad", "HEAD~2", *runs, cache=tmp_path / "c")
+    _one_line_usage_error(r)
+    assert "not an ancestor" in r.stderr
+    r = cli("bisect", "--repo", str(repo), "--good", "nope", "--bad", "HEAD", *runs, cache=tmp_path / "c")
+    _one_line_usage_error(r)
+    assert "'nope' is not a commit" in r.stderr
+    _one_line_usage_error(cli("bisect", "--resume", str(tmp_path), cache=tmp_path / "c"))
+    assert not (tmp_path / "runs").exists()                    # nothing half-made

@@ -3,8 +3,9 @@ description and a compilable Expect pattern."""
 
 import re
 
+from harness.junit import failures
 from harness.kernel.source import patched_files
-from tests.mutants.mutants import catalogue, failures
+from tests.mutants.mutants import catalogue
 
 EL2 = "arch/arm64/kvm/hyp/nvhe/"
 
