@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/trace.py
+	$(BIN)/python bench/bisect.py
 
 lint:
 	shellcheck ci/*.sh .ci/run

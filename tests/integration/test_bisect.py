@@ -1,0 +1,43 @@
+"""pkvm-harness bisect on a real kernel history (tests/integration/kernel_history.py): it must
+name the allocator regression, skip the commit that does not build, and leave the repository
+as it was. The first run builds the worktree's kernel cold (about 10 minutes); later steps and
+later runs are incremental. Marked slow: `make test-slow`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+
+import pytest
+
+from tests.integration.conftest import HARNESS, qemu_pids_mentioning
+from tests.integration.kernel_history import kernel_history
+
+
+@pytest.mark.slow
+def test_bisect_names_the_allocator_regression_on_a_real_history(kernel, cache_dir, tmp_path):
+    repo, revs = kernel_history(cache_dir)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    r = subprocess.run([*HARNESS, "bisect", "--repo", str(repo), "--good", revs["base"], "--bad", revs["doc5"],
+                        "--suites", "allocator", "-k", "lifecycles", "--runs-dir", str(tmp_path),
+                        "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["first_bad"] == revs["regression"], r.stdout[-3000:]
+    assert report["subject"].startswith("KVM: arm64: pkvm: put freed pages at the head")
+    assert "the kernel returned" in report["reason"] and "the model predicts" in report["reason"]
+    order = list(revs.values())
+    for step in report["steps"]:
+        i = order.index(step["rev"])
+        want = "skip" if step["rev"] == revs["break"] else ("bad" if i >= order.index(revs["regression"]) else "good")
+        assert step["outcome"] == want, step
+    assert f"first bad commit: {revs['regression']}" in r.stdout
+    seconds = [s["seconds"] for s in report["steps"]]
+    print(f"bisect: {len(seconds)} steps, median {statistics.median(seconds):.0f} s, total {sum(seconds):.0f} s")
+    after = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert after == head and status == "" and "refs/bisect" not in subprocess.run(
+        ["git", "-C", str(repo), "for-each-ref"], capture_output=True, text=True).stdout
+    assert not qemu_pids_mentioning(str(tmp_path))
