@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -50,9 +51,12 @@ def worktree_for(repo: Path, cache_dir: Path) -> Path:
 
 def prepare_worktree(repo: Path, tree: Path, rev: str) -> None:
     if (tree / ".git").exists():
-        git(tree, "bisect", "reset", check=False)
-        git(tree, "checkout", "--detach", "--force", rev)
-        return
+        probe = subprocess.run(["git", "-C", str(tree), "rev-parse", "--git-dir"], capture_output=True)
+        if probe.returncode == 0:
+            git(tree, "bisect", "reset", check=False)
+            git(tree, "checkout", "--detach", "--force", rev)
+            return
+        shutil.rmtree(tree)            # its repository was moved or re-made: check out afresh
     tree.parent.mkdir(parents=True, exist_ok=True)
     git(repo, "worktree", "prune")
     git(repo, "worktree", "add", "--detach", "--force", str(tree), rev, timeout=1800)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -51,10 +52,38 @@ class Console:
 
     def drain(self, seconds: float) -> None:
         """Read whatever arrives for up to `seconds` or until EOF (to finish a panic trace)."""
+        if self._pump is not None:
+            self._pump.join(seconds)        # the pump is reading: wait for it to see EOF
+            return
         try:
             self.child.expect(pexpect.EOF, timeout=seconds)
         except pexpect.TIMEOUT:
             pass
+
+    _pump: threading.Thread | None = None
+
+    def start_pump(self) -> None:
+        """Keep reading the console in the background. For the SSH transport, where nothing
+        else reads it: a full pty would stall the guest's serial output, printk with it."""
+        stop = self._pump_stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                try:
+                    self.child.read_nonblocking(65536, timeout=0.2)
+                except pexpect.TIMEOUT:
+                    continue
+                except (pexpect.EOF, OSError, ValueError):
+                    return
+
+        self._pump = threading.Thread(target=pump, name="console-pump", daemon=True)
+        self._pump.start()
+
+    def stop_pump(self) -> None:
+        if self._pump is not None:
+            self._pump_stop.set()
+            self._pump.join(2)
+            self._pump = None
 
     def close(self) -> None:
         if not self._log.closed:

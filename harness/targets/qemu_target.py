@@ -87,6 +87,7 @@ class QemuTarget(ShellHelpers):
                     if said:
                         e.message += f" (the guest said: {said[-1].strip()[:200]})"
                     raise
+                console.start_pump()
         except BaseException:
             self._shutdown()
             raise
@@ -96,6 +97,8 @@ class QemuTarget(ShellHelpers):
         if self.ssh:
             self.ssh.close()
             self.ssh = None
+        if self.machine and self.machine.console:
+            self.machine.console.stop_pump()
         machine, self.machine = self.machine, None
         if machine is None:
             return

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from harness.kernel import source
 
-COMMITS = [   # (name, file, edit, subject)
+COMMITS = [   # (name, file, edit, subject); "break" sits where git bisect looks first
     ("doc1", "Documentation/virt/kvm/arm/index.rst", "append", "docs: kvm/arm: trailing newline"),
     ("doc2", "README", "append", "README: spacing"),
+    ("doc3", "Documentation/virt/kvm/api.rst", "append", "docs: kvm api: spacing"),
     ("break", "mm/rmap.c", "break", "mm: a commit that does not build"),
     ("fix", "mm/rmap.c", "unbreak", "mm: build again"),
-    ("doc3", "Documentation/virt/kvm/api.rst", "append", "docs: kvm api: spacing"),
     ("regression", "arch/arm64/kvm/hyp/nvhe/page_alloc.c", "head",
      "KVM: arm64: pkvm: put freed pages at the head of the free list"),
     ("doc4", "MAINTAINERS", "append", "MAINTAINERS: spacing"),
@@ -46,8 +46,11 @@ def _edit(path: Path, how: str) -> None:
 def kernel_history(cache_dir: Path) -> tuple[Path, dict[str, str]]:
     root = cache_dir / "bisect-history"
     revs_file = root / "revs.json"
+    plan = [list(c) for c in COMMITS]
     if revs_file.is_file():
-        return root / "repo", json.loads(revs_file.read_text())
+        saved = json.loads(revs_file.read_text())
+        if saved.get("plan") == plan:
+            return root / "repo", saved["revs"]
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     base = source.resolve(None, cache_dir, quiet=True)
@@ -64,5 +67,5 @@ def kernel_history(cache_dir: Path) -> tuple[Path, dict[str, str]]:
         _git(repo, "add", "-A", "-f", rel)
         _git(repo, "commit", "-qm", subject)
         revs[name] = _git(repo, "rev-parse", "HEAD")
-    revs_file.write_text(json.dumps(revs, indent=2) + "\n")
+    revs_file.write_text(json.dumps({"plan": plan, "revs": revs}, indent=2) + "\n")
     return repo, revs

@@ -27,8 +27,10 @@ def test_bisect_names_the_allocator_regression_on_a_real_history(kernel, cache_d
     report = json.loads((run_dir / "report.json").read_text())
     assert report["first_bad"] == revs["regression"], r.stdout[-3000:]
     assert report["subject"].startswith("KVM: arm64: pkvm: put freed pages at the head")
-    assert "the kernel returned" in report["reason"] and "the model predicts" in report["reason"]
+    assert "test_vm_lifecycles" in report["reason"] and "first divergence" in report["reason"]
+    assert "the kernel returned" in report["excerpt"] and "the model predicts" in report["excerpt"]
     order = list(revs.values())
+    assert revs["break"] in [s["rev"] for s in report["steps"]], "the bisect never met the unbuildable commit"
     for step in report["steps"]:
         i = order.index(step["rev"])
         want = "skip" if step["rev"] == revs["break"] else ("bad" if i >= order.index(revs["regression"]) else "good")

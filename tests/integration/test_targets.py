@@ -91,6 +91,17 @@ def test_smoke_suite_as_a_board_run(guest, cache_dir, tmp_path):
     assert "kvm_caps" in uploaded and "kvm_create_max_vcpus" in uploaded
 
 
+def test_the_serial_console_is_read_while_commands_go_over_ssh(guest):
+    """Over SSH nothing else reads the serial console: unread, a full pty would stall the guest's
+    printk. 3,000 kernel lines (about 100 KB) must all reach the console log."""
+    guest.run("for i in $(seq 3000); do echo pkvm-pump-$i > /dev/kmsg; done", timeout=120).check()
+    deadline = time.monotonic() + 20
+    while "pkvm-pump-3000" not in guest.console_text():
+        assert time.monotonic() < deadline, guest.console_text()[-500:]
+        time.sleep(0.2)
+    assert guest.console_text().count("pkvm-pump-") >= 3000
+
+
 def test_nightly_suites_as_a_board_run(guest, cache_dir, tmp_path):
     """On a board the suites that need no EL2 access run (boot, kvm_selftests with their KTAP
     subtests); the EL2 ones (allocator, stage2, the sizing check) skip, each with its reason."""
