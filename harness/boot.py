@@ -18,7 +18,6 @@ _KERNEL_STARTED = "Booting Linux on physical CPU"
 # After a panic line, keep reading this long for the rest of the trace (QEMU exits by itself).
 _PANIC_GRACE = 5.0
 _POWEROFF_DEADLINE = 15.0
-_PANIC_KINDS = {p.kind for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC}
 
 
 @dataclass
@@ -79,7 +78,7 @@ def wait_ready(machine: QemuMachine, console, deadline: float, ready_marker: str
 
 
 def crashed(console) -> bool:
-    return any(e.kind in _PANIC_KINDS for e in verdict.scan(verdict.clean(console.text())))
+    return bool(verdict.panics(console.text()))
 
 
 def check_started(text: str, machine: QemuMachine, timed_out: bool) -> None:

@@ -52,6 +52,9 @@ PATTERNS = (
 )
 
 
+PANIC_KINDS = frozenset(p.kind for p in PATTERNS if p.outcome is Outcome.PANIC)
+
+
 @dataclass
 class Event:
     kind: str
@@ -92,6 +95,11 @@ def scan(lines: list[str]) -> list[Event]:
                 events.append(Event(p.kind, i + 1, line.strip(), excerpt))
                 break
     return events
+
+
+def panics(text: str) -> list[Event]:
+    """The panic-class events (kernel panic, oops, BUG, EL2 panic or BUG) in console text."""
+    return [e for e in scan(clean(text)) if e.kind in PANIC_KINDS]
 
 
 def judge(text: str, *, ready_marker: str, timed_out: bool = False,

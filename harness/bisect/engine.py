@@ -131,7 +131,7 @@ def run_bisect(repo: Path, tree: Path, runner: StepRunner, state: State, *, runs
             raise RuntimeError("git bisect did not converge")
     finally:
         bisect.reset()
-    steps = [judged[r] for r in [s["rev"] for s in state.data["steps"]]]
+    steps = list(judged.values())          # in the order judged: the state file's, then this run's
     if found:
         culprit = judged.get(found)
         report = Report(found, g.subject(repo, found), culprit.reason if culprit else "the bad end itself",

@@ -73,10 +73,8 @@ class SuiteStep:
 def _panic(console: Path) -> tuple[str, str]:
     if not console.is_file():
         return "", ""
-    for event in verdict.scan(verdict.clean(console.read_text(errors="replace"))):
-        if event.kind in {p.kind for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC}:
-            return event.line, "\n".join(event.excerpt)
-    return "", ""
+    found = verdict.panics(console.read_text(errors="replace"))
+    return (found[0].line, "\n".join(found[0].excerpt)) if found else ("", "")
 
 
 def _tail(text: str) -> str:

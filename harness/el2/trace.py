@@ -260,8 +260,9 @@ class Tracer:
                 self._gdb.set_breakpoint(x[30])
             self._return_bps[x[30]] = self._return_bps.get(x[30], 0) + 1
         elif fn in ("hyp_put_page", "hyp_get_page"):
-            rec = self._record(cpu, self.h2p(x[0]), fn[4:7], {"addr": self.h2p(x[1])})
-            rec["seen"] = self._page_state(self.h2p(x[1]))
+            addr = self.h2p(x[1])
+            rec = self._record(cpu, self.h2p(x[0]), fn[4:7], {"addr": addr})
+            rec["seen"] = self._page_state(addr)
         elif fn == "hyp_split_page":
             pa = ((x[0] - self._vmemmap) // self._page_size) << 12
             self._record(cpu, None, "split", {"addr": pa})

@@ -21,7 +21,6 @@ from harness.targets.ssh import SshParams, SshSession
 
 TRANSPORTS = ("console", "ssh")
 _CHUNK = 48 * 1024   # bytes per console upload command (base64 lines stay short)
-PANIC_KINDS = {p.kind for p in verdict.PATTERNS if p.outcome is verdict.Outcome.PANIC}
 
 
 class BootFailed(TargetError):
@@ -146,7 +145,7 @@ class QemuTarget(ShellHelpers):
             # Over SSH nobody reads the console meanwhile: collect what it printed first.
             if self.ssh and self.machine and self.machine.console:
                 self.machine.console.drain(3)
-            panics = [ev for ev in self.verdict().events if ev.kind in PANIC_KINDS]
+            panics = verdict.panics(self.console_text())
             if panics:
                 raise TargetPanicked(cmd, panics[0].line) from e
             raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from harness.el2.memory import MASK64
 from harness.model.invariants import run_checks
 from harness.model.stage2 import Region, leaf_at, predict_from_tables, untouched_by_leaf_level
 from harness.targets.guests import BackgroundGuests, guest_args, touch_phys
@@ -58,17 +57,13 @@ def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2):
                 f"{pa:#x} in [{lo:#x}, {hi:#x}): {leaf.describe() if leaf else 'unmapped (host-owned)'}"
 
 
-def _hyp_va_to_pa(snap, va: int) -> int:
-    return (va + snap.hyp_physvirt_offset) & MASK64
-
-
 def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2):
     guests = BackgroundGuests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=4, hold=3))
     guests.wait("ready")
     live = el2.snapshot()
     (vm,) = live.vms
     host_kvm_va = el2.mem.u64(vm.pa + el2.kernel.struct("pkvm_hyp_vm").offset("host_kvm"))
-    host_kvm = _hyp_va_to_pa(live, host_kvm_va)
+    host_kvm = el2.h2p(live, host_kvm_va)
     s2, s1 = leaf_at(live.host_s2, host_kvm), leaf_at(live.hyp_s1, host_kvm_va)
     assert s2 is not None and s2.valid and s2.state == "SHARED_OWNED", f"host struct kvm in host stage-2: {s2}"
     assert s1 is not None and s1.valid and s1.state == "SHARED_BORROWED", f"host struct kvm at EL2: {s1}"
