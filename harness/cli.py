@@ -60,6 +60,17 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+def _qemu_command(sub, name: str, helptext: str) -> argparse.ArgumentParser:
+    """A command that builds a kernel, boots it under QEMU and keeps a run directory."""
+    p = sub.add_parser(name, help=helptext, epilog=EPILOG)
+    _common_args(p)
+    _kernel_args(p)
+    _boot_args(p)
+    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(),
+                   help="where run directories go (default: %(default)s; env PKVM_HARNESS_RUNS)")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pkvm-harness", description="Build, boot and test arm64 protected KVM.",
                                   epilog=EPILOG)
@@ -77,21 +88,11 @@ def parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("run", "build, boot with kvm-arm.mode=protected, run the checks (the main job)"),
                            ("boot", "build and boot; --interactive hands you the console")):
-        p = sub.add_parser(name, help=helptext, epilog=EPILOG)
-        _common_args(p)
-        _kernel_args(p)
-        _boot_args(p)
-        p.add_argument("--runs-dir", type=Path, default=default_runs_dir(),
-                       help="where run directories go (default: %(default)s; env PKVM_HARNESS_RUNS)")
+        p = _qemu_command(sub, name, helptext)
         if name == "boot":
             p.add_argument("--interactive", action="store_true",
                            help="after the ready marker, attach your terminal to the console (Ctrl-] detaches)")
-    p = sub.add_parser("inspect", epilog=EPILOG,
-                       help="snapshot EL2 memory (pools, vmemmap, VMs, host stage-2) of a QEMU target")
-    _common_args(p)
-    _kernel_args(p)
-    _boot_args(p)
-    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
+    p = _qemu_command(sub, "inspect", "snapshot EL2 memory (pools, vmemmap, VMs, host stage-2) of a QEMU target")
     p.add_argument("--qmp", type=Path, metavar="SOCKET",
                    help="inspect a running QEMU through its QMP socket instead of booting one (needs --vmlinux)")
     p.add_argument("--vmlinux", type=Path, metavar="PATH", help="the running kernel's vmlinux (with --qmp)")
@@ -100,12 +101,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, metavar="FILE", help="also draw the physical address map into FILE")
     p.add_argument("--check", action="store_true",
                    help="run the model's invariant checks on the snapshot; exit 1 if any finding")
-    p = sub.add_parser("trace", epilog=EPILOG,
-                       help="run COMMAND on a QEMU target while tracing every EL2 allocator call; replay it")
-    _common_args(p)
-    _kernel_args(p)
-    _boot_args(p)
-    p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
+    p = _qemu_command(sub, "trace", "run COMMAND on a QEMU target while tracing every EL2 allocator call; replay it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for COMMAND")
     p.add_argument("--packet-log", action="store_true",
                    help="also write every gdbstub packet to gdb-packets.log in the run directory (debugging)")
