@@ -92,9 +92,20 @@ class Walk:
     errors: list[str]
     spans: list[tuple[int, int, int]] = field(default_factory=list)   # (first address, end, level) per table
 
+    _starts: list[int] = field(default_factory=list, repr=False, compare=False)
+
     def stop_level(self, addr: int) -> int:
         """The level of the entry a walk for `addr` ends on: that of the deepest table covering it."""
         return max((level for start, end, level in self.spans if start <= addr < end), default=0)
+
+    def leaf_at(self, addr: int) -> Leaf | None:
+        """The leaf covering addr (zero entries are not leaves: None for an untouched address)."""
+        if len(self._starts) != len(self.leaves):       # built on first use, after the walk
+            self._starts = [leaf.addr for leaf in self.leaves]
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and self.leaves[i].addr <= addr < self.leaves[i].addr + self.leaves[i].size:
+            return self.leaves[i]
+        return None
 
 
 ReadFn = Callable[[int, int], bytes]

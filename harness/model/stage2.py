@@ -141,23 +141,10 @@ def predict_fault(addr: int, regions: list[Region], walk_level: int, walk_pte: i
 def predict_from_tables(addr: int, regions: list[Region], walk, version: tuple[int, ...] = (6, 12)) -> Prediction:
     """predict_fault() on a decoded host stage-2 (`walk`: leaves and the span of each table,
     as harness.el2.pgtable.Walk has them): where the walk for addr stops, and what is there."""
-    level = walk.stop_level(addr)
-    pte = 0
-    for leaf in walk.leaves:
-        if leaf.addr <= addr < leaf.addr + leaf.size:
-            level, pte = leaf.level, leaf.pte
-            break
-    return predict_fault(addr, regions, level, pte, version)
-
-
-def leaf_at(walk, addr: int, starts: list[int] | None = None):
-    """The leaf covering addr (zero entries are not leaves: None for an untouched address).
-    `starts`: the leaves' addresses, when many lookups share one walk."""
-    starts = starts if starts is not None else [leaf.addr for leaf in walk.leaves]
-    i = bisect.bisect_right(starts, addr) - 1
-    if i >= 0 and walk.leaves[i].addr <= addr < walk.leaves[i].addr + walk.leaves[i].size:
-        return walk.leaves[i]
-    return None
+    leaf = walk.leaf_at(addr)
+    if leaf is not None:
+        return predict_fault(addr, regions, leaf.level, leaf.pte, version)
+    return predict_fault(addr, regions, walk.stop_level(addr), 0, version)
 
 
 def untouched_by_leaf_level(walk, regions: list[Region], start: int, end: int,
@@ -165,10 +152,9 @@ def untouched_by_leaf_level(walk, regions: list[Region], start: int, end: int,
     """For each leaf level a host access in [start, end) would install now, the first address
     that gets it: addresses with a zero entry (never mapped, no owner), one per 4 KiB page."""
     found: dict[int, int] = {}
-    starts = [leaf.addr for leaf in walk.leaves]
     addr = start & ~((1 << PAGE_SHIFT) - 1)
     while addr < end and len(found) < 3:
-        leaf = leaf_at(walk, addr, starts)
+        leaf = walk.leaf_at(addr)
         if leaf is not None:
             addr = leaf.addr + leaf.size
             continue

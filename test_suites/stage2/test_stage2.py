@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.model.invariants import run_checks
-from harness.model.stage2 import Region, leaf_at, predict_from_tables, untouched_by_leaf_level
+from harness.model.stage2 import Region, predict_from_tables, untouched_by_leaf_level
 from harness.targets.guests import BackgroundGuests, guest_args, touch_phys
 
 pytestmark = pytest.mark.needs_el2
@@ -30,11 +30,11 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el
             pytest.skip(f"no untouched RAM left that would map at level {level} ({size})")
         addr = found[level]
     want = predict_from_tables(addr, regions, before.host_s2, version)
-    if leaf_at(before.host_s2, addr) is not None:
+    if before.host_s2.leaf_at(addr) is not None:
         pytest.skip(f"{addr:#x} is mapped already (an earlier test touched it)")
     assert touch_phys(target, payload("pkvm_guest"), [addr])[addr].startswith("value=")
     after = el2.snapshot()
-    leaf = leaf_at(after.host_s2, addr)
+    leaf = after.host_s2.leaf_at(addr)
     assert leaf is not None and leaf.valid, f"{addr:#x} not mapped after the host read it"
     assert leaf.level == want.leaf_level, (f"{addr:#x}: model level {want.leaf_level} ({want.size:#x} bytes at "
                                            f"{want.start:#x}), kernel level {leaf.level} ({leaf.size:#x} bytes at "
@@ -52,7 +52,7 @@ def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2):
     text = (el2.kpa("__hyp_text_start"), el2.kpa("__hyp_text_end"))
     for lo, hi in (snap.carveout and (snap.carveout[0], snap.carveout[0] + snap.carveout[1]), text):
         for pa in range(lo, hi, 4096):
-            leaf = leaf_at(snap.host_s2, pa)
+            leaf = snap.host_s2.leaf_at(pa)
             assert leaf is not None and not leaf.valid and leaf.owner == 1, \
                 f"{pa:#x} in [{lo:#x}, {hi:#x}): {leaf.describe() if leaf else 'unmapped (host-owned)'}"
 
@@ -64,15 +64,15 @@ def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2
     (vm,) = live.vms
     host_kvm_va = el2.mem.u64(vm.pa + el2.kernel.struct("pkvm_hyp_vm").offset("host_kvm"))
     host_kvm = el2.h2p(live, host_kvm_va)
-    s2, s1 = leaf_at(live.host_s2, host_kvm), leaf_at(live.hyp_s1, host_kvm_va)
+    s2, s1 = live.host_s2.leaf_at(host_kvm), live.hyp_s1.leaf_at(host_kvm_va)
     assert s2 is not None and s2.valid and s2.state == "SHARED_OWNED", f"host struct kvm in host stage-2: {s2}"
     assert s1 is not None and s1.valid and s1.state == "SHARED_BORROWED", f"host struct kvm at EL2: {s1}"
     for what, pa in (("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
-        leaf = leaf_at(live.host_s2, pa)
+        leaf = live.host_s2.leaf_at(pa)
         assert leaf is not None and not leaf.valid and leaf.owner == 1, f"donated {what} at {pa:#x}: {leaf}"
     guests.wait("done")
     after = el2.snapshot()
     for what, pa in (("struct kvm", host_kvm), ("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
-        leaf = leaf_at(after.host_s2, pa)
+        leaf = after.host_s2.leaf_at(pa)
         assert leaf is None or (leaf.valid and leaf.state == "OWNED"), f"{what} at {pa:#x} after teardown: {leaf}"
     assert run_checks(after) == []

@@ -111,13 +111,13 @@ def test_untouched_addresses_are_found_per_leaf_level():
     """A level-2 table with one 4 KiB page mapped under a level-3 table: the rest of that 2 MiB
     maps as pages, the next empty 2 MiB entry as a block."""
     from harness.el2.pgtable import Leaf, Walk
-    from harness.model.stage2 import Region, leaf_at, untouched_by_leaf_level
+    from harness.model.stage2 import Region, untouched_by_leaf_level
 
     base = 0x4000_0000
     mapped = Leaf(base, 4096, 3, base | 0x4C3 | (1 << 10), False)
     walk = Walk([mapped], [], [], spans=[(0, 1 << 39, 0), (0, 1 << 30, 1), (base, base + (1 << 30), 2),
                                          (base, base + (2 << 20), 3)])
     regions = [Region(base, 1 << 30)]
-    assert leaf_at(walk, base + 100) is mapped and leaf_at(walk, base + 4096) is None
+    assert walk.leaf_at(base + 100) is mapped and walk.leaf_at(base + 4096) is None
     found = untouched_by_leaf_level(walk, regions, base, base + (1 << 30))
     assert found == {3: base + 4096, 2: base + (2 << 20)}
