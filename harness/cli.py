@@ -134,6 +134,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", epilog=EPILOG, help="replay a saved trace (trace.jsonl or its run directory)")
     p.add_argument("trace", type=Path, metavar="TRACE")
+
+    p = sub.add_parser("report", epilog="exit codes: 0 rendered, 2 not a run directory or unreadable result.json",
+                       help="render run directories (their result.json) as Markdown or one self-contained HTML page")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="run directories; several (a CI matrix) give one report with a table of all")
+    p.add_argument("--format", choices=["markdown", "html"], default="markdown",
+                   help="markdown for CI summaries (default), html for a page with the pool pictures embedded")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE instead of standard output")
     return top
 
 
@@ -329,9 +337,23 @@ def cmd_replay(a: argparse.Namespace) -> int:
     return _print_replay(result)
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from harness.fsutil import atomic_write_text
+    from harness.report import render
+
+    runs = [render.load(d) for d in a.run_dirs]
+    text = render.html(runs) if a.format == "html" else render.markdown(runs)
+    if a.output:
+        atomic_write_text(a.output, text)
+        print(f"report: {a.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
             "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay,
-            "bisect": cmd_bisect}
+            "bisect": cmd_bisect, "report": cmd_report}
 
 
 def _terminate(signum: int, frame: object) -> None:

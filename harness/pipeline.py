@@ -146,6 +146,7 @@ def _finish(run_dir: Path, result: dict, code: ExitCode, started: float) -> None
     result["exit_code"] = int(code)
     result["duration_s"] = round(time.time() - started, 2)
     rundir.write_result(run_dir, result)
+    rundir.write_run_junit(run_dir, result)
 
 
 def _prepare_qemu(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path, quiet: bool,

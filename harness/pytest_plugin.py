@@ -23,6 +23,7 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.paths import default_cache_dir, default_runs_dir
+from harness.report.recorder import CALL_REPORT, PLUGIN_NAME, REPLAYS, EvidenceWatch, SuiteRecorder, evidence_dir
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_el2: reads EL2 memory (QEMU targets only)")
     config.addinivalue_line("markers", "needs_qemu: needs a QEMU target")
     config.addinivalue_line("markers", "slow: takes minutes")
+    config.pluginmanager.register(SuiteRecorder(config), PLUGIN_NAME)
 
 
 def _is_qemu(config: pytest.Config) -> bool:
@@ -87,6 +89,7 @@ def target(request: pytest.FixtureRequest, pkvm_run_dir: Path):
             else _make_board_target(request.config)
     except HarnessError as e:
         pytest.exit(f"pkvm-harness: target not usable: {e.one_line()}", returncode=int(e.exit_code))
+    request.config.pluginmanager.get_plugin(PLUGIN_NAME).attach(pkvm_run_dir, t)
     yield t
     t.close()
 
@@ -128,6 +131,24 @@ def _make_board_target(config: pytest.Config):
                        known_hosts=config.getoption("--ssh-known-hosts"),
                        accept_new_host_key=config.getoption("--ssh-accept-new-host-key"))
     return SshTarget(params)
+
+
+@pytest.fixture(autouse=True)
+def _pkvm_failure_evidence(request: pytest.FixtureRequest):
+    """For a test on the target: if it fails, the console while it ran, the EL2 snapshot diff
+    across it, a pool picture and the first divergence of its traces go into result.json."""
+    if "target" not in request.fixturenames:
+        yield
+        return
+    target = request.getfixturevalue("target")
+    el2 = request.getfixturevalue("el2") if "el2" in request.fixturenames else None
+    recorder = request.config.pluginmanager.get_plugin(PLUGIN_NAME)
+    watch = EvidenceWatch(target, el2, evidence_dir(recorder.run_dir, request.node.nodeid))
+    request.node.stash[REPLAYS] = []
+    yield
+    report = request.node.stash.get(CALL_REPORT, None)
+    if report is not None and report.failed:
+        recorder.add_evidence(request.node.nodeid, watch.collect(request.node.stash[REPLAYS]))
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +230,7 @@ def seed(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
-def el2_trace(target, el2):
+def el2_trace(request: pytest.FixtureRequest, target, el2):
     """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
     on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult)."""
     from harness.el2.trace import Tracer
@@ -223,6 +244,7 @@ def el2_trace(target, el2):
         from harness.pipeline import replay_trace
 
         box = types.SimpleNamespace(trace=None, result=None)
+        request.node.stash.setdefault(REPLAYS, []).append(box)   # a failing test's report shows its divergence
         with Tracer(el2, gdb) as tracer:
             tracer.start()
             yield box

@@ -3,7 +3,8 @@
   console.log    the serial console, raw
   qemu-cmd.sh    the exact QEMU command, pasteable
   kernel.config  the .config that was built
-  result.json    the machine-readable verdict (schema_version 1)
+  result.json    the machine-readable verdict (schema_version 1; harness/report/result.schema.json)
+  junit.xml      the same verdict for CI test views (suite runs: one testcase per test)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import secrets
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from harness.fsutil import atomic_write_text
@@ -44,4 +46,22 @@ def write_qemu_command(run_dir: Path, shell_line: str) -> Path:
 def write_result(run_dir: Path, result: dict) -> Path:
     path = run_dir / "result.json"
     atomic_write_text(path, json.dumps({"schema_version": RESULT_SCHEMA_VERSION, **result}, indent=2) + "\n")
+    return path
+
+
+def write_run_junit(run_dir: Path, result: dict) -> Path:
+    """`pkvm-harness run` as one JUnit testcase: failed (a verdict) or errored (the harness could not judge)."""
+    root = ET.Element("testsuites", name="pkvm-harness")
+    seconds = f"{result.get('duration_s', 0):.3f}"
+    suite = ET.SubElement(root, "testsuite", name="pkvm-harness run", tests="1", time=seconds,
+                          failures="0", errors="0", skipped="0")
+    case = ET.SubElement(suite, "testcase", classname="pkvm-harness", name=f"run[{result.get('stage', '?')}]",
+                         time=seconds)
+    if result.get("exit_code", 0) != 0:
+        kind = "error" if result.get("outcome") in ("error", "interrupted") else "failure"
+        suite.set("errors" if kind == "error" else "failures", "1")
+        node = ET.SubElement(case, kind, message=result.get("reason", ""), type=result.get("outcome", "fail"))
+        node.text = "\n\n".join("\n".join(e["excerpt"]) for e in result.get("events", []))
+    path = run_dir / "junit.xml"
+    atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root, encoding="unicode") + "\n")
     return path

@@ -109,3 +109,32 @@ def parse(body: bytes, frame: Frame) -> Parsed:
     stdout = _section(data[: m.start()], kernel)
     stderr = _section(data[m.end():], kernel)
     return Parsed(stdout, stderr, int(m.group(1)), kernel)
+
+
+_ECHO_RE = re.compile(r"echo (PKH[0-9a-f]{12})''-B")
+_MARK_RE = re.compile(r"^(PKH[0-9a-f]{12})-(B|E|S:(\d+))$")
+
+
+def readable(transcript: str, commands: list[str]) -> list[str]:
+    """A framed console transcript as a person reads it: each framed command's echo becomes
+    `$ command` (the i-th echo is commands[i]), a non-zero status becomes `[exit N]`, markers and
+    output prefixes go. Kernel lines and output stay where they were."""
+    out: list[str] = []
+    echoing: str | None = None
+    ran = iter(commands)
+    for line in clean(transcript.encode(errors="replace")).decode(errors="replace").split("\n"):
+        echo = _ECHO_RE.search(line)
+        if echo and echoing is None:
+            echoing = echo.group(1)
+            out.append(f"$ {next(ran, '(a command)')}")
+            continue
+        mark = _MARK_RE.match(line.strip())
+        if mark:
+            if mark.group(1) == echoing and mark.group(2) == "B":
+                echoing = None
+            elif mark.group(3) and mark.group(3) != "0":
+                out.append(f"[exit {mark.group(3)}]")
+            continue
+        if echoing is None and line.strip():
+            out.append(line.removeprefix(PREFIX.decode()))
+    return out

@@ -136,6 +136,7 @@ class QemuTarget(ShellHelpers):
         return verdict.judge(self.console_text(), ready_marker=READY_MARKER)
 
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        self.commands.append(cmd)
         try:
             return self._run(cmd, timeout)
         except (CommandTimeout, TargetDead) as e:

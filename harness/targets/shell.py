@@ -16,6 +16,13 @@ class ShellHelpers:
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
         raise NotImplementedError
 
+    @property
+    def commands(self) -> list[str]:
+        """Every command run so far, in order: a failing test's report shows what it ran."""
+        if "_commands" not in self.__dict__:
+            self._commands: list[str] = []
+        return self._commands
+
     def dmesg_mark(self) -> DmesgMark:
         return DmesgMark(int(self.run("dmesg | wc -l").check().stdout.strip()))
 

@@ -243,6 +243,7 @@ class SshTarget(ShellHelpers):
         return parts.username or "root", parts.hostname, port
 
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
+        self.commands.append(cmd)
         return self.session.run(cmd, timeout)
 
     def put(self, local: Path, remote: str) -> None:

@@ -1,0 +1,217 @@
+"""The pytest side of reports: every suite run leaves junit.xml and result.json in its run directory.
+
+Registered by harness.pytest_plugin. A session that used the `target` fixture is a suite run: at
+its end, result.json (schema: harness/report/result.schema.json) and junit.xml are written into
+the run directory. For each failing test on a live target, `watch()` gathers evidence: the console
+while the test ran, an EL2 snapshot before and after (their diff and a pool picture) and the
+first divergence of any trace replayed in the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _pytest.junitxml import LogXML  # pytest's own JUnit writer; a second instance, pointed at the run dir
+
+from harness import rundir
+from harness.errors import ExitCode
+from harness.report import evidence
+from harness.targets.framing import readable
+
+PLUGIN_NAME = "pkvm-suite-recorder"
+REPLAYS = pytest.StashKey[list]()          # item -> ReplayResult holders (objects with .result)
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+MESSAGE_LINES = 40
+
+
+def _message(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = str(crash.message) if crash is not None else report.longreprtext.strip()
+    lines = []
+    for line in text.splitlines():            # the assertion's own message, not pytest's re-evaluation
+        if lines and re.match(r"\s*(assert |\+\s+where )", line):
+            break
+        lines.append(line)
+    return "\n".join(lines[:MESSAGE_LINES])
+
+
+def _slug(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.split("/")[-1])[:120]
+
+
+class SuiteRecorder:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.run_dir: Path | None = None
+        self.target: Any = None
+        self.tests: dict[str, dict[str, Any]] = {}
+        self.exitstatus: int | None = None
+        self.junit: LogXML | None = None
+        if not config.option.xmlpath and not hasattr(config, "workerinput"):
+            self.junit = LogXML(os.devnull, config.option.junitprefix, config.getini("junit_suite_name"),
+                                config.getini("junit_logging"), config.getini("junit_duration_report"),
+                                config.getini("junit_family"), config.getini("junit_log_passing_tests"))
+            config.pluginmanager.register(self.junit, "pkvm-junit")
+
+    def attach(self, run_dir: Path, target: Any) -> None:
+        """The session booted or connected a target: this is a suite run, reported in run_dir."""
+        self.run_dir, self.target = run_dir, target
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        if call.when == "call" and not hasattr(report, "context"):
+            item.stash[CALL_REPORT] = report
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        rec = self.tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": "passed",
+                                                    "duration_s": 0.0})
+        context = getattr(report, "context", None)
+        if context is not None:                  # a subtest (KTAP line): listed under its test
+            if report.when == "call":
+                rec.setdefault("subtests", []).append(
+                    {"name": context.msg or ", ".join(f"{k}={v}" for k, v in context.kwargs.items()),
+                     "outcome": report.outcome, **({"message": _message(report)} if not report.passed else {})})
+            return
+        rec["duration_s"] = round(rec["duration_s"] + report.duration, 3)
+        for key, value in report.user_properties:
+            rec.setdefault("properties", {})[key] = value
+        if hasattr(report, "wasxfail"):
+            rec["outcome"] = "xfailed" if report.skipped else "xpassed"
+        elif report.failed:
+            rec["outcome"] = "failed" if report.when == "call" else "error"
+            rec.setdefault("message", _message(report))
+            rec.setdefault("phase", report.when)
+        elif report.skipped and rec["outcome"] == "passed":
+            rec["outcome"] = "skipped"
+            rec["message"] = _message(report)
+
+    def add_evidence(self, nodeid: str, found: dict[str, Any]) -> None:
+        self.tests.setdefault(nodeid, {"nodeid": nodeid, "outcome": "failed", "duration_s": 0.0})["evidence"] = found
+
+    # --- the end ---------------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.exitstatus = int(exitstatus)
+        if self.junit is None:
+            return
+        if self.run_dir is None:                 # not a suite run: no JUnit of our own
+            self.config.pluginmanager.unregister(self.junit)
+        else:
+            self.junit.logfile = str((self.run_dir / "junit.xml").resolve())
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.run_dir is None:
+            return
+        if config.option.xmlpath and Path(config.option.xmlpath).is_file():
+            (self.run_dir / "junit.xml").write_bytes(Path(config.option.xmlpath).read_bytes())
+        rundir.write_result(self.run_dir, self.result())
+
+    def result(self) -> dict[str, Any]:
+        tests = list(self.tests.values())
+        for t in tests:          # a test whose subtests failed has failed, whatever its own call said
+            bad = [s for s in t.get("subtests", []) if s["outcome"] == "failed"]
+            if bad and t["outcome"] == "passed":
+                t.update(outcome="failed", message=f"{len(bad)} subtest(s) failed: {bad[0]['name']}")
+        counts = {k: 0 for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
+        for t in tests:
+            counts[t["outcome"]] += 1
+        status = self.exitstatus if self.exitstatus is not None else int(ExitCode.INFRA)
+        outcome = {0: "pass", 1: "fail", 2: "interrupted"}.get(status, "error")
+        return {"command": "suites", "started_at": self.started_at, "run_dir": str(self.run_dir.resolve()),
+                "exit_code": status, "outcome": outcome, "duration_s": round(time.time() - self.started, 2),
+                "args": [str(a) for a in self.config.invocation_params.args],
+                "target": _describe_target(self.target), "kernel": _kernel(self.target),
+                "summary": {**counts, "total": len(tests)}, "junit": "junit.xml", "tests": tests}
+
+
+def _describe_target(target: Any) -> dict[str, Any]:
+    spec = getattr(target, "spec", None)
+    if spec is not None:
+        return {"kind": "qemu", "name": target.name, "cpu": spec.cpu, "smp": spec.smp, "mem": str(spec.mem),
+                "pkvm_mode": getattr(target, "mode", None), "transport": getattr(target, "transport", None)}
+    return {"kind": "ssh", "name": getattr(target, "name", "board"), "pkvm_mode": getattr(target, "mode", None)}
+
+
+def _kernel(target: Any) -> dict[str, Any] | None:
+    from harness.pipeline import kernel_summary
+
+    kernel = getattr(target, "kernel", None)
+    return kernel_summary(kernel) if kernel is not None else None
+
+
+class EvidenceWatch:
+    """Watches one test on a live target; `collect()` after a failure returns its evidence."""
+
+    def __init__(self, target: Any, el2: Any, evidence_dir: Path) -> None:
+        self.target, self.el2, self.evidence_dir = target, el2, evidence_dir
+        self.unavailable: dict[str, str] = {}
+        text = target.console_text() if hasattr(target, "console_text") else None
+        self.console_from = len(text) if text is not None else None
+        self.commands_from = len(target.commands)
+        self.before = self._snapshot("el2_diff")
+
+    def _snapshot(self, part: str):
+        if self.el2 is None:
+            self.unavailable[part] = "the test does not read EL2 (no el2 fixture)"
+            return None
+        try:
+            return self.el2.snapshot()
+        except Exception as e:      # a dead or wedged target: say so in the report, do not fail again
+            self.unavailable[part] = f"snapshot failed: {type(e).__name__}: {e}"
+            return None
+
+    def collect(self, replays: list[Any]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        found["console"] = self._console()
+        for holder in replays:
+            div = evidence.divergence(getattr(holder, "result", None))
+            if div is not None:
+                found["divergence"] = div
+                break
+        after = self._snapshot("occupancy") if self.before is not None else None
+        if self.before is not None and after is not None:
+            found["el2_diff"] = evidence.el2_diff(self.before, after)
+            found["occupancy"] = {"pools": evidence.occupancy(after), "picture": self._picture(after)}
+        found["unavailable"] = self.unavailable
+        return found
+
+    def _console(self) -> dict[str, Any] | None:
+        commands = self.target.commands[self.commands_from:]
+        if self.console_from is not None:
+            return evidence.console_excerpt(readable(self.target.console_text()[self.console_from:], commands),
+                                            "console")
+        try:                             # a board: the commands the test ran, then its kernel log
+            return evidence.console_excerpt([f"$ {c}" for c in commands]
+                                            + self.target.run("dmesg", timeout=30).stdout.splitlines(), "dmesg")
+        except Exception as e:
+            self.unavailable["console"] = f"dmesg failed: {type(e).__name__}: {e}"
+            return None
+
+    def _picture(self, snap: Any) -> str | None:
+        from harness.el2.picture import render
+
+        self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            render(snap, self.evidence_dir / "pools.png")
+        except Exception as e:
+            self.unavailable["picture"] = f"{type(e).__name__}: {e}"
+            return None
+        return str((self.evidence_dir / "pools.png").relative_to(self.evidence_dir.parent.parent))
+
+
+def evidence_dir(run_dir: Path, nodeid: str) -> Path:
+    return run_dir / "evidence" / _slug(nodeid)
