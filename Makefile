@@ -6,23 +6,28 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test test-unit test-slow test-mutants bench lint clean-runs
+.PHONY: all setup setup-test-tools run test test-unit test-slow test-mutants bench lint clean-runs
 
 all: run
 
 setup:
 	ci/setup.sh
 
+# What only the harness's own tests use as well: a browser (the HTML report) and Ruby (the Vagrantfile).
+setup-test-tools:
+	ci/setup.sh --test-tools
+
 run: setup
 	$(BIN)/pkvm-harness run $(ARGS)
 
 # Unit tests and the integration tests that build (or reuse) and boot real pKVM kernels, then
-# the nightly suites (test_suites/) on one QEMU boot. The kernel is built first, in the open, so
-# a cold build shows its progress in CI logs.
-test: setup lint
+# the nightly suites (test_suites/) on one QEMU boot, through the nightly script itself, which
+# leaves result.json, junit.xml and the reports in runs/make-test-<time>/. The kernel is built
+# first, in the open, so a cold build shows its progress in CI logs.
+test: setup-test-tools lint
 	$(BIN)/pkvm-harness build
 	$(BIN)/python -m pytest -m "not slow and not mutant" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest test_suites -m "not slow" $(PYTEST_ARGS)
+	ci/nightly.sh --cpu max --out runs/make-test-$$(date +%Y%m%d-%H%M%S) -- $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -m "not integration and not slow and not mutant" $(PYTEST_ARGS)
@@ -41,8 +46,9 @@ bench: setup
 	$(BIN)/python bench/trace.py
 	$(BIN)/python bench/bisect.py
 
-lint:
+lint: setup-test-tools
 	shellcheck ci/*.sh .ci/run
+	ruby -c Vagrantfile >/dev/null
 
 clean-runs:
 	rm -rf runs

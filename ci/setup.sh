@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for the pKVM harness on Debian 12 (bookworm).
 # Used by `make run`, `make test`, CI and the Vagrantfile, so every place installs the same things.
-# Usage: ci/setup.sh [--venv DIR]   (run as root, or with sudo available)
+# Usage: ci/setup.sh [--venv DIR] [--test-tools | --python-only]   (as root, or with sudo available)
+#   --test-tools   also what the harness's own tests use (ci/debian-test-packages.txt: a browser
+#                  for the HTML report, Ruby for the Vagrantfile); `make test` passes it
+#   --python-only  only the Python environment (rendering reports needs nothing else)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="${here}/.venv"
-if [ "${1:-}" = "--venv" ]; then venv="$2"; fi
+lists=("${here}/ci/debian-packages.txt")
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --venv) venv=${2:?--venv needs a directory}; shift 2 ;;
+    --test-tools) lists+=("${here}/ci/debian-test-packages.txt"); shift ;;
+    --python-only) lists=(); shift ;;
+    *) echo "ci/setup.sh: unknown argument '$1' (see its usage line)" >&2; exit 2 ;;
+  esac
+done
 
 # Debian packages the harness needs on the host: one list, shared with `pkvm-harness doctor`.
-mapfile -t host_pkgs < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "${here}/ci/debian-packages.txt" | awk '{print $1}')
+host_pkgs=(python3-venv)
+if [ "${#lists[@]}" -gt 0 ]; then
+  mapfile -t host_pkgs < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "${lists[@]}" | awk '{print $1}')
+fi
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -25,13 +39,13 @@ done
 # arm64 user space (busybox-static:arm64 and later dropbear) is fetched with `apt-get download`,
 # which needs the foreign architecture enabled.
 need_update=0
-if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+if [ "${#lists[@]}" -gt 0 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
   echo "setup: enabling the arm64 architecture for arm64 user-space packages"
   as_root dpkg --add-architecture arm64
   need_update=1
 fi
 if [ "${#missing[@]}" -gt 0 ] || [ "$need_update" = 1 ] \
-   || ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+   || { [ "${#lists[@]}" -gt 0 ] && ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; }; then
   echo "setup: apt-get update"
   as_root apt-get update -q
 fi

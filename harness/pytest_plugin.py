@@ -84,12 +84,15 @@ def pkvm_run_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def target(request: pytest.FixtureRequest, pkvm_run_dir: Path):
     """The machine under test, booted (QEMU) or connected (board) once per session."""
+    recorder = request.config.pluginmanager.get_plugin(PLUGIN_NAME)
+    recorder.attach(pkvm_run_dir)            # result.json is written even if the target never comes up
     try:
         t = _make_qemu_target(request.config, pkvm_run_dir) if _is_qemu(request.config) \
             else _make_board_target(request.config)
     except HarnessError as e:
-        pytest.exit(f"pkvm-harness: target not usable: {e.one_line()}", returncode=int(e.exit_code))
-    request.config.pluginmanager.get_plugin(PLUGIN_NAME).attach(pkvm_run_dir, t)
+        recorder.reason = f"target not usable: {e.one_line()}"
+        pytest.exit(f"pkvm-harness: {recorder.reason}", returncode=int(e.exit_code))
+    recorder.target = t
     yield t
     t.close()
 

@@ -55,6 +55,7 @@ class SuiteRecorder:
         self.target: Any = None
         self.tests: dict[str, dict[str, Any]] = {}
         self.exitstatus: int | None = None
+        self.reason: str | None = None           # why the session stopped early, when it did
         self.junit: LogXML | None = None
         if not config.option.xmlpath and not hasattr(config, "workerinput"):
             self.junit = LogXML(os.devnull, config.option.junitprefix, config.getini("junit_suite_name"),
@@ -62,9 +63,9 @@ class SuiteRecorder:
                                 config.getini("junit_family"), config.getini("junit_log_passing_tests"))
             config.pluginmanager.register(self.junit, "pkvm-junit")
 
-    def attach(self, run_dir: Path, target: Any) -> None:
-        """The session booted or connected a target: this is a suite run, reported in run_dir."""
-        self.run_dir, self.target = run_dir, target
+    def attach(self, run_dir: Path) -> None:
+        """The session is about to boot or connect a target: a suite run, reported in run_dir."""
+        self.run_dir = run_dir
 
     # --- outcomes ------------------------------------------------------------------------
 
@@ -135,11 +136,14 @@ class SuiteRecorder:
                 "exit_code": status, "outcome": outcome, "duration_s": round(time.time() - self.started, 2),
                 "args": [str(a) for a in self.config.invocation_params.args],
                 "target": _describe_target(self.target), "kernel": _kernel(self.target),
-                "summary": {**counts, "total": len(tests)}, "junit": "junit.xml", "tests": tests}
+                "summary": {**counts, "total": len(tests)}, "junit": "junit.xml", "tests": tests,
+                **({"reason": self.reason} if self.reason else {})}
 
 
 def _describe_target(target: Any) -> dict[str, Any]:
     spec = getattr(target, "spec", None)
+    if target is None:
+        return {"kind": "none", "name": "no target (it did not come up)"}
     if spec is not None:
         return {"kind": "qemu", "name": target.name, "cpu": spec.cpu, "smp": spec.smp, "mem": str(spec.mem),
                 "pkvm_mode": getattr(target, "mode", None), "transport": getattr(target, "transport", None)}

@@ -40,8 +40,8 @@ class Run:
 
     def counts(self) -> str:
         s = self.result.get("summary")
-        if not s:
-            return self.result.get("reason", "")
+        if not s or not s.get("total"):
+            return self.result.get("reason") or "no tests ran"
         return ", ".join(f"{s[k]} {k}" for k in ("failed", "error", "passed", "skipped", "xfailed", "xpassed")
                          if s.get(k))
 
@@ -81,6 +81,17 @@ def occupancy_bar(pool: dict[str, Any], width: int = BAR) -> str:
     return "█" * full + "░" * (width - full)
 
 
+def brief_message(test: dict[str, Any]) -> str:
+    """The failure message, cut to its first two lines when it only repeats the divergence shown below it."""
+    message = test.get("message", "")
+    div = (test.get("evidence") or {}).get("divergence") or {}
+    first = (div.get("text") or "").split("\n", 1)[0]
+    if first and first in message:
+        lines = message.splitlines()
+        return "\n".join(lines[:2] + (["(the whole divergence is below)"] if len(lines) > 2 else []))
+    return message
+
+
 def _picture_uri(run: Run, test: dict[str, Any]) -> str | None:
     rel = ((test.get("evidence") or {}).get("occupancy") or {}).get("picture")
     if not rel or not (run.dir / rel).is_file():
@@ -93,6 +104,7 @@ def _environment(autoescape: bool) -> jinja2.Environment:
                              autoescape=autoescape,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["bar"] = occupancy_bar
+    env.filters["brief"] = brief_message
     env.filters["signed"] = lambda n: f"{n:+d}"
     env.filters["cell"] = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
     env.tests["match_kernel"] = lambda line: bool(KERNEL_LINE.match(line))

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The nightly job for one matrix cell: set up the machine (the README's `make setup`), build the
+# kernel, run the suites on QEMU, and leave a run directory with result.json, junit.xml and the
+# reports (report.md, report.html). GitHub Actions calls it (.github/workflows/nightly.yml); any
+# other CI can call it the same way.
+#
+# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel-src PATH]
+#                      [--kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
+#   --cpu         QEMU -cpu (max: hVHE, cortex-a72: nVHE); default max
+#   --kernel-src  a kernel tree or tarball; default Debian's linux-source-6.12
+#   --kernel-git  fetch REF (default master) of this git URL, shallow, and test that tree instead
+#   --out         where the results go; default runs/nightly-<cpu>-<time>
+# Exit status: pytest's (0 all passed, 1 a test failed), 2 bad usage, and the harness's codes
+# (3 panic, 4 timeout, 5 infrastructure, 6 kernel build failure) when a stage fails before the tests.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cpu=max
+kernel_src=""
+git_url=""
+git_ref=master
+out=""
+
+usage() { echo "ci/nightly.sh: $*; see the usage at the top of ci/nightly.sh" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) cpu=${2:?}; shift 2 ;;
+    --kernel-src) kernel_src=${2:?}; shift 2 ;;
+    --kernel-git) git_url=${2:?}; shift 2 ;;
+    --kernel-ref) git_ref=${2:?}; shift 2 ;;
+    --out) out=${2:?}; shift 2 ;;
+    --) shift; break ;;
+    *) usage "unknown argument '$1'" ;;
+  esac
+done
+if [ -n "$git_url" ] && [ -n "$kernel_src" ]; then usage "give --kernel-src or --kernel-git, not both"; fi
+out=${out:-runs/nightly-${cpu}-$(date +%Y%m%d-%H%M%S)}
+if [ -e "$out/suites/result.json" ]; then usage "$out already holds a finished run; pick a new --out"; fi
+
+cd "$here"
+make setup
+py=.venv/bin/python
+harness=.venv/bin/pkvm-harness
+cache=$($py -c 'from harness.paths import default_cache_dir; print(default_cache_dir())')
+
+if [ -n "$git_url" ]; then
+  # One shallow clone per URL, kept in the cache and fetched again each night.
+  kernel_src="$cache/nightly-src/$(printf '%s' "$git_url" | sha256sum | cut -c1-16)"
+  echo "nightly: fetching $git_url $git_ref into $kernel_src"
+  mkdir -p "$kernel_src"
+  git -C "$kernel_src" init -q
+  git -C "$kernel_src" fetch -q --depth 1 "$git_url" "$git_ref"
+  git -C "$kernel_src" checkout -q --force FETCH_HEAD
+  git -C "$kernel_src" clean -q -ffdx
+  echo "nightly: kernel at $(git -C "$kernel_src" rev-parse HEAD)"
+fi
+src_args=()
+if [ -n "$kernel_src" ]; then src_args=(--kernel-src "$kernel_src"); fi
+
+mkdir -p "$out"
+# Built first and on its own, so a cold build shows its progress (plain lines in CI).
+$harness build "${src_args[@]}"
+
+status=0
+$py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --cpu "$cpu" "${src_args[@]}" \
+  --run-dir "$out/suites" "$@" || status=$?
+
+if [ -f "$out/suites/result.json" ]; then
+  $harness report "$out/suites" -o "$out/report.md"
+  $harness report "$out/suites" --format html -o "$out/report.html"
+  if [ -n "${GITHUB_STEP_SUMMARY:-}" ]; then cat "$out/report.md" >> "$GITHUB_STEP_SUMMARY"; fi
+else
+  echo "nightly: the suites left no result.json in $out/suites (pytest exit $status)" >&2
+fi
+echo "nightly: cpu=$cpu results in $out (exit $status)"
+exit "$status"
