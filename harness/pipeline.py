@@ -200,8 +200,11 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
     from harness.el2.trace import Tracer, save
     from harness.targets.qemu_target import QemuTarget
 
+    started, started_at = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     run_dir, kernel, spec = _prepare_qemu(kopts, bopts, cache_dir, runs_dir, quiet, gdb=True)
     packets: list[str] | None = [] if packet_log else None
+    summary = {"command": "trace", "started_at": started_at, "run_dir": str(run_dir.resolve()),
+               "kernel": kernel_summary(kernel), "boot": {"cpu": spec.cpu, "smp": spec.smp, "mem": spec.mem}}
     try:
         with QemuTarget(spec, run_dir, boot_timeout=bopts.timeout) as target, \
                 El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader, \
@@ -209,13 +212,32 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
             tracer.start()
             output = target.run(command, timeout=timeout)
             trace = tracer.stop()
+    except HarnessError as e:
+        outcome = {ExitCode.PANIC: "panic", ExitCode.TIMEOUT: "timeout"}.get(e.exit_code, "error")
+        _finish(run_dir, {**summary, "outcome": outcome, "stage": "trace", "reason": e.one_line(), "events": []},
+                e.exit_code, started)
+        raise
     finally:
         if packets is not None:     # written on failure too: that is when it is wanted
             (run_dir / "gdb-packets.log").write_text("\n".join(packets) + "\n")
     (run_dir / "command.log").write_text(f"$ {command}\nexit {output.status}\n{output.stdout}{output.stderr}")
     save(trace, run_dir)
     result, names = replay_trace(trace), pool_names(trace)
+    summary.update(trace_summary(command, output.status, trace, result))
+    _finish(run_dir, summary, ExitCode.PASS if result.ok else ExitCode.TEST_FAILURE, started)
     return TraceOutcome(run_dir, trace, result, names)
+
+
+def trace_summary(command: str, status: int, trace, result) -> dict:
+    """The result.json fields of a traced command: its replay's verdict and first divergence."""
+    from harness.report.evidence import divergence
+
+    calls = len(trace.ops)
+    return {"outcome": "pass" if result.ok else "fail", "stage": "replay",
+            "reason": f"{result.ops} of {calls} traced allocator calls replayed, "
+                      + ("0 divergences" if result.ok else "the kernel and the model disagree"),
+            "traced_command": command, "command_exit": status, "operations": calls,
+            "per_pool": result.per_pool, "divergence": divergence(result), "events": []}
 
 
 def pool_names(trace) -> dict[int, str]:

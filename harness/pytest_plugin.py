@@ -111,10 +111,14 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
                                    fragments=config.getoption("pkvm_fragments"),
                                    kconfig=config.getoption("pkvm_kconfig"),
                                    patches=config.getoption("pkvm_patches"))
-    req = pipeline.build_request(kopts, cache, quiet=True)
-    kernel = build(req)
-    payloads = build_payloads(req, kernel)
-    initramfs = build_initramfs(cache, payloads)
+    capture = config.pluginmanager.getplugin("capturemanager")
+    # A cold build takes minutes: its progress reaches the terminal (a live line) or CI's log
+    # (plain lines); a cached kernel prints nothing.
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        req = pipeline.build_request(kopts, cache)
+        kernel = build(req)
+        payloads = build_payloads(req, kernel)
+        initramfs = build_initramfs(cache, payloads)
     bopts = pipeline.BootOptions(cpu=config.getoption("--cpu"), smp=config.getoption("--smp"),
                                  mem=config.getoption("--mem"))
     # A gdbstub socket costs nothing until a tracer connects (the allocator suites trace).

@@ -50,18 +50,20 @@ def write_result(run_dir: Path, result: dict) -> Path:
 
 
 def write_run_junit(run_dir: Path, result: dict) -> Path:
-    """`pkvm-harness run` as one JUnit testcase: failed (a verdict) or errored (the harness could not judge)."""
+    """A `run` or `trace` as one JUnit testcase: failed (a verdict) or errored (the harness could not judge)."""
     root = ET.Element("testsuites", name="pkvm-harness")
     seconds = f"{result.get('duration_s', 0):.3f}"
-    suite = ET.SubElement(root, "testsuite", name="pkvm-harness run", tests="1", time=seconds,
-                          failures="0", errors="0", skipped="0")
-    case = ET.SubElement(suite, "testcase", classname="pkvm-harness", name=f"run[{result.get('stage', '?')}]",
+    suite = ET.SubElement(root, "testsuite", name=f"pkvm-harness {result.get('command', 'run')}", tests="1",
+                          time=seconds, failures="0", errors="0", skipped="0")
+    name = f"{result.get('command', 'run')}[{result.get('stage', '?')}]"
+    case = ET.SubElement(suite, "testcase", classname="pkvm-harness", name=name,
                          time=seconds)
     if result.get("exit_code", 0) != 0:
         kind = "error" if result.get("outcome") in ("error", "interrupted") else "failure"
         suite.set("errors" if kind == "error" else "failures", "1")
         node = ET.SubElement(case, kind, message=result.get("reason", ""), type=result.get("outcome", "fail"))
-        node.text = "\n\n".join("\n".join(e["excerpt"]) for e in result.get("events", []))
+        node.text = "\n\n".join(["\n".join(e["excerpt"]) for e in result.get("events", [])]
+                                + [(result.get("divergence") or {}).get("text", "")]).strip()
     path = run_dir / "junit.xml"
     atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root, encoding="unicode") + "\n")
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import replace
@@ -11,6 +12,7 @@ from harness.el2.snapshot import El2Reader
 from harness.el2.trace import Tracer
 from harness.image.initramfs import build_initramfs
 from harness.image.payloads import GUEST_DIR, build_payloads
+from harness.report.schema import problems
 from harness.targets.qemu import socket_path
 from harness.targets.qemu_target import QemuTarget
 from tests.integration.conftest import HARNESS, qemu_pids_mentioning
@@ -58,6 +60,9 @@ def test_trace_and_offline_replay_from_the_cli(kernel, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS: 0 divergences" in r.stdout and "host_s2_pool" in r.stdout
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert problems(result) == [] and result["command"] == "trace" and result["outcome"] == "pass"
+    assert result["operations"] > 0 and result["divergence"] is None and (run_dir / "junit.xml").is_file()
     again = subprocess.run([*HARNESS, "replay", str(run_dir / "trace.jsonl")], capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0 and "PASS: 0 divergences" in again.stdout
