@@ -23,6 +23,8 @@ def _kernel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kernel")
     g.add_argument("--kernel-src", type=Path, metavar="PATH",
                    help="kernel tree (git or plain) or source tarball; default: Debian's linux-source-6.12")
+    g.add_argument("--kernel", choices=["6.12", "6.1"], metavar="X.Y",
+                   help="Debian's linux-source-X.Y: 6.12 (the default) or 6.1 (LTS)")
     g.add_argument("--config", action="append", default=[], metavar="FRAGMENT", dest="fragments",
                    help="extra config fragment: a path or a name in kernel_configs/ (repeatable; "
                         "pkvm.config is always applied first)")
@@ -197,7 +199,8 @@ def cmd_bisect(a: argparse.Namespace) -> int:
 
 
 def _kernel_options(a: argparse.Namespace) -> pipeline.KernelOptions:
-    return pipeline.KernelOptions(kernel_src=a.kernel_src, fragments=a.fragments, kconfig=a.kconfig,
+    return pipeline.KernelOptions(kernel_src=a.kernel_src, kernel=a.kernel, fragments=a.fragments,
+                                  kconfig=a.kconfig,
                                   cross_compile=a.cross_compile, jobs=a.jobs, build_timeout=a.build_timeout,
                                   patches=a.patches)
 

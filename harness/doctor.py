@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import REPO_ROOT
-from harness.kernel.source import DEFAULT_TARBALL
+from harness.kernel.source import DEBIAN_TARBALLS
 
 PACKAGES_FILE = REPO_ROOT / "ci" / "debian-packages.txt"
 PYTHON_MODULES = {"pexpect": "pexpect", "elftools": "pyelftools", "paramiko": "paramiko",
@@ -57,8 +57,9 @@ def checks(cache_dir: Path) -> list[Check]:
     for tool in TOOLS:
         path = shutil.which(tool)
         out.append(Check(f"tool {tool}", bool(path), path or "not on PATH", "make setup"))
-    out.append(Check("kernel source", DEFAULT_TARBALL.is_file(), str(DEFAULT_TARBALL),
-                     "apt-get install -y linux-source-6.12"))
+    for version, tarball in DEBIAN_TARBALLS.items():
+        out.append(Check(f"kernel source {version}", tarball.is_file(), str(tarball),
+                         f"apt-get install -y linux-source-{version}"))
     for module, dist in PYTHON_MODULES.items():
         found = importlib.util.find_spec(module.split(".")[0]) is not None
         if found and "." in module:

@@ -24,6 +24,7 @@ from harness.targets.qemu import QemuSpec, find_qemu, qmp_socket_path
 @dataclass
 class KernelOptions:
     kernel_src: Path | None = None
+    kernel: str | None = None          # "6.1", "6.12": a Debian linux-source package
     fragments: list[str] = field(default_factory=list)
     kconfig: list[str] = field(default_factory=list)
     cross_compile: str = "aarch64-linux-gnu-"
@@ -46,9 +47,10 @@ class BootOptions:
 
 def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> BuildRequest:
     """Validate the kernel inputs (no build yet): source, fragments, compiler."""
-    requested = kconfig.merge(opts.fragments, opts.kconfig)
-    source = ksource.with_patches(ksource.resolve(opts.kernel_src, cache_dir, quiet=quiet),
+    kconfig.merge(opts.fragments, opts.kconfig)       # bad fragments are refused before any unpacking
+    source = ksource.with_patches(ksource.resolve(opts.kernel_src, cache_dir, quiet=quiet, kernel=opts.kernel),
                                   [Path(p) for p in opts.patches], cache_dir, quiet=quiet)
+    requested = kconfig.merge(opts.fragments, opts.kconfig, version=source.version)
     req = BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
                        cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,
                        **({"jobs": opts.jobs} if opts.jobs else {}))

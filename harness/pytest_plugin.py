@@ -35,6 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--smp", type=int, default=2, help="QEMU vCPUs")
     g.addoption("--mem", default="1024", help="QEMU memory")
     g.addoption("--kernel-src", type=Path, default=None, help="kernel tree or tarball (default: Debian 6.12)")
+    g.addoption("--kernel", default=None, choices=["6.12", "6.1"], dest="pkvm_kernel",
+                help="Debian's linux-source-X.Y (6.12 default, 6.1 LTS)")
     g.addoption("--config", action="append", default=[], dest="pkvm_fragments",
                 help="extra kernel config fragment (repeatable)")
     g.addoption("--kconfig", action="append", default=[], dest="pkvm_kconfig", help="extra CONFIG_X=y")
@@ -108,6 +110,7 @@ def _make_qemu_target(config: pytest.Config, run_dir: Path):
 
     cache = default_cache_dir()
     kopts = pipeline.KernelOptions(kernel_src=config.getoption("--kernel-src"),
+                                   kernel=config.getoption("pkvm_kernel"),
                                    fragments=config.getoption("pkvm_fragments"),
                                    kconfig=config.getoption("pkvm_kconfig"),
                                    patches=config.getoption("pkvm_patches"))

@@ -18,6 +18,8 @@ from harness.errors import ConfigError, UsageError
 
 FRAGMENTS_DIR = REPO_ROOT / "kernel_configs"
 DEFAULT_FRAGMENTS = ("pkvm.config",)
+# Applied after pkvm.config when the source is that version: pkvm-<major>.<minor>.config.
+VERSION_FRAGMENT = "pkvm-{major}.{minor}.config"
 
 _SET_RE = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set\s*$")
@@ -74,10 +76,20 @@ def find_fragment(name: str) -> Path:
                      hint=f"pass a file path or one of kernel_configs/: {known}")
 
 
-def merge(fragments: list[str], kconfig: list[str]) -> dict[str, ConfigOption]:
-    """Default fragments, then --config fragments, then --kconfig options; later ones win."""
+def version_fragments(version: str | None) -> list[str]:
+    """The per-version fragment of a kernel version ("6.1.192" -> pkvm-6.1.config), if there is one."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    if not m:
+        return []
+    name = VERSION_FRAGMENT.format(major=m.group(1), minor=m.group(2))
+    return [name] if (FRAGMENTS_DIR / name).is_file() else []
+
+
+def merge(fragments: list[str], kconfig: list[str], version: str | None = None) -> dict[str, ConfigOption]:
+    """Default fragments, the source version's own, then --config fragments, then --kconfig
+    options; later ones win."""
     merged: dict[str, ConfigOption] = {}
-    for name in [*DEFAULT_FRAGMENTS, *fragments]:
+    for name in [*DEFAULT_FRAGMENTS, *version_fragments(version), *fragments]:
         path = find_fragment(name)
         for opt in parse_fragment(path.read_text(), path.name):
             merged.pop(opt.name, None)  # re-insert so the text keeps the override order

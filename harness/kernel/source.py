@@ -19,7 +19,10 @@ from harness.errors import InfraError, UsageError
 from harness.fsutil import atomic_dir, atomic_write_text, file_lock, sha256_file
 from harness.progress import Progress
 
-DEFAULT_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
+# `--kernel X.Y`: Debian's linux-source-X.Y packages (ci/debian-packages.txt installs both).
+DEBIAN_TARBALLS = {"6.12": Path("/usr/src/linux-source-6.12.tar.xz"), "6.1": Path("/usr/src/linux-source-6.1.tar.xz")}
+DEFAULT_KERNEL = "6.12"
+DEFAULT_TARBALL = DEBIAN_TARBALLS[DEFAULT_KERNEL]
 TARBALL_SUFFIXES = (".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tgz")
 # A file only pKVM kernels have: its presence says the tree can run protected mode at all.
 PKVM_MARKER = Path("arch/arm64/kvm/hyp/nvhe/page_alloc.c")
@@ -48,13 +51,25 @@ class KernelSource:
         return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
 
 
-def resolve(kernel_src: Path | None, cache_dir: Path, *, quiet: bool = False) -> KernelSource:
-    """Resolve --kernel-src (a tree or a tarball) or the default Debian tarball."""
+def debian_tarball(kernel: str) -> Path:
+    """`--kernel 6.1` -> Debian's linux-source-6.1 tarball; a clear error if unknown or not installed."""
+    if kernel not in DEBIAN_TARBALLS:
+        raise UsageError(f"--kernel {kernel} is not a Debian kernel source the harness knows",
+                         hint=f"use one of {', '.join(DEBIAN_TARBALLS)}, or --kernel-src PATH for any tree")
+    tarball = DEBIAN_TARBALLS[kernel]
+    if not tarball.is_file():
+        raise UsageError(f"the kernel source {tarball} is missing",
+                         hint=f"run `make setup` (installs linux-source-{kernel}) or pass --kernel-src PATH")
+    return tarball
+
+
+def resolve(kernel_src: Path | None, cache_dir: Path, *, quiet: bool = False,
+            kernel: str | None = None) -> KernelSource:
+    """Resolve --kernel-src (a tree or a tarball), --kernel X.Y (a Debian tarball), or the default."""
+    if kernel_src is not None and kernel is not None:
+        raise UsageError("--kernel and --kernel-src both name the source", hint="give one of them")
     if kernel_src is None:
-        if not DEFAULT_TARBALL.is_file():
-            raise UsageError(f"the default kernel source {DEFAULT_TARBALL} is missing",
-                             hint="run `make setup` (installs linux-source-6.12) or pass --kernel-src PATH")
-        return _from_tarball(DEFAULT_TARBALL, cache_dir, quiet=quiet)
+        return _from_tarball(debian_tarball(kernel or DEFAULT_KERNEL), cache_dir, quiet=quiet)
     path = kernel_src.expanduser()
     if not path.exists():
         raise UsageError(f"--kernel-src {kernel_src} does not exist",
