@@ -4,10 +4,11 @@
 # reports (report.md, report.html). GitHub Actions calls it (.github/workflows/nightly.yml); any
 # other CI can call it the same way.
 #
-# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel-src PATH]
-#                      [--kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
-#   --cpu         QEMU -cpu (max: hVHE, cortex-a72: nVHE); default max
-#   --kernel-src  a kernel tree or tarball; default Debian's linux-source-6.12
+# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel 6.12|6.1 | --kernel-src PATH |
+#                      --kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
+#   --cpu         QEMU -cpu (max: hVHE on 6.12, nVHE on 6.1; cortex-a72: nVHE); default max
+#   --kernel      Debian's linux-source-X.Y; default 6.12
+#   --kernel-src  a kernel tree or tarball
 #   --kernel-git  fetch REF (default master) of this git URL, shallow, and test that tree instead
 #   --out         where the results go; default runs/nightly-<cpu>-<time>
 # Exit status: pytest's (0 all passed, 1 a test failed), 2 bad usage, and the harness's codes
@@ -17,6 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cpu=max
 kernel_src=""
+kernel=""
 git_url=""
 git_ref=master
 out=""
@@ -26,6 +28,7 @@ usage() { echo "ci/nightly.sh: $*; see the usage at the top of ci/nightly.sh" >&
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=${2:?}; shift 2 ;;
+    --kernel) kernel=${2:?}; shift 2 ;;
     --kernel-src) kernel_src=${2:?}; shift 2 ;;
     --kernel-git) git_url=${2:?}; shift 2 ;;
     --kernel-ref) git_ref=${2:?}; shift 2 ;;
@@ -34,8 +37,10 @@ while [ $# -gt 0 ]; do
     *) usage "unknown argument '$1'" ;;
   esac
 done
-if [ -n "$git_url" ] && [ -n "$kernel_src" ]; then usage "give --kernel-src or --kernel-git, not both"; fi
-out=${out:-runs/nightly-${cpu}-$(date +%Y%m%d-%H%M%S)}
+sources=0
+for given in "$kernel" "$kernel_src" "$git_url"; do if [ -n "$given" ]; then sources=$((sources + 1)); fi; done
+if [ "$sources" -gt 1 ]; then usage "give one of --kernel, --kernel-src and --kernel-git, not both"; fi
+out=${out:-runs/nightly-${kernel:-6.12}-${cpu}-$(date +%Y%m%d-%H%M%S)}
 if [ -e "$out/suites/result.json" ]; then usage "$out already holds a finished run; pick a new --out"; fi
 
 cd "$here"
@@ -57,6 +62,7 @@ if [ -n "$git_url" ]; then
 fi
 src_args=()
 if [ -n "$kernel_src" ]; then src_args=(--kernel-src "$kernel_src"); fi
+if [ -n "$kernel" ]; then src_args=(--kernel "$kernel"); fi
 
 mkdir -p "$out"
 # Built first and on its own, so a cold build shows its progress (plain lines in CI).

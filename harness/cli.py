@@ -273,30 +273,31 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     else:
         snap = pipeline.inspect_booted(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
                                        before=a.run, quiet=a.quiet)
-    findings = None
+    checked = None
     if a.check:
-        from harness.model.invariants import choose_rules, run_checks
-        rules = choose_rules(snap.kernel_version, snap.hyp_page_shape)
-        findings = run_checks(snap)
+        from harness.model.invariants import evaluate
+        checked = evaluate(snap)
     if a.json:
         out = snap.to_dict()
-        if findings is not None:
-            out["model_rules"] = rules.name
-            out["findings"] = [f.__dict__ for f in findings]
+        if checked is not None:
+            out["model_rules"] = checked.rules.name
+            out["model_rules_warning"] = checked.rules.warning
+            out["invariants_ran"] = checked.ran
+            out["invariants_not_applicable"] = checked.not_applicable
+            out["findings"] = [f.__dict__ for f in checked.findings]
         print(json.dumps(out, indent=1))
     else:
         print(render_text(snap))
-        if findings is not None:
-            print(f"invariants (model rules {rules.name} for Linux {snap.kernel_version}"
-                  f"{'; ' + rules.warning if rules.warning else ''}): {len(findings)} finding(s)")
-            for f in findings:
+        if checked is not None:
+            print(f"invariants: {checked.summary()}")
+            for f in checked.findings:
                 print(f"  {f}")
     if a.png:
         from harness.el2.picture import render
         render(snap, a.png)
         if not a.json:
             print(f"picture: {a.png}")
-    return ExitCode.TEST_FAILURE if findings else ExitCode.PASS
+    return ExitCode.TEST_FAILURE if checked and checked.findings else ExitCode.PASS
 
 
 def _print_replay(result, names_in_order: list[str] | None = None) -> int:

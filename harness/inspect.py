@@ -48,6 +48,8 @@ def render_text(snap: Snapshot) -> str:
             lines.append(f"  ! {err}")
     if snap.hyp_s1:
         lines.append(f"hyp stage-1: {len(snap.hyp_s1.leaves)} leaves in {len(snap.hyp_s1.tables)} table pages")
+    for part, why in snap.absent.items():
+        lines.append(f"not in this kernel: {part}: {why}")
     for part, why in snap.unavailable.items():
         lines.append(f"unavailable: {part}: {why}")
     return "\n".join(lines)

@@ -215,16 +215,16 @@ def el2(target):
     reader.close()
 
 
-# The pKVM mode each QEMU -cpu gives with kvm-arm.mode=protected on 6.12 (VHE-capable CPUs: hVHE).
-QEMU_CPU_MODES = {"max": "hVHE", "cortex-a72": "nVHE", "cortex-a57": "nVHE", "cortex-a53": "nVHE"}
-
-
 @pytest.fixture(scope="session")
 def expected_pkvm_mode(request: pytest.FixtureRequest, target) -> str | None:
+    """--expect-mode, else what the QEMU CPU and the kernel give (6.1 has no hVHE), else None."""
+    from harness.targets.qemu import expected_pkvm_mode as expected
+
     given = request.config.getoption("--expect-mode")
     if given:
         return given
-    return QEMU_CPU_MODES.get(getattr(getattr(target, "spec", None), "cpu", None) or "")
+    spec, kernel = getattr(target, "spec", None), getattr(target, "kernel", None)
+    return expected(spec.cpu, kernel.image) if spec is not None and kernel is not None else None
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@
 decodes everything from those copies, and resumes. A snapshot that finds a pool or the host
 stage-2 lock held (owner != next: a vCPU was inside EL2) is thrown away and retried after the
 machine ran briefly. Every offset comes from the vmlinux's DWARF (harness.el2.symbols); a part
-this kernel lacks or shapes differently is listed in `Snapshot.unavailable` with the reason.
+this kernel lacks by design is listed in `Snapshot.absent`, one that could not be read in
+`Snapshot.unavailable`, each with the reason.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Snapshot:
     lpa2: bool = False
     vmemmap_va: int | None = None
     hyp_page_shape: dict[str, int] | None = None      # {"size", "refcount_bits", "order_bits"} from DWARF
-    unavailable: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)   # parts that could not be read: why
+    absent: dict[str, str] = field(default_factory=dict)        # parts this kernel version lacks: why
 
     _vmemmap: Callable[[int], tuple[int, int]] | None = field(default=None, repr=False)
 
@@ -141,7 +143,7 @@ class Snapshot:
                                    for r in merge_ranges(self.host_s2.leaves)] if self.host_s2 else [],
                         "errors": self.host_s2.errors if self.host_s2 else []},
             "hyp_s1": {"leaves": len(self.hyp_s1.leaves), "tables": len(self.hyp_s1.tables)} if self.hyp_s1 else None,
-            "unavailable": self.unavailable,
+            "unavailable": self.unavailable, "absent": self.absent,
         }
 
 
@@ -276,6 +278,8 @@ class El2Reader:
         def part(name: str, fn) -> None:
             try:
                 fn()
+            except ksyms.NotInThisKernel as e:
+                snap.absent[name] = str(e)
             except _DECODE_ERRORS as e:
                 snap.unavailable[name] = f"{type(e).__name__}: {e}"
 
@@ -371,7 +375,10 @@ class El2Reader:
 
     def _vms(self, cache: RegionCache, snap: Snapshot) -> None:
         if NVHE + "vm_table" not in self.kernel.symbols:
-            raise ksyms.Unavailable("no vm_table in this kernel (per-VM pools came with 6.2)")
+            if self.kernel.version_tuple < (6, 2):
+                raise ksyms.NotInThisKernel(f"Linux {self.kernel.version} has no vm_table: pKVM tracks VMs at "
+                                            "EL2, with per-VM pools, from 6.2")
+            raise ksyms.Unavailable(f"symbol {NVHE}vm_table is not in this vmlinux")
         table_va = cache.u64(self.kpa(NVHE + "vm_table"))
         if not table_va:
             return

@@ -34,6 +34,11 @@ class Unavailable(LookupError):
     """A symbol or layout this kernel does not have (or has in another shape)."""
 
 
+class NotInThisKernel(Unavailable):
+    """A part this kernel version does not have by design (e.g. vm_table before 6.2), as opposed
+    to one that could not be read."""
+
+
 @dataclass(frozen=True)
 class Field:
     offset: int                 # bytes from the start of the outermost struct

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Optional
 
 from harness.model.buddy import VersionRules, version_rules
 
@@ -37,14 +37,36 @@ class Finding:
 
 
 Check = Callable[[Any, VersionRules], Iterable[Finding]]
+# Why a check does not apply to this snapshot's kernel (None: it applies).
+Applies = Callable[[Any, VersionRules], Optional[str]]
 CHECKS: dict[str, Check] = {}
+APPLIES: dict[str, Applies] = {}
 
 
-def check(name: str) -> Callable[[Check], Check]:
+def check(name: str, applies: Applies | None = None) -> Callable[[Check], Check]:
     def register(fn: Check) -> Check:
         CHECKS[name] = fn
+        if applies is not None:
+            APPLIES[name] = applies
         return fn
     return register
+
+
+@dataclass
+class Evaluation:
+    """What ran on a snapshot: the rules chosen, the findings, and each check that did not apply."""
+    rules: VersionRules
+    findings: list[Finding]
+    ran: list[str]
+    not_applicable: dict[str, str]      # check -> why it does not apply to this kernel
+
+    def summary(self) -> str:
+        text = (f"model rules {self.rules.name} for Linux {self.rules.requested}"
+                f"{'; ' + self.rules.warning if self.rules.warning else ''}: {len(self.ran)} invariants ran, "
+                f"{len(self.findings)} finding(s)")
+        for name, why in self.not_applicable.items():
+            text += f"\n  not applicable: {name}: {why}"
+        return text
 
 
 # Versions whose rule sets differ in hyp_page's layout: (refcount bits, order bits) -> a version.
@@ -71,14 +93,31 @@ def choose_rules(version: str, shape: dict[str, int] | None = None) -> VersionRu
                            f"({seen[0]}-bit refcount, {seen[1]}-bit order): using the {chosen.name} rules")
 
 
-def run_checks(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> list[Finding]:
-    """Every registered check (or `only` those) on `snap`; the kernel picks the buddy rules."""
+def evaluate(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> Evaluation:
+    """Every registered check (or `only` those) that applies to `snap`'s kernel, which picks the
+    buddy rules; the others are listed with the reason, never skipped silently."""
     rules = choose_rules(version or getattr(snap, "kernel_version", "6.12"), getattr(snap, "hyp_page_shape", None))
-    out: list[Finding] = []
+    result = Evaluation(rules, [], [], {})
     for name, fn in CHECKS.items():
-        if only is None or name in only:
-            out.extend(fn(snap, rules))
-    return out
+        if only is not None and name not in only:
+            continue
+        why = APPLIES[name](snap, rules) if name in APPLIES else None
+        if why:
+            result.not_applicable[name] = why
+            continue
+        result.ran.append(name)
+        result.findings.extend(fn(snap, rules))
+    return result
+
+
+def run_checks(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> list[Finding]:
+    """The findings of `evaluate()`."""
+    return evaluate(snap, version, only).findings
+
+
+def _absent(part: str) -> Applies:
+    """Not applicable when the snapshot says this kernel lacks `part` (Snapshot.absent)."""
+    return lambda snap, rules: getattr(snap, "absent", {}).get(part)
 
 
 def _blocks(pool: Any) -> Iterable[tuple[int, int]]:
@@ -280,7 +319,7 @@ def carveout_hyp_owned(snap: Any, rules: VersionRules) -> Iterable[Finding]:
                               "invalid, owner hyp", leaf.describe() if hasattr(leaf, "describe") else f"{leaf.pte:#x}")
 
 
-@check("vm-table")
+@check("vm-table", applies=_absent("vm_table"))
 def vm_table(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.19: handle == 0x1000 + slot, and the VM's stage-2 PGD is the first page of its pool."""
     for vm in getattr(snap, "vms", []):

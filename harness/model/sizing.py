@@ -10,6 +10,10 @@ Linux 6.12, arch/arm64/kvm/pkvm.c:59-105 and arch/arm64/include/asm/kvm_pkvm.h:2
 
 then rounded up to 2 MiB when the PMD-aligned allocation succeeds (it does on the machines here),
 and printed as "Reserved N MiB at 0x...".
+
+Before 6.2 (6.1: arch/arm64/kvm/pkvm.c:54-99) there is no vm_table and no FF-A proxy, and the
+vmemmap backs only the carveout itself: its size is the fixed point of "a hyp_page per carveout
+page, plus the page tables mapping them".
 """
 
 from __future__ import annotations
@@ -71,14 +75,40 @@ def _vmemmap_bytes(base: int, size: int, entry_size: int) -> int:
     return (-(-end // PAGE) * PAGE) - (start // PAGE * PAGE)
 
 
+def _carveout_vmemmap(hyp_mem_pages: int, entry_size: int, levels: int) -> int:
+    """The fixed point of 6.1's kvm_hyp_reserve loop: vmemmap pages for the carveout, including
+    themselves, plus the page tables that map them."""
+    nr = 0
+    while True:
+        prev = nr
+        nr = -(-((hyp_mem_pages + prev) * entry_size) // PAGE)
+        nr += _pgtable_max_pages(nr, levels)
+        if nr == prev:
+            return nr
+
+
 def hyp_reserve(memblocks: list[tuple[int, int]], version: tuple[int, ...], hyp_page_size: int) -> HypReserve:
     """`memblocks`: (base, size) of every region in hyp_memory; `hyp_page_size`: sizeof(struct
     hyp_page) from the kernel's DWARF (4 in 6.12)."""
-    if version < (6, 2):
-        raise ValueError(f"hyp memory sizing is modelled from 6.2 on, not {'.'.join(map(str, version))}")
+    if version < (5, 13):
+        raise ValueError(f"pKVM came with 5.13; there is no hyp memory to size in {'.'.join(map(str, version))}")
     levels = LEVELS_FROM_6_7 if version >= (6, 7) else LEVELS_BEFORE_6_7
     all_memory = sum(_pgtable_max_pages(size >> PAGE_SHIFT, levels) for _, size in memblocks)
     one_gib = _pgtable_max_pages(SZ_1G >> PAGE_SHIFT, levels)
+    if version < (6, 2):
+        tables = 2 * (all_memory + one_gib) + 16
+        return HypReserve(hyp_s1=all_memory + one_gib, host_s2=all_memory + 16 + one_gib, vm_table=0,
+                          vmemmap=_carveout_vmemmap(tables, hyp_page_size, levels), ffa_proxy=0)
     vmemmap = sum(_vmemmap_bytes(base, size, hyp_page_size) for base, size in memblocks) >> PAGE_SHIFT
     return HypReserve(hyp_s1=all_memory + one_gib, host_s2=all_memory + 16 + one_gib,
                       vm_table=-(-(KVM_MAX_PVMS * 8) // PAGE), vmemmap=vmemmap, ffa_proxy=FFA_PROXY_PAGES)
+
+
+def memory_for_hpool_pages(pages: int, version: tuple[int, ...], base: int = 0x4000_0000,
+                           hyp_page_size: int = 4) -> int:
+    """The smallest RAM size in MiB (one memblock at `base`) that gives hpool exactly `pages` pages
+    (hpool is hyp_s1_pgtable_pages() long): how a test gets a pool of a chosen size on a live boot."""
+    for mib in range(64, 64 << 10):
+        if hyp_reserve([(base, mib << 20)], version, hyp_page_size).hyp_s1 == pages:
+            return mib
+    raise ValueError(f"no memory size gives hpool {pages} pages on Linux {'.'.join(map(str, version))}")

@@ -28,6 +28,24 @@ BASE_CMDLINE = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 rdinit=/init"
 # AF_UNIX paths are limited to 108 bytes; longer run-dir paths get a socket in /tmp.
 _SUN_PATH_MAX = 100
 
+# QEMU CPUs with VHE (ARMv8.1+) run a kernel that knows hVHE in hVHE; the others in nVHE.
+VHE_CPUS = {"max", "host", "cortex-a76", "cortex-a710", "neoverse-n1", "neoverse-n2", "neoverse-v1", "a64fx"}
+NON_VHE_CPUS = {"cortex-a53", "cortex-a57", "cortex-a72"}
+
+
+def kernel_knows_hvhe(image: Path) -> bool:
+    """hVHE came with the `arm64_sw.hvhe` override (6.6): its name is in the Image of such a kernel."""
+    return b"hvhe" in image.read_bytes()
+
+
+def expected_pkvm_mode(cpu: str, image: Path) -> str | None:
+    """The mode kvm-arm.mode=protected gives on this QEMU CPU with this kernel; None if unknown."""
+    if cpu in NON_VHE_CPUS:
+        return "nVHE"
+    if cpu in VHE_CPUS:
+        return "hVHE" if kernel_knows_hvhe(image) else "nVHE"
+    return None
+
 
 @dataclass(frozen=True)
 class QemuSpec:

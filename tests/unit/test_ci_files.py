@@ -46,7 +46,8 @@ def test_the_matrix_covers_hvhe_and_nvhe_and_an_optional_git_kernel(workflow):
     assert matrix["cpu"] == ["max", "cortex-a72"]
     assert suites["strategy"]["fail-fast"] is False
     expr = matrix["kernel"]
-    assert "inputs.kernel_git_url" in expr and '"debian-6.12", "git"' in expr and "'[\"debian-6.12\"]'" in expr
+    assert "inputs.kernel_git_url" in expr
+    assert '\'["debian-6.12", "debian-6.1", "git"]\'' in expr and '\'["debian-6.12", "debian-6.1"]\'' in expr
     assert suites["container"].startswith("debian:12")
 
 
@@ -55,6 +56,7 @@ def test_the_suites_job_sets_up_caches_runs_uploads_and_publishes(workflow):
     runs = "\n".join(_runs(suites))
     assert "make setup" in runs                                  # the README's set-up command
     assert "ci/nightly.sh" in runs and '--cpu "$CPU"' in runs and "--kernel-git" in runs
+    assert '--kernel "${KERNEL#debian-}"' in runs                # debian-6.1 -> --kernel 6.1
     uses = _uses(suites)
     assert uses.index("actions/cache/restore") < uses.index("actions/cache/save")
     save = next(s for s in suites["steps"] if s.get("uses", "").startswith("actions/cache/save"))

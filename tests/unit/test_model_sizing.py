@@ -24,6 +24,14 @@ def test_four_levels_before_lpa2():
     assert hyp_reserve([(0x4000_0000, 1 << 30)], (6, 6), 4).hyp_s1 == 2 * (512 + 1 + 1 + 1)
 
 
-def test_an_unmodelled_version_is_refused():
-    with pytest.raises(ValueError, match="from 6.2"):
-        hyp_reserve([(0x4000_0000, 1 << 30)], (6, 1), 4)
+def test_6_1_backs_only_the_carveout_with_vmemmap_and_has_no_vm_table_or_ffa():
+    r = hyp_reserve([(0x4000_0000, 1 << 30)], (6, 1), 4)
+    # 515 table pages per GiB over 4 levels; the vmemmap fixed point: 2076 pages -> 3 vmemmap
+    # pages (4 bytes each), 7 with the 4 table pages that map them, and 2083 * 4 bytes still fit 3 pages
+    assert (r.hyp_s1, r.host_s2, r.vm_table, r.vmemmap, r.ffa_proxy) == (1030, 1046, 0, 7, 0)
+    assert r.mib == 10
+
+
+def test_before_pkvm_is_refused():
+    with pytest.raises(ValueError, match="came with 5.13"):
+        hyp_reserve([(0x4000_0000, 1 << 30)], (5, 12), 4)
