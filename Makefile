@@ -39,12 +39,11 @@ test-slow: setup
 test-mutants: setup
 	$(BIN)/python -m pytest tests/mutants -m mutant $(PYTEST_ARGS)
 
+# All figures in one run (about 45 min on 2 cores): a table, bench/results/run.json, and
+# docs/benchmarks.md + docs/benchmarks-scaling.png rewritten. bench/model.py and
+# bench/bisect_bench.py also run alone.
 bench: setup
-	$(BIN)/python bench/boot.py
-	$(BIN)/python bench/snapshot.py
-	$(BIN)/python bench/model.py
-	$(BIN)/python bench/trace.py
-	$(BIN)/python bench/bisect.py
+	$(BIN)/python bench/run.py --docs $(ARGS)
 
 lint: setup-test-tools
 	shellcheck ci/*.sh .ci/run

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 # Benchmarks run as scripts (python bench/x.py): make the repository importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def stats(values: list[float], digits: int = 3) -> dict:

@@ -1,0 +1,282 @@
+"""The measurements bench/run.py makes. Each returns raw samples (lists of seconds or ms); the
+caller summarises them. Nothing here asserts: figures are printed beside their targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import ROOT  # noqa: E402  (also puts the repo on sys.path)
+
+from harness import pipeline  # noqa: E402
+from harness.el2.snapshot import El2Reader  # noqa: E402
+from harness.el2.trace import Tracer  # noqa: E402
+from harness.image.initramfs import READY_MARKER, build_initramfs  # noqa: E402
+from harness.image.payloads import GUEST_DIR, build_payloads  # noqa: E402
+from harness.kernel.build import KernelArtifacts, build  # noqa: E402
+from harness.paths import default_cache_dir  # noqa: E402
+from harness.pipeline import replay_trace  # noqa: E402
+from harness.targets.qemu import socket_path  # noqa: E402
+from harness.targets.qemu_target import QemuTarget  # noqa: E402
+from harness.verdict import PKVM_UP_RE  # noqa: E402
+
+HARNESS = [sys.executable, "-m", "harness"]
+LIFECYCLE = f"{GUEST_DIR}/pkvm_guest --vms 2 --vcpus 3 --pages 16"
+
+
+def _timed(argv: list[str], *, timeout: float, env: dict | None = None, cwd: Path = ROOT) -> float:
+    t = time.monotonic()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}... exited {r.returncode}: {(r.stdout + r.stderr)[-1500:]}")
+    return time.monotonic() - t
+
+
+def _until_line(argv: list[str], pattern: re.Pattern[str], *, timeout: float, env: dict | None = None,
+                cwd: Path = ROOT) -> float:
+    """Seconds from starting `argv` until one line of its output matches; then it is stopped."""
+    t = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    assert proc.stdout is not None
+    buf, seen = b"", []
+    try:
+        while time.monotonic() - t < timeout:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace")
+                seen.append(text)
+                if pattern.search(text):
+                    return time.monotonic() - t
+        raise RuntimeError(f"{' '.join(argv[:3])}...: no line matching {pattern.pattern!r} within "
+                           f"{timeout:.0f}s; last lines: {seen[-5:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
+# --- set-up and builds ------------------------------------------------------------------------
+
+def setup_python_env(runs: int) -> list[float]:
+    """`ci/setup.sh --python-only` into a new virtual environment, without pip's cache (the part of
+    a new machine's set-up that can be repeated here; apt's part is installed already)."""
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-venv-") as tmp:
+            out.append(_timed([str(ROOT / "ci" / "setup.sh"), "--python-only", "--venv", f"{tmp}/venv"],
+                              timeout=1800, env={"PIP_NO_CACHE_DIR": "1"}))
+    return out
+
+
+def recorded_cold_builds(cache: Path) -> list[float]:
+    """Cold builds (an empty O= directory) recorded in the kernel cache's meta.json files."""
+    out = []
+    for meta in (cache / "kernels").glob("*/meta.json"):
+        m = json.loads(meta.read_text())
+        if m.get("cold") and m.get("build_seconds"):
+            out.append(float(m["build_seconds"]))
+    return out
+
+
+def cold_build_now(cache: Path, runs: int) -> list[float]:
+    """A cold build into a scratch cache (the unpacked source is copied: unpacking is not building)."""
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-cache-") as scratch:
+            shutil.copytree(cache / "src", Path(scratch) / "src", symlinks=True)
+            t = time.monotonic()
+            build(pipeline.build_request(pipeline.KernelOptions(), Path(scratch), quiet=True))
+            out.append(time.monotonic() - t)
+    return out
+
+
+def warm_build_no_change(runs: int) -> list[float]:
+    """`pkvm-harness build` with the kernel cached: the real CLI, nothing to do."""
+    return [_timed([*HARNESS, "build", "-q"], timeout=600) for _ in range(runs)]
+
+
+def build_after_touching_page_alloc(runs: int, scratch: Path) -> list[float]:
+    """`pkvm-harness build --patch` with a one-line change to nvhe/page_alloc.c, new each run (so
+    each is a new kernel, built incrementally in the shared re-patched tree)."""
+    out = []
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for i in range(runs):
+        patch = scratch / f"touch-page-alloc-{i}.patch"
+        patch.write_text(
+            "--- a/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n+++ b/arch/arm64/kvm/hyp/nvhe/page_alloc.c\n"
+            "@@ -1,3 +1,4 @@\n // SPDX-License-Identifier: GPL-2.0-only\n"
+            f"+/* bench {stamp}-{i} */\n /*\n  * Copyright (C) 2020 Google LLC\n")
+        out.append(_timed([*HARNESS, "build", "-q", "--patch", str(patch)], timeout=1800))
+    return out
+
+
+# --- boot ----------------------------------------------------------------------------------------
+
+def harness_and_bare_boots(kernel: KernelArtifacts, cache: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds to the ready marker: the harness (QemuTarget: spawn, console, QMP, the shell's
+    marker) against the same QEMU command line run bare, its console read until the same marker."""
+    harness, bare = [], []
+    initramfs = build_initramfs(cache)
+    marker = re.compile(re.escape(READY_MARKER))
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-boot-") as tmp:
+            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
+            t = time.monotonic()
+            with QemuTarget(spec, Path(tmp)):
+                harness.append(time.monotonic() - t)
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-bare-") as tmp:
+            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
+            bare.append(_until_line(spec.argv(), marker, timeout=120))
+    return harness, bare
+
+
+def pkvm_up_times(kernel: KernelArtifacts, cache: Path, runs: int) -> list[float]:
+    """QEMU start to "Protected ... mode initialized", bare QEMU, console read directly."""
+    initramfs = build_initramfs(cache)
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-up-") as tmp:
+            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
+            out.append(_until_line(spec.argv(), PKVM_UP_RE, timeout=120))
+    return out
+
+
+# --- suites and the first verdict ------------------------------------------------------------------
+
+def suite_wall(runs: int) -> list[float]:
+    """The default (nightly) suites, `pytest test_suites -m "not slow"`, start to exit."""
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-suite-") as tmp:
+            out.append(_timed([sys.executable, "-m", "pytest", "test_suites", "-m", "not slow", "-q",
+                               "-p", "no:cacheprovider", "--run-dir", tmp], timeout=3600))
+    return out
+
+
+FIRST_PYTEST_RESULT = re.compile(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR)")
+
+
+def harness_first_verdict(runs: int) -> list[float]:
+    """`pytest test_suites/boot -v` from a warm cache, start to its first test result line."""
+    out = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-first-") as tmp:
+            out.append(_until_line([sys.executable, "-m", "pytest", "test_suites/boot", "-v", "-p",
+                                    "no:cacheprovider", "--run-dir", tmp], FIRST_PYTEST_RESULT, timeout=600))
+    return out
+
+
+FIRST_KUNIT_RESULT = re.compile(r"\[(PASSED|FAILED|SKIPPED)\]|^\s*(not )?ok \d+ ")
+
+
+def kunit_first_result(tree: Path, build_dir: Path, runs: int) -> tuple[float, list[float]]:
+    """KUnit's own tool from the same kernel tree: one run to build (cold, not counted in the
+    samples), then `runs` warm runs, each from start to its first test result line."""
+    argv = [sys.executable, str(tree / "tools/testing/kunit/kunit.py"), "run", "--arch", "arm64",
+            "--cross_compile", "aarch64-linux-gnu-", f"--build_dir={build_dir}", f"--jobs={os.cpu_count()}"]
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}      # the source tree is shared and never written
+    cold = _until_line(argv, FIRST_KUNIT_RESULT, timeout=3600, env=env, cwd=tree)
+    return cold, [_until_line(argv, FIRST_KUNIT_RESULT, timeout=900, env=env, cwd=tree) for _ in range(runs)]
+
+
+# --- EL2: snapshots, tracing, the model ------------------------------------------------------------
+
+def dwarf_parse_ms(kernel: KernelArtifacts, runs: int) -> tuple[list[float], list[float]]:
+    """The vmlinux's DWARF parsed from nothing (a new layout cache each time), and from the cache."""
+    from harness.el2 import symbols
+
+    first, cached = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-dwarf-") as scratch:
+            t = time.monotonic()
+            symbols.load(kernel.vmlinux, Path(scratch))
+            first.append((time.monotonic() - t) * 1000)
+            t = time.monotonic()
+            symbols.load(kernel.vmlinux, Path(scratch))
+            cached.append((time.monotonic() - t) * 1000)
+    return first, cached
+
+
+def snapshot_pauses(kernel: KernelArtifacts, cache: Path, mem: str, count: int) -> list[float]:
+    """ms the vCPUs stay paused for one EL2 snapshot, on a guest of `mem` MiB."""
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-snap-") as run_dir:
+        spec = pipeline.qemu_spec(pipeline.BootOptions(mem=mem), kernel, build_initramfs(cache), Path(run_dir))
+        with QemuTarget(spec, Path(run_dir)) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as r:
+            r.snapshot()                                   # DWARF and layout loaded once, not timed
+            return [r.snapshot().pause_ms for _ in range(count)]
+
+
+def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict]:
+    """Per run: the workload untraced and traced, the calls traced, and the model's replay time."""
+    cache = default_cache_dir()
+    req = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True)
+    kernel = build(req)
+    initramfs = build_initramfs(cache, build_payloads(req, kernel))
+    out = []
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-trace-") as tmp:
+        run_dir = Path(tmp)
+        spec = replace(pipeline.qemu_spec(pipeline.BootOptions(mem=mem), kernel, initramfs, run_dir),
+                       gdb_socket=socket_path(run_dir, "gdb.sock"))
+        with QemuTarget(spec, run_dir) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as reader:
+            for _ in range(runs):
+                t = time.monotonic()
+                target.run(workload, timeout=300).check()
+                plain = time.monotonic() - t
+                with Tracer(reader, spec.gdb_socket) as tracer:
+                    tracer.start()
+                    t = time.monotonic()
+                    target.run(workload, timeout=600).check()
+                    traced = time.monotonic() - t
+                    trace = tracer.stop()
+                t = time.perf_counter()
+                result = replay_trace(trace)
+                replay_s = time.perf_counter() - t
+                out.append({"untraced_s": plain, "traced_s": traced, "ops": len(trace.ops),
+                            "replay_s": replay_s, "divergences": 0 if result.ok else 1})
+    return out
+
+
+def model_ops_per_s(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+    from model import POOLS, record, replay
+
+    kinds, args = record(version, POOLS["1GiB"], n_ops, seed=20240611)
+    return [n_ops / replay(version, POOLS["1GiB"], kinds, args)[0] for _ in range(runs)]
+
+
+def model_replay_seconds(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+    from model import POOLS, record, replay
+
+    kinds, args = record(version, POOLS["1GiB"], n_ops, seed=20240611)
+    return [replay(version, POOLS["1GiB"], kinds, args)[0] for _ in range(runs)]
+
+
+def bisect_steps(cache: Path) -> list[float]:
+    """Seconds of each step of a whole bisect whose kernels are all new (bench/bisect.py)."""
+    from bisect_bench import run_bisect
+
+    report = run_bisect(cache, fresh_kernels=True)
+    return [s["seconds"] for s in report["steps"]]

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""How fast the harness is, against what a developer would use instead, in one run on one machine.
+
+Prints one table (median, min, max, n of every figure; each target beside it) and writes
+bench/results/run.json. With --docs it also rewrites the figures in docs/benchmarks.md and the
+scaling plot docs/benchmarks-scaling.png. Nothing here asserts: benchmarks report.
+
+Sections (all by default; --only a,b to pick):
+  setup     a new Python environment from scratch (ci/setup.sh --python-only, no pip cache)
+  build     cold (recorded in the cache, or --cold-builds N now), warm with no change, after
+            touching nvhe/page_alloc.c
+  boot      QEMU start to pKVM initialized and to the ready marker; the harness against bare QEMU
+  suite     the default (nightly) suites' wall time
+  kunit     time to the first test verdict: the harness against KUnit's kunit.py (same tree)
+  el2       snapshot latency, the cost of one traced operation, the model's ops/s
+  bisect    time per bisect step (the nine-commit history of tests/integration/kernel_history.py)
+  scaling   snapshot time and model replay time against guest memory and traced operations
+
+Usage: python bench/run.py [--runs 5] [--only SECTIONS] [--cold-builds N] [--docs] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import measure  # noqa: E402
+from common import ROOT, stats  # noqa: E402  (also puts the repo on sys.path)
+
+from harness import pipeline  # noqa: E402
+from harness.kernel.build import build  # noqa: E402
+from harness.paths import default_cache_dir  # noqa: E402
+
+SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "bisect", "scaling"]
+MEMORY_MIB = ["512", "1024", "2048", "4096"]
+MODEL_OPS = [1_000, 10_000, 100_000, 1_000_000]
+
+
+class Figures:
+    """Rows of (section, name, stats, unit, target) plus the raw extras for the JSON."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.extra: dict = {}
+
+    def add(self, section: str, name: str, values: list[float], unit: str, target: str = "",
+            digits: int = 3, note: str = "") -> dict:
+        row = {"section": section, "name": name, "unit": unit, "target": target, "note": note,
+               **stats(values, digits)}
+        self.rows.append(row)
+        print(f"  {name}: {row['median']} {unit} (min {row['min']}, max {row['max']}, n {row['n']})", flush=True)
+        return row
+
+    def ratio(self, section: str, name: str, num: list[float], den: list[float], target: str = "") -> dict:
+        """The ratio of the medians, and per-pair ratios for its spread (same run, same machine)."""
+        pairs = [a / b for a, b in zip(num, den)]
+        row = self.add(section, name, pairs, "x", target, digits=2)
+        row["ratio_of_medians"] = round(statistics.median(num) / statistics.median(den), 2)
+        return row
+
+
+def machine() -> dict:
+    qemu = subprocess.run(["qemu-system-aarch64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")))
+    os_name = next((line.split("=", 1)[1].strip('"') for line in Path("/etc/os-release").read_text().splitlines()
+                    if line.startswith("PRETTY_NAME")), platform.system())
+    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+            "os": os_name, "qemu": qemu, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="samples per figure (default 5)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections, comma-separated: {','.join(SECTIONS)}")
+    ap.add_argument("--cold-builds", type=int, default=0,
+                    help="measure N cold builds now (about 10 min each on 2 cores); default: the cache's record")
+    ap.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.md's figures and its plot")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "run.json")
+    a = ap.parse_args()
+    only = [s for s in a.only.split(",") if s]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        print(f"bench/run.py: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+
+    cache = default_cache_dir()
+    kernel = build(pipeline.build_request(pipeline.KernelOptions(), cache))
+    f = Figures()
+    f.extra["machine"] = machine()
+    f.extra["kernel"] = kernel.meta["version"]
+    n = a.runs
+    started = time.monotonic()
+
+    if "setup" in only:
+        print("setup", flush=True)
+        f.add("setup", "new Python environment (venv + pinned packages, no pip cache)",
+              measure.setup_python_env(n), "s", note="apt's part is not repeatable here (installed)")
+    if "build" in only:
+        print("build", flush=True)
+        cold = measure.cold_build_now(cache, a.cold_builds) if a.cold_builds else measure.recorded_cold_builds(cache)
+        if cold:
+            f.add("build", "kernel build, cold", cold, "s", "<= 360",
+                  note="measured now" if a.cold_builds else "recorded cold builds in the cache (various configs)")
+        f.add("build", "kernel build, warm, no change (`pkvm-harness build`)", measure.warm_build_no_change(n), "s")
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-patch-") as scratch:
+            f.add("build", "kernel build after touching nvhe/page_alloc.c",
+                  measure.build_after_touching_page_alloc(n, Path(scratch)), "s", "<= 90")
+    if "boot" in only:
+        print("boot", flush=True)
+        f.add("boot", "QEMU start to pKVM initialized", measure.pkvm_up_times(kernel, cache, n), "s")
+        harness, bare = measure.harness_and_bare_boots(kernel, cache, n)
+        f.add("boot", "to the ready marker: harness (QemuTarget)", harness, "s", "<= 1.5")
+        f.add("boot", "to the ready marker: bare qemu-system-aarch64", bare, "s")
+        f.ratio("boot", "harness / bare QEMU boot", harness, bare, "<= 1.1")
+    if "suite" in only:
+        print("suite", flush=True)
+        f.add("suite", "default suites (pytest test_suites -m 'not slow')", measure.suite_wall(n), "s", "<= 600")
+    if "kunit" in only:
+        print("kunit (the first run builds KUnit's kernel)", flush=True)
+        tree = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True).source.tree
+        harness_first = measure.harness_first_verdict(n)
+        cold, warm = measure.kunit_first_result(tree, cache / "bench-kunit", n)
+        f.extra["kunit_cold_first_result_s"] = round(cold, 1)
+        f.add("kunit", "first test verdict: harness (pytest test_suites/boot)", harness_first, "s")
+        f.add("kunit", "first test result: kunit.py run --arch arm64", warm, "s")
+        f.ratio("kunit", "harness / KUnit, time to first verdict", harness_first, warm)
+    if "el2" in only:
+        print("el2", flush=True)
+        first, cached = measure.dwarf_parse_ms(kernel, n)
+        f.add("el2", "DWARF layouts, first parse of vmlinux", first, "ms", "<= 10000", digits=0)
+        f.add("el2", "DWARF layouts, from the cache", cached, "ms", "<= 100", digits=1)
+        f.add("el2", "EL2 snapshot (vCPUs paused), 1 GiB guest", measure.snapshot_pauses(kernel, cache, "1024", 2 * n),
+              "ms", "<= 150", digits=1)
+        runs = measure.traced_workload("1024", n)
+        f.add("el2", "one traced allocator call",
+              [(r["traced_s"] - r["untraced_s"]) * 1000 / max(1, r["ops"]) for r in runs], "ms", "<= 5", digits=2)
+        f.add("el2", "traced / untraced workload", [r["traced_s"] / r["untraced_s"] for r in runs], "x", "<= 3",
+              digits=2)
+        f.add("el2", "buddy model, 1M random ops on a 1 GiB pool", measure.model_ops_per_s(1_000_000, n), "ops/s",
+              ">= 200000", digits=0)
+    if "bisect" in only:
+        print("bisect (the whole nine-commit bisect)", flush=True)
+        steps = measure.bisect_steps(cache)
+        if steps:
+            f.add("bisect", "bisect step (build + boot + allocator suite)", steps, "s", "<= 90", digits=1)
+    if "scaling" in only:
+        print("scaling", flush=True)
+        f.extra["scaling"] = scaling(kernel, cache, n)
+
+    f.extra["total_s"] = round(time.monotonic() - started, 1)
+    print_table(f.rows)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({**f.extra, "figures": f.rows}, indent=2) + "\n")
+    print(f"written {a.json}")
+    if a.docs:
+        from docs_writer import write_docs
+
+        for path in write_docs({**f.extra, "figures": f.rows}, ROOT / "docs"):
+            print(f"written {path}")
+    return 0
+
+
+def scaling(kernel, cache: Path, n: int) -> dict:
+    out: dict = {"memory_mib": [], "snapshot_ms": [], "replay_ms_per_op": [], "replay_ops": [],
+                 "model_ops": MODEL_OPS, "model_replay_s": []}
+    for mem in MEMORY_MIB:
+        pauses = measure.snapshot_pauses(kernel, cache, mem, 2 * n)
+        runs = measure.traced_workload(mem, max(1, n // 2))
+        out["memory_mib"].append(int(mem))
+        out["snapshot_ms"].append(stats(pauses, 1))
+        out["replay_ops"].append(statistics.median(r["ops"] for r in runs))
+        out["replay_ms_per_op"].append(stats([r["replay_s"] * 1000 / max(1, r["ops"]) for r in runs], 4))
+        print(f"  {mem} MiB: snapshot {out['snapshot_ms'][-1]['median']} ms, replay "
+              f"{out['replay_ms_per_op'][-1]['median']} ms/op", flush=True)
+    for ops in MODEL_OPS:
+        out["model_replay_s"].append(stats(measure.model_replay_seconds(ops, n), 4))
+        print(f"  {ops} ops: model replay {out['model_replay_s'][-1]['median']} s", flush=True)
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    width = max(len(r["name"]) for r in rows) + 2 if rows else 10
+    print(f"\n{'figure':{width}} {'median':>11} {'min':>11} {'max':>11} {'n':>3}  unit   target")
+    for r in rows:
+        print(f"{r['name']:{width}} {r['median']:>11} {r['min']:>11} {r['max']:>11} {r['n']:>3}  "
+              f"{r['unit']:<6} {r['target']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
