@@ -8,6 +8,7 @@ Built once per kernel cache key into payloads/<id>/bin/ (atomically). Headers co
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,11 @@ PAYLOAD_SOURCES = REPO_ROOT / "rootfs" / "payloads"
 SELFTESTS_FILE = REPO_ROOT / "rootfs" / "kvm-selftests.txt"
 GUEST_DIR = "/opt/pkvm-harness/bin"    # where payloads live in the initramfs
 _TIMEOUT = 900.0
+# The VM_MODE_* names of the tree's KVM selftests, in enum order: `-m N` means a different mode
+# in different kernels (6.12 added P52V48_16K second), so kvm-selftests.txt names modes instead.
+GUEST_MODES = "kvm-selftests/guest-modes"
+_MODE_ENUM_RE = re.compile(r"enum vm_guest_mode \{(.*?)\};", re.S)
+_MODE_ARG_RE = re.compile(r"(?<!\S)-m (P\w+)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,28 @@ def selftest_lines() -> list[tuple[str, str]]:
 
 def selftest_names() -> list[str]:
     return [name for name, _ in selftest_lines()]
+
+
+def guest_modes(selftests_dir: Path) -> list[str]:
+    """The tree's guest modes in enum order, without VM_MODE_ (kvm_util.h; kvm_util_base.h before 6.9)."""
+    for header in ("include/kvm_util.h", "include/kvm_util_base.h"):
+        path = selftests_dir / header
+        m = _MODE_ENUM_RE.search(path.read_text()) if path.is_file() else None
+        if m:
+            body = re.sub(r"/\*.*?\*/", "", m.group(1))
+            return [w.strip().removeprefix("VM_MODE_") for w in body.split(",")
+                    if w.strip() and w.strip() != "NUM_VM_MODES"]
+    raise BuildError(f"no enum vm_guest_mode in {selftests_dir}/include",
+                     hint="is this a kernel tree with KVM selftests?")
+
+
+def resolve_guest_modes(args: str, modes: list[str]) -> str:
+    """`-m P40V48_4K` -> `-m <its number in this kernel>`; a mode the kernel lacks is an error."""
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) not in modes:
+            raise ValueError(f"guest mode {m.group(1)} is not among this kernel's: {', '.join(modes)}")
+        return f"-m {modes.index(m.group(1))}"
+    return _MODE_ARG_RE.sub(number, args)
 
 
 def _sources_digest() -> str:
@@ -90,6 +118,8 @@ def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
                 dest = bin_dir / "kvm-selftests" / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 (kst / name).rename(dest)
+            modes = guest_modes(req.source.tree / "tools/testing/selftests/kvm")
+            (bin_dir / GUEST_MODES).write_text("\n".join(modes) + "\n")
             subprocess.run(["rm", "-rf", str(kst)], check=True)
     return Payloads(entry / "bin")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness import ktap
-from harness.image.payloads import selftest_lines
+from harness.image.payloads import GUEST_MODES, resolve_guest_modes, selftest_lines
 
 SELFTESTS = selftest_lines()
 
@@ -16,8 +16,15 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+@pytest.fixture(scope="module")
+def guest_modes(target, payload) -> list[str]:
+    """This kernel's guest mode names in enum order (written by the payload build)."""
+    return target.run(f"cat {payload(GUEST_MODES)}").check().stdout.split()
+
+
 @pytest.mark.parametrize("name,args", SELFTESTS, ids=[name for name, _ in SELFTESTS])
-def test_kvm_selftest(target, payload, subtests, name, args):
+def test_kvm_selftest(target, payload, subtests, guest_modes, name, args):
+    args = resolve_guest_modes(args, guest_modes)
     r = target.run(f"{payload('kvm-selftests/' + name)} {args} 2>&1", timeout=600)
     report = ktap.parse(r.stdout)
     if not report.is_tap:
