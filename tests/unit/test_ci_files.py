@@ -127,3 +127,19 @@ def test_ci_run_calls_the_readme_test_command_and_prints_pytest_summaries():
     assert "make test" in text
     assert "make test" in (ROOT / "README.md").read_text()
     assert re.search(r"grep .*(passed|failed)", text), "the pytest summary lines are printed at the end"
+
+
+def test_the_summary_script_renders_every_cell_into_one_report(tmp_path):
+    golden = ROOT / "tests" / "golden" / "report-mutant01"
+    for cell in ("debian-6.12-max", "debian-6.1-cortex-a72"):
+        shutil.copytree(golden, tmp_path / cell / "suites")
+    (tmp_path / "broken-cell").mkdir()                     # a cell that left nothing: not fatal
+    r = subprocess.run([str(ROOT / "ci" / "summary.sh"), str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| suites on QEMU -cpu max (hVHE), Linux 6.12.117 | **FAIL** |") == 2
+    assert (tmp_path / "report.html").read_text().count('class="verdict fail"') >= 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = subprocess.run([str(ROOT / "ci" / "summary.sh"), str(empty)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no cell under" in r.stderr
