@@ -10,7 +10,7 @@
 #   --kernel      Debian's linux-source-X.Y; default 6.12
 #   --kernel-src  a kernel tree or tarball
 #   --kernel-git  fetch REF (default master) of this git URL, shallow, and test that tree instead
-#   --out         where the results go; default runs/nightly-<cpu>-<time>
+#   --out         where the results go; default runs/nightly-<kernel>-<cpu>-<time>
 # Exit status: pytest's (0 all passed, 1 a test failed), 2 bad usage, and the harness's codes
 # (3 panic, 4 timeout, 5 infrastructure, 6 kernel build failure) when a stage fails before the tests.
 set -euo pipefail
