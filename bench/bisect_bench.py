@@ -26,7 +26,8 @@ from tests.integration.kernel_history import kernel_history  # noqa: E402
 
 
 def run_bisect(cache: Path, fresh_kernels: bool = True) -> dict:
-    """One whole bisect of the history; its report.json. `fresh_kernels`: a config no earlier run
+    """One whole bisect of the history, its ends checked first (six steps in all); its report.json.
+    `fresh_kernels`: a config no earlier run
     used (CONFIG_LOCALVERSION), so every step builds (incrementally, in the worktree's O=
     directory) instead of finding its kernel in the cache."""
     repo, revs = kernel_history(cache)
@@ -34,7 +35,7 @@ def run_bisect(cache: Path, fresh_kernels: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run([sys.executable, "-m", "harness", "bisect", "--repo", str(repo), "--good", revs["base"],
                             "--bad", revs["doc5"], "--suites", "allocator", "-k", "lifecycles", "--runs-dir", tmp,
-                            *extra], capture_output=True, text=True, timeout=7200)
+                            "--check-ends", *extra], capture_output=True, text=True, timeout=7200)
         if r.returncode != 0:
             raise RuntimeError(f"bisect exited {r.returncode}: {r.stdout[-2000:]}{r.stderr[-1000:]}")
         run_dir = next(p for p in Path(tmp).iterdir() if p.is_dir() and not p.is_symlink())

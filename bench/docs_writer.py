@@ -1,7 +1,8 @@
-"""docs/benchmarks.md and docs/benchmarks-scaling.png from bench/run.py's figures."""
+"""docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks-scaling.png from bench/run.py's figures."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -16,16 +17,23 @@ def _table(figures: dict) -> str:
     m = figures["machine"]
     lines = [f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
              f"{m['qemu']}, Python {m['python']}; kernel {figures['kernel']} (`-cpu max`, `-smp 2`, 1 GiB). "
-             f"Whole run: {figures.get('total_s', '?')} s.", "",
+             f"Whole run: {figures.get('total_s', '?')} s."
+             + "".join(f" Then `--only {','.join(p['sections'])}` on {p['date']} ({p['total_s']} s)."
+                       for p in figures.get("partial_runs", [])), "",
              "| section | figure | median | min | max | n | unit | target |", "|---|---|---|---|---|---|---|---|"]
     for r in figures["figures"]:
         extra = f" (ratio of medians {r['ratio_of_medians']})" if "ratio_of_medians" in r else ""
-        note = f" ({r['note']})" if r.get("note") else ""
+        notes = [r["note"]] if r.get("note") else []
+        if r.get("measured_at") and r["measured_at"] != m["date"]:
+            notes.append(f"measured {r['measured_at']}")
+        note = f" ({'; '.join(notes)})" if notes else ""
         lines.append(f"| {r['section']} | {r['name']}{note} | {r['median']}{extra} | {r['min']} | {r['max']} | "
                      f"{r['n']} | {r['unit']} | {r['target']} |")
-    if "kunit_cold_first_result_s" in figures:
-        lines += ["", f"KUnit's first run (its cold build, not among the samples): "
-                      f"{figures['kunit_cold_first_result_s']} s to its first result."]
+    first = figures.get("kunit_first_run")
+    if first:
+        how = "a cold build of KUnit's kernel" if first["cold"] else "its build directory was left by an earlier run"
+        lines += ["", f"KUnit's first run in this bench (not among the samples; {how}): "
+                      f"{first['seconds']} s to its first result."]
     return "\n".join(lines)
 
 
@@ -68,7 +76,9 @@ def write_docs(figures: dict, docs: Path) -> list[Path]:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     path.write_text(head + BEGIN + "\n" + _table(figures) + "\n" + END + tail)
-    written = [path]
+    data = docs / "benchmarks.json"            # bench/results/ is local; the docs keep their own copy
+    data.write_text(json.dumps(figures, indent=2) + "\n")
+    written = [path, data]
     if "scaling" in figures:
         written.append(plot(figures["scaling"], docs / "benchmarks-scaling.png"))
     return written

@@ -193,14 +193,17 @@ def harness_first_verdict(runs: int) -> list[float]:
 FIRST_KUNIT_RESULT = re.compile(r"\[(PASSED|FAILED|SKIPPED)\]|^\s*(not )?ok \d+ ")
 
 
-def kunit_first_result(tree: Path, build_dir: Path, runs: int) -> tuple[float, list[float]]:
-    """KUnit's own tool from the same kernel tree: one run to build (cold, not counted in the
-    samples), then `runs` warm runs, each from start to its first test result line."""
+def kunit_first_result(tree: Path, build_dir: Path, runs: int) -> tuple[dict, list[float]]:
+    """KUnit's own tool from the same kernel tree: one run to build (not counted in the samples;
+    cold unless an earlier bench left its build directory), then `runs` warm runs, each from start
+    to its first test result line."""
+    was_cold = not (build_dir / ".config").is_file()
     argv = [sys.executable, str(tree / "tools/testing/kunit/kunit.py"), "run", "--arch", "arm64",
             "--cross_compile", "aarch64-linux-gnu-", f"--build_dir={build_dir}", f"--jobs={os.cpu_count()}"]
     env = {"PYTHONDONTWRITEBYTECODE": "1"}      # the source tree is shared and never written
-    cold = _until_line(argv, FIRST_KUNIT_RESULT, timeout=3600, env=env, cwd=tree)
-    return cold, [_until_line(argv, FIRST_KUNIT_RESULT, timeout=900, env=env, cwd=tree) for _ in range(runs)]
+    first = _until_line(argv, FIRST_KUNIT_RESULT, timeout=3600, env=env, cwd=tree)
+    warm = [_until_line(argv, FIRST_KUNIT_RESULT, timeout=900, env=env, cwd=tree) for _ in range(runs)]
+    return {"seconds": round(first, 1), "cold": was_cold}, warm
 
 
 # --- EL2: snapshots, tracing, the model ------------------------------------------------------------
@@ -279,4 +282,4 @@ def bisect_steps(cache: Path) -> list[float]:
     from bisect_bench import run_bisect
 
     report = run_bisect(cache, fresh_kernels=True)
-    return [s["seconds"] for s in report["steps"]]
+    return [s["seconds"] for s in report["steps"]]     # with --check-ends: the two ends are steps too

@@ -131,8 +131,8 @@ def main() -> int:
         print("kunit (the first run builds KUnit's kernel)", flush=True)
         tree = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True).source.tree
         harness_first = measure.harness_first_verdict(n)
-        cold, warm = measure.kunit_first_result(tree, cache / "bench-kunit", n)
-        f.extra["kunit_cold_first_result_s"] = round(cold, 1)
+        first, warm = measure.kunit_first_result(tree, cache / "bench-kunit", n)
+        f.extra["kunit_first_run"] = first
         f.add("kunit", "first test verdict: harness (pytest test_suites/boot)", harness_first, "s")
         f.add("kunit", "first test result: kunit.py run --arch arm64", warm, "s")
         f.ratio("kunit", "harness / KUnit, time to first verdict", harness_first, warm)
@@ -160,16 +160,37 @@ def main() -> int:
         f.extra["scaling"] = scaling(kernel, cache, n)
 
     f.extra["total_s"] = round(time.monotonic() - started, 1)
+    for row in f.rows:
+        row["measured_at"] = f.extra["machine"]["date"]
     print_table(f.rows)
+    result = merged(a.json, only, {**f.extra, "figures": f.rows})
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({**f.extra, "figures": f.rows}, indent=2) + "\n")
+    a.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {a.json}")
     if a.docs:
         from docs_writer import write_docs
 
-        for path in write_docs({**f.extra, "figures": f.rows}, ROOT / "docs"):
+        for path in write_docs(result, ROOT / "docs"):
             print(f"written {path}")
     return 0
+
+
+def merged(path: Path, only: list[str], new: dict) -> dict:
+    """A partial run (--only) replaces its own sections in the last JSON and keeps the others,
+    each row keeping the date it was measured."""
+    if set(only) == set(SECTIONS) or not path.is_file():
+        return new
+    old = json.loads(path.read_text())
+    for row in old.get("figures", []):
+        row.setdefault("measured_at", old["machine"]["date"])
+    rows = [r for r in old.get("figures", []) if r["section"] not in only] + new["figures"]
+    rows.sort(key=lambda r: SECTIONS.index(r["section"]))
+    # The header stays the full run's; the partial run is listed and its rows carry their date.
+    keep = {k: v for k, v in old.items() if k != "figures" and not (k == "scaling" and "scaling" in only)}
+    extras = {k: v for k, v in new.items() if k not in ("figures", "machine", "total_s", "kernel")}
+    return {**keep, **extras, "figures": rows,
+            "partial_runs": old.get("partial_runs", []) + [{"sections": only, "date": new["machine"]["date"],
+                                                             "total_s": new["total_s"]}]}
 
 
 def scaling(kernel, cache: Path, n: int) -> dict:

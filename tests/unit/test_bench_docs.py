@@ -3,6 +3,7 @@ scaling plot; an unknown section is refused with exit 2 before anything is measu
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ def test_the_table_lands_between_the_markers_and_the_plot_is_drawn(tmp_path):
     assert text.startswith("# B\n\nintro\n\n") and text.endswith("\n\ntail\n") and "old" not in text
     assert "| boot | harness / bare QEMU boot | 1.04 (ratio of medians 1.03) | 1.01 | 1.09 | 5 | x | <= 1.1 |" in text
     assert "Test CPU, 2 cores, 24.0 GiB" in text
-    assert written[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(written[1].read_text())["kernel"] == "6.12.117"
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_real_docs_have_the_markers():
@@ -44,3 +46,18 @@ def test_an_unknown_section_is_refused_before_measuring():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--only", "boot,warp"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown section(s) warp" in r.stderr and r.stdout == ""
+
+
+def test_a_partial_run_replaces_only_its_sections_and_keeps_the_full_runs_header(tmp_path):
+    from run import merged
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**FIGURES, "figures": [
+        {"section": "boot", "name": "b", "median": 1}, {"section": "bisect", "name": "old", "median": 90}]}))
+    new = {"machine": {**FIGURES["machine"], "date": "later"}, "kernel": "6.12.117", "total_s": 5.0,
+           "figures": [{"section": "bisect", "name": "new", "median": 44, "measured_at": "later"}]}
+    out = merged(path, ["bisect"], new)
+    assert [(r["name"], r["measured_at"]) for r in out["figures"]] == [("b", FIGURES["machine"]["date"]),
+                                                                        ("new", "later")]
+    assert out["machine"]["date"] == FIGURES["machine"]["date"] and out["total_s"] == 100.0
+    assert out["partial_runs"] == [{"sections": ["bisect"], "date": "later", "total_s": 5.0}]
