@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 from harness import rundir
@@ -106,6 +107,8 @@ def run(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Pat
                                "packages": list(initramfs.packages)}
         stage = "boot"
         spec = qemu_spec(bopts, kernel, initramfs, run_dir)
+        if interactive:
+            spec = dc_replace(spec, console_pty=True)       # a person's terminal needs a pty
         rundir.write_qemu_command(run_dir, spec.shell_line())
         r = boot(spec, run_dir / "console.log", timeout=bopts.timeout, ready_marker=READY_MARKER,
                  expect_mode=bopts.expect_mode, keep_running=_interact if interactive else None)
@@ -155,8 +158,6 @@ def _prepare_qemu(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
                   gdb: bool = False) -> tuple[Path, KernelArtifacts, QemuSpec]:
     """Inputs checked, a run directory, the kernel, an image with the guest payloads, and the
     QEMU spec (with a gdbstub socket when tracing), its command written to the run directory."""
-    from dataclasses import replace as dc_replace
-
     from harness.image.payloads import build_payloads
     from harness.targets.qemu import socket_path
 

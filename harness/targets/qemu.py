@@ -22,6 +22,7 @@ import pexpect
 from harness.errors import UsageError
 from harness.targets import qmp
 from harness.targets.console import Console
+from harness.targets.sockchild import SocketChild
 
 MACHINE = "virt,virtualization=on,gic-version=3"
 BASE_CMDLINE = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 rdinit=/init"
@@ -61,6 +62,7 @@ class QemuSpec:
     ssh_port: int | None = None     # user networking with 127.0.0.1:ssh_port -> guest :22
     no_reboot: bool = True          # a guest reboot (or panic) ends QEMU; False lets it reset
     gdb_socket: Path | None = None  # QEMU's gdbstub on a unix socket (EL2 tracing)
+    console_pty: bool = False       # a pty for the console (a person's terminal); else a socket pair
 
     def cmdline(self) -> str:
         return f"{BASE_CMDLINE} {self.append}".strip()
@@ -124,7 +126,7 @@ class QemuMachine:
     def __init__(self, spec: QemuSpec, console_log: Path) -> None:
         self.spec = spec
         self.console_log = console_log
-        self.child: pexpect.spawn | None = None
+        self.child: pexpect.spawn | SocketChild | None = None
         self.console: Console | None = None
         self.started_at = 0.0
         self.exit_status: int | None = None
@@ -139,11 +141,14 @@ class QemuMachine:
         with contextlib.suppress(FileNotFoundError):
             self.spec.qmp_socket.unlink()
         argv = self.spec.argv()
+        env = dict(os.environ, TERM="dumb")
         self.started_at = time.monotonic()
-        # A wide pty, so long console lines are not wrapped by the terminal layer.
-        self.child = pexpect.spawn(argv[0], argv[1:], encoding=None, echo=False,
-                                   dimensions=(50, 4000), env=dict(os.environ, TERM="dumb"),
-                                   maxread=1 << 16)
+        if self.spec.console_pty:
+            # A wide pty, so long console lines are not wrapped by the terminal layer.
+            self.child = pexpect.spawn(argv[0], argv[1:], encoding=None, echo=False,
+                                       dimensions=(50, 4000), env=env, maxread=1 << 16)
+        else:
+            self.child = SocketChild(argv, env)
         self.console = Console(self.child, self.console_log)
         return self.console
 
