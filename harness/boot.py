@@ -101,6 +101,9 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
         console = machine.start()
         t0 = machine.started_at
         state = wait_ready(machine, console, t0 + timeout, ready_marker)
+        # On a timeout the verdict is about the console at the deadline: what QEMU had buffered in
+        # the socket by then, and writes while it is stopped, are in the log but not judged.
+        at_deadline = console.mark() if state.timed_out else None
         if state.ready:
             if keep_running:
                 keep_running(machine, console)
@@ -109,7 +112,7 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
                 console.sendline("poweroff -f")
                 machine.wait_exit(_POWEROFF_DEADLINE)
         machine.stop()
-        text = console.text()
+        text = console.text(upto=at_deadline)
     total = time.monotonic() - t0
     check_started(text, machine, state.timed_out)
     v = verdict.judge(text, ready_marker=ready_marker, timed_out=state.timed_out, expect_mode=expect_mode)

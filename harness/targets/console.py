@@ -47,8 +47,13 @@ class Console:
     def sendline(self, line: str) -> None:
         self.child.sendline(line.encode())
 
-    def text(self) -> str:
-        return self._tee.buffer.decode(errors="replace")
+    def text(self, upto: int | None = None) -> str:
+        """Everything read so far, or its first `upto` bytes (see mark())."""
+        return bytes(self._tee.buffer[:upto]).decode(errors="replace")
+
+    def mark(self) -> int:
+        """How many bytes have been read so far: text(upto=mark) is the console as it was then."""
+        return len(self._tee.buffer)
 
     def drain(self, seconds: float) -> None:
         """Read whatever arrives for up to `seconds` or until EOF (to finish a panic trace)."""
