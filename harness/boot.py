@@ -50,6 +50,9 @@ class ReadyState:
     seconds_to_ready: float | None = None
     timed_out: bool = False
     crashed: bool = False
+    # Bytes of console read at the deadline, when it passed: a verdict judges the console as it
+    # was then (on the socket console QEMU keeps booting into the buffer after it; a pty blocked).
+    judged_upto: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -74,6 +77,7 @@ def wait_ready(machine: QemuMachine, console, deadline: float, ready_marker: str
             console.drain(_PANIC_GRACE)
         elif idx == 4:
             state.timed_out = True
+            state.judged_upto = console.mark()
         return state
 
 
@@ -101,9 +105,6 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
         console = machine.start()
         t0 = machine.started_at
         state = wait_ready(machine, console, t0 + timeout, ready_marker)
-        # On a timeout the verdict is about the console at the deadline: what QEMU had buffered in
-        # the socket by then, and writes while it is stopped, are in the log but not judged.
-        at_deadline = console.mark() if state.timed_out else None
         if state.ready:
             if keep_running:
                 keep_running(machine, console)
@@ -112,7 +113,7 @@ def boot(spec: QemuSpec, console_log: Path, *, timeout: float, ready_marker: str
                 console.sendline("poweroff -f")
                 machine.wait_exit(_POWEROFF_DEADLINE)
         machine.stop()
-        text = console.text(upto=at_deadline)
+        text = console.text(upto=state.judged_upto)
     total = time.monotonic() - t0
     check_started(text, machine, state.timed_out)
     v = verdict.judge(text, ready_marker=ready_marker, timed_out=state.timed_out, expect_mode=expect_mode)

@@ -68,10 +68,9 @@ class QemuTarget(ShellHelpers):
             deadline = machine.started_at + self.boot_timeout
             state = wait_ready(machine, console, deadline, READY_MARKER)
             if not state.ready or crashed(console):
-                at_deadline = console.mark() if state.timed_out else None   # judged as it was then
                 machine.stop()
-                check_started(console.text(upto=at_deadline), machine, state.timed_out)
-                raise BootFailed(verdict.judge(console.text(upto=at_deadline), ready_marker=READY_MARKER,
+                check_started(console.text(upto=state.judged_upto), machine, state.timed_out)
+                raise BootFailed(verdict.judge(console.text(upto=state.judged_upto), ready_marker=READY_MARKER,
                                                timed_out=state.timed_out))
             self.mode = verdict.judge(console.text(), ready_marker=READY_MARKER).pkvm_mode
             self.shell = ConsoleShell(console)
