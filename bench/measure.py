@@ -263,18 +263,16 @@ def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict
     return out
 
 
-def model_ops_per_s(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
-    from model import POOLS, record, replay
-
-    kinds, args = record(version, POOLS["1GiB"], n_ops, seed=20240611)
-    return [n_ops / replay(version, POOLS["1GiB"], kinds, args)[0] for _ in range(runs)]
-
-
 def model_replay_seconds(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+    """bench/model.py's seeded random operations on a 1 GiB pool, recorded once, replayed `runs` times."""
     from model import POOLS, record, replay
 
     kinds, args = record(version, POOLS["1GiB"], n_ops, seed=20240611)
     return [replay(version, POOLS["1GiB"], kinds, args)[0] for _ in range(runs)]
+
+
+def model_ops_per_s(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+    return [n_ops / seconds for seconds in model_replay_seconds(n_ops, runs, version)]
 
 
 def bisect_steps(cache: Path) -> list[float]:
