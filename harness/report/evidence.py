@@ -49,11 +49,12 @@ def el2_diff(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     }
 
 
+OCCUPANCY_FIELDS = ("name", "nr_pages", "free_pages", "allocated_pages", "max_order", "free_per_order")
+
+
 def occupancy(snap: Snapshot) -> list[dict[str, Any]]:
-    return [{"name": p.name, "nr_pages": p.nr_pages, "free_pages": p.free_pages,
-             "allocated_pages": p.allocated_pages, "max_order": p.max_order,
-             "free_per_order": {str(k): v for k, v in sorted(p.free_per_order().items())}}
-            for p in snap.pools.values()]
+    """Each pool's size and how full it is: the summary fields of Pool.to_dict()."""
+    return [{k: v for k, v in p.to_dict().items() if k in OCCUPANCY_FIELDS} for p in snap.pools.values()]
 
 
 def divergence(replay: Any) -> dict[str, Any] | None:
