@@ -45,7 +45,10 @@ test-mutants: setup
 bench: setup
 	$(BIN)/python bench/run.py --docs $(ARGS)
 
+# Style and types of the harness itself (ruff, mypy: settings in pyproject.toml), then the scripts.
 lint: setup-test-tools
+	$(BIN)/ruff check harness tests bench test_suites
+	$(BIN)/mypy
 	shellcheck ci/*.sh .ci/run
 	ruby -c Vagrantfile >/dev/null
 

@@ -12,21 +12,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from common import ROOT  # noqa: E402  (also puts the repo on sys.path)
 
-from harness import pipeline  # noqa: E402
 from harness.el2.snapshot import El2Reader  # noqa: E402
 from harness.el2.trace import Tracer  # noqa: E402
-from harness.image.initramfs import READY_MARKER, build_initramfs  # noqa: E402
-from harness.image.payloads import GUEST_DIR, build_payloads  # noqa: E402
+from harness.replay import replay_trace  # noqa: E402
+from harness.image.initramfs import READY_MARKER  # noqa: E402
+from harness.image.payloads import GUEST_DIR  # noqa: E402
+from harness.kernel.version import MODEL_REFERENCE, KernelVersion  # noqa: E402
 from harness.kernel.build import KernelArtifacts, build  # noqa: E402
+from harness.machine import Machine, MachineRequest, assemble, build_request  # noqa: E402
+from harness.options import BootOptions, KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
-from harness.pipeline import replay_trace  # noqa: E402
-from harness.targets.qemu import socket_path  # noqa: E402
-from harness.targets.qemu_target import QemuTarget  # noqa: E402
 from harness.verdict import PKVM_UP_RE  # noqa: E402
 
 HARNESS = [sys.executable, "-m", "harness"]
@@ -109,7 +108,7 @@ def cold_build_now(cache: Path, runs: int) -> list[float]:
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-cache-") as scratch:
             shutil.copytree(cache / "src", Path(scratch) / "src", symlinks=True)
             t = time.monotonic()
-            build(pipeline.build_request(pipeline.KernelOptions(), Path(scratch), quiet=True))
+            build(build_request(KernelOptions(), Path(scratch), quiet=True))
             out.append(time.monotonic() - t)
     return out
 
@@ -136,33 +135,64 @@ def build_after_touching_page_alloc(runs: int, scratch: Path) -> list[float]:
 
 # --- boot ----------------------------------------------------------------------------------------
 
+def _machine(cache: Path, run_dir: Path, *, payloads: bool = False, gdb: bool = False, **boot: str) -> Machine:
+    """The default machine, assembled as the CLI does (harness.machine), for a run directory."""
+    request = MachineRequest.check(KernelOptions(), BootOptions(**boot), cache, quiet=True)  # type: ignore[arg-type]
+    return assemble(request, run_dir, payloads=payloads, gdb=gdb)
+
+
 def harness_and_bare_boots(kernel: KernelArtifacts, cache: Path, runs: int) -> tuple[list[float], list[float]]:
     """Seconds to the ready marker: the harness (QemuTarget: spawn, console, QMP, the shell's
     marker) against the same QEMU command line run bare, its console read until the same marker."""
     harness, bare = [], []
-    initramfs = build_initramfs(cache)
     marker = re.compile(re.escape(READY_MARKER))
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-boot-") as tmp:
-            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
+            machine = _machine(cache, Path(tmp))
             t = time.monotonic()
-            with QemuTarget(spec, Path(tmp)):
+            with machine.start(Path(tmp)):
                 harness.append(time.monotonic() - t)
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-bare-") as tmp:
-            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
-            bare.append(_until_line(spec.argv(), marker, timeout=120))
+            bare.append(_until_line(_machine(cache, Path(tmp)).spec.argv(), marker, timeout=120))
     return harness, bare
 
 
 def pkvm_up_times(kernel: KernelArtifacts, cache: Path, runs: int) -> list[float]:
     """QEMU start to "Protected ... mode initialized", bare QEMU, console read directly."""
-    initramfs = build_initramfs(cache)
     out = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-up-") as tmp:
-            spec = pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, Path(tmp))
-            out.append(_until_line(spec.argv(), PKVM_UP_RE, timeout=120))
+            out.append(_until_line(_machine(cache, Path(tmp)).spec.argv(), PKVM_UP_RE, timeout=120))
     return out
+
+
+def harness_command() -> list[str]:
+    """`pkvm-harness` as a user runs it: the console script beside this Python, else `python -m harness`."""
+    script = Path(sys.executable).with_name("pkvm-harness")
+    return [str(script)] if script.is_file() else HARNESS
+
+
+def warm_run_and_bare(runs: int, command: list[str] | None = None, cwd: Path = ROOT) -> tuple[list[float], list[float]]:
+    """Pairs, alternating: the whole warm `pkvm-harness run -q` (start to exit: imports, the cache
+    lookups, the image, the boot, power-off, the verdict, the run directory) and the very QEMU
+    command that run wrote to its qemu-cmd.sh, run bare to the same ready marker. One unmeasured
+    run first, so the caches are warm (and to learn the command)."""
+    import shlex
+
+    argv = [*(command or harness_command()), "run", "-q"]
+    marker = re.compile(re.escape(READY_MARKER))
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-run-") as runs_dir:
+        _timed([*argv, "--runs-dir", runs_dir], timeout=900, cwd=cwd)
+        (cmd_file,) = Path(runs_dir).glob("*/qemu-cmd.sh")
+        qemu = shlex.split(cmd_file.read_text().strip().splitlines()[-1])
+        old_dir = str(cmd_file.parent.resolve())
+    whole, bare = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-run-") as runs_dir:
+            whole.append(_timed([*argv, "--runs-dir", runs_dir], timeout=300, cwd=cwd))
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-bare-") as tmp:     # its QMP socket goes here
+            bare.append(_until_line([a.replace(old_dir, tmp) for a in qemu], marker, timeout=120))
+    return whole, bare
 
 
 # --- suites and the first verdict ------------------------------------------------------------------
@@ -173,7 +203,7 @@ def suite_wall(runs: int) -> list[float]:
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-suite-") as tmp:
             out.append(_timed([sys.executable, "-m", "pytest", "test_suites", "-m", "not slow", "-q",
-                               "-p", "no:cacheprovider", "--run-dir", tmp], timeout=3600))
+                               "-p", "no:cacheprovider", "--pkvm-run-dir", tmp], timeout=3600))
     return out
 
 
@@ -186,7 +216,7 @@ def harness_first_verdict(runs: int) -> list[float]:
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-first-") as tmp:
             out.append(_until_line([sys.executable, "-m", "pytest", "test_suites/boot", "-v", "-p",
-                                    "no:cacheprovider", "--run-dir", tmp], FIRST_PYTEST_RESULT, timeout=600))
+                                    "no:cacheprovider", "--pkvm-run-dir", tmp], FIRST_PYTEST_RESULT, timeout=600))
     return out
 
 
@@ -227,8 +257,8 @@ def dwarf_parse_ms(kernel: KernelArtifacts, runs: int) -> tuple[list[float], lis
 def snapshot_pauses(kernel: KernelArtifacts, cache: Path, mem: str, count: int) -> list[float]:
     """ms the vCPUs stay paused for one EL2 snapshot, on a guest of `mem` MiB."""
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-snap-") as run_dir:
-        spec = pipeline.qemu_spec(pipeline.BootOptions(mem=mem), kernel, build_initramfs(cache), Path(run_dir))
-        with QemuTarget(spec, Path(run_dir)) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as r:
+        with _machine(cache, Path(run_dir), mem=mem).start(Path(run_dir)) as target, \
+                El2Reader(target.qmp_socket, target.vmlinux, cache) as r:
             r.snapshot()                                   # DWARF and layout loaded once, not timed
             return [r.snapshot().pause_ms for _ in range(count)]
 
@@ -236,20 +266,16 @@ def snapshot_pauses(kernel: KernelArtifacts, cache: Path, mem: str, count: int) 
 def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict]:
     """Per run: the workload untraced and traced, the calls traced, and the model's replay time."""
     cache = default_cache_dir()
-    req = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True)
-    kernel = build(req)
-    initramfs = build_initramfs(cache, build_payloads(req, kernel))
     out = []
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-trace-") as tmp:
         run_dir = Path(tmp)
-        spec = replace(pipeline.qemu_spec(pipeline.BootOptions(mem=mem), kernel, initramfs, run_dir),
-                       gdb_socket=socket_path(run_dir, "gdb.sock"))
-        with QemuTarget(spec, run_dir) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as reader:
+        machine = _machine(cache, run_dir, payloads=True, gdb=True, mem=mem)
+        with machine.start(run_dir) as target, El2Reader(target.qmp_socket, target.vmlinux, cache) as reader:
             for _ in range(runs):
                 t = time.monotonic()
                 target.run(workload, timeout=300).check()
                 plain = time.monotonic() - t
-                with Tracer(reader, spec.gdb_socket) as tracer:
+                with Tracer(reader, target.gdb_socket) as tracer:
                     tracer.start()
                     t = time.monotonic()
                     target.run(workload, timeout=600).check()
@@ -263,7 +289,7 @@ def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict
     return out
 
 
-def model_replay_seconds(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+def model_replay_seconds(n_ops: int, runs: int, version: KernelVersion = MODEL_REFERENCE) -> list[float]:
     """bench/model.py's seeded random operations on a 1 GiB pool, recorded once, replayed `runs` times."""
     from model import POOLS, record, replay
 
@@ -271,7 +297,7 @@ def model_replay_seconds(n_ops: int, runs: int, version: str = "6.12") -> list[f
     return [replay(version, POOLS["1GiB"], kinds, args)[0] for _ in range(runs)]
 
 
-def model_ops_per_s(n_ops: int, runs: int, version: str = "6.12") -> list[float]:
+def model_ops_per_s(n_ops: int, runs: int, version: KernelVersion = MODEL_REFERENCE) -> list[float]:
     return [n_ops / seconds for seconds in model_replay_seconds(n_ops, runs, version)]
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import measure  # noqa: E402
 from common import ROOT, stats  # noqa: E402  (also puts the repo on sys.path)
 
-from harness import pipeline  # noqa: E402
+from harness.machine import build_request  # noqa: E402
+from harness.options import KernelOptions  # noqa: E402
 from harness.kernel.build import build  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 
@@ -96,7 +97,7 @@ def main() -> int:
         return 2
 
     cache = default_cache_dir()
-    kernel = build(pipeline.build_request(pipeline.KernelOptions(), cache))
+    kernel = build(build_request(KernelOptions(), cache))
     f = Figures()
     f.extra["machine"] = machine()
     f.extra["kernel"] = kernel.meta["version"]
@@ -124,12 +125,16 @@ def main() -> int:
         f.add("boot", "to the ready marker: harness (QemuTarget)", harness, "s", "<= 1.5")
         f.add("boot", "to the ready marker: bare qemu-system-aarch64", bare, "s")
         f.ratio("boot", "harness / bare QEMU boot", harness, bare, "<= 1.1")
+        whole, bare_paired = measure.warm_run_and_bare(max(n, 5))
+        f.add("boot", "warm `pkvm-harness run -q`, start to exit", whole, "s")
+        f.add("boot", "bare qemu-system-aarch64 to the ready marker (paired with the run)", bare_paired, "s")
+        f.ratio("boot", "warm `pkvm-harness run -q` / bare QEMU boot", whole, bare_paired, "<= 1.2")
     if "suite" in only:
         print("suite", flush=True)
         f.add("suite", "default suites (pytest test_suites -m 'not slow')", measure.suite_wall(n), "s", "<= 600")
     if "kunit" in only:
         print("kunit (the first run builds KUnit's kernel)", flush=True)
-        tree = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True).source.tree
+        tree = build_request(KernelOptions(), cache, quiet=True).source.tree
         harness_first = measure.harness_first_verdict(n)
         first, warm = measure.kunit_first_result(tree, cache / "bench-kunit", n)
         f.extra["kunit_first_run"] = first

@@ -11,8 +11,10 @@
 #   --kernel-src  a kernel tree or tarball
 #   --kernel-git  fetch REF (default master) of this git URL, shallow, and test that tree instead
 #   --out         where the results go; default runs/nightly-<kernel>-<cpu>-<time>
-# Exit status: pytest's (0 all passed, 1 a test failed), 2 bad usage, and the harness's codes
-# (3 panic, 4 timeout, 5 infrastructure, 6 kernel build failure) when a stage fails before the tests.
+# Exit status, passed on unchanged: pytest's own (0 all passed, 1 a test failed, 2 interrupted,
+# 3 internal error, 4 bad usage, 5 no tests), 2 for a bad argument to this script, and the
+# harness's codes, clear of pytest's: 10 panic, 11 timeout, 12 infrastructure, 13 kernel build
+# failure (harness/errors.py; docs/exit-codes.md).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,17 +62,23 @@ if [ -n "$git_url" ]; then
   git -C "$kernel_src" clean -q -ffdx
   echo "nightly: kernel at $(git -C "$kernel_src" rev-parse HEAD)"
 fi
+# The same option for the CLI (--kernel-src) and for the pytest plugin (--pkvm-kernel-src).
 src_args=()
-if [ -n "$kernel_src" ]; then src_args=(--kernel-src "$kernel_src"); fi
-if [ -n "$kernel" ]; then src_args=(--kernel "$kernel"); fi
+if [ -n "$kernel_src" ]; then src_args=(kernel-src "$kernel_src"); fi
+if [ -n "$kernel" ]; then src_args=(kernel "$kernel"); fi
+cli_src=() plugin_src=()
+if [ "${#src_args[@]}" -gt 0 ]; then
+  cli_src=("--${src_args[0]}" "${src_args[1]}")
+  plugin_src=("--pkvm-${src_args[0]}" "${src_args[1]}")
+fi
 
 mkdir -p "$out"
 # Built first and on its own, so a cold build shows its progress (plain lines in CI).
-$harness build "${src_args[@]}"
+$harness build "${cli_src[@]}"
 
 status=0
-$py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --cpu "$cpu" "${src_args[@]}" \
-  --run-dir "$out/suites" "$@" || status=$?
+$py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --pkvm-cpu "$cpu" "${plugin_src[@]}" \
+  --pkvm-run-dir "$out/suites" "$@" || status=$?
 
 if [ -f "$out/suites/result.json" ]; then
   $harness report "$out/suites" -o "$out/report.md"

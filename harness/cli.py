@@ -7,83 +7,57 @@ Exit codes (also in the README): 0 pass, 1 test failure, 2 bad usage or missing 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 from pathlib import Path
 
-from harness import doctor, pipeline
+from typing import Any, NoReturn
+
+from harness import __version__, doctor, options
 from harness.errors import ExitCode, HarnessError, UsageError
-from harness.paths import default_cache_dir, default_runs_dir
+from harness.paths import default_runs_dir
 
 EPILOG = ("exit codes: 0 pass, 1 test failure, 2 bad usage/missing prerequisite, 3 kernel or EL2 panic, "
           "4 timeout, 5 infrastructure error, 6 kernel build failure, 130 interrupted")
 
 
-def _kernel_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("kernel")
-    g.add_argument("--kernel-src", type=Path, metavar="PATH",
-                   help="kernel tree (git or plain) or source tarball; default: Debian's linux-source-6.12")
-    g.add_argument("--kernel", choices=["6.12", "6.1"], metavar="X.Y",
-                   help="Debian's linux-source-X.Y: 6.12 (the default) or 6.1 (LTS)")
-    g.add_argument("--config", action="append", default=[], metavar="FRAGMENT", dest="fragments",
-                   help="extra config fragment: a path or a name in kernel_configs/ (repeatable; "
-                        "pkvm.config is always applied first)")
-    g.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y",
-                   help="one extra config option, applied last (repeatable)")
-    g.add_argument("--patch", action="append", default=[], type=Path, metavar="FILE", dest="patches",
-                   help="apply a patch (-p1) to a copy of the kernel source before building (repeatable)")
-    g.add_argument("--cross-compile", default="aarch64-linux-gnu-", metavar="PREFIX",
-                   help="cross toolchain prefix (default: %(default)s)")
-    g.add_argument("-j", "--jobs", type=int, metavar="N", help="make jobs (default: one per core)")
-    g.add_argument("--build-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="deadline for one kernel build (default: %(default)s)")
+class _Parser(argparse.ArgumentParser):
+    """argparse with the harness's one-line errors: what is wrong, and where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.USAGE), f"pkvm-harness: error: {self.prog.removeprefix('pkvm-harness ')}: {message}; "
+                                        f"see `{self.prog} --help`\n")
 
 
-def _boot_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("boot")
-    g.add_argument("--cpu", default="max",
-                   help="QEMU -cpu: max gives hVHE, cortex-a72 gives nVHE (default: %(default)s)")
-    g.add_argument("--smp", type=int, default=2, help="vCPUs of the pKVM host (default: %(default)s)")
-    g.add_argument("--mem", default="1024", help="QEMU -m, MiB or with a suffix (default: %(default)s)")
-    g.add_argument("--append", action="append", default=[], metavar="ARGS",
-                   help="extra kernel command-line arguments (repeatable)")
-    g.add_argument("--qemu", default="qemu-system-aarch64", metavar="PATH", help="QEMU binary")
-    g.add_argument("--qemu-arg", action="append", default=[], dest="qemu_args", metavar="ARG",
-                   help="extra QEMU argument (repeatable; use --qemu-arg=-foo for dashes)")
-    g.add_argument("--boot-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="deadline from QEMU start to the shell (default: %(default)s)")
-    g.add_argument("--expect-mode", choices=["nvhe", "hvhe"],
-                   help="fail unless pKVM comes up in this mode")
-
-
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="kernel sources, builds and images (default: %(default)s; env PKVM_HARNESS_CACHE)")
+def _common_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    if cache:
+        options.add_to_argparse(p, kernel=False, boot=False)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _qemu_command(sub, name: str, helptext: str) -> argparse.ArgumentParser:
+def _qemu_command(sub: Any, name: str, helptext: str) -> argparse.ArgumentParser:
     """A command that builds a kernel, boots it under QEMU and keeps a run directory."""
     p = sub.add_parser(name, help=helptext, epilog=EPILOG)
-    _common_args(p)
-    _kernel_args(p)
-    _boot_args(p)
+    options.add_to_argparse(p)
+    _common_args(p, cache=False)
     p.add_argument("--runs-dir", type=Path, default=default_runs_dir(),
                    help="where run directories go (default: %(default)s; env PKVM_HARNESS_RUNS)")
     return p
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="pkvm-harness", description="Build, boot and test arm64 protected KVM.",
-                                  epilog=EPILOG)
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    top = _Parser(prog="pkvm-harness", description="Build, boot and test arm64 protected KVM.", epilog=EPILOG)
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("doctor", help="list prerequisites, whether each is there, and the fix")
     _common_args(p)
 
     p = sub.add_parser("build", help="configure and build the kernel (or reuse the cache)", epilog=EPILOG)
-    _common_args(p)
-    _kernel_args(p)
+    options.add_to_argparse(p, boot=False)
+    _common_args(p, cache=False)
 
     p = sub.add_parser("rootfs", help="assemble the initramfs and print its path", epilog=EPILOG)
     _common_args(p)
@@ -91,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     for name, helptext in (("run", "build, boot with kvm-arm.mode=protected, run the checks (the main job)"),
                            ("boot", "build and boot; --interactive hands you the console")):
         p = _qemu_command(sub, name, helptext)
+        if name == "run":
+            p.add_argument("--json", action="store_true", help="print result.json instead of the summary")
         if name == "boot":
             p.add_argument("--interactive", action="store_true",
                            help="after the ready marker, attach your terminal to the console (Ctrl-] detaches)")
@@ -103,8 +79,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, metavar="FILE", help="also draw the physical address map into FILE")
     p.add_argument("--check", action="store_true",
                    help="run the model's invariant checks on the snapshot; exit 1 if any finding")
+    p = _qemu_command(sub, "test", "build, boot and run the suites on a kernel, with a summary (the developer's loop)")
+    p.add_argument("-k", dest="test_expr", metavar="EXPR", help="pytest -k expression selecting the tests")
+    p.add_argument("--suites", default="", metavar="LIST",
+                   help="test_suites/ to run, comma-separated (default: all of them)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per test while they run")
     p = _qemu_command(sub, "trace", "run COMMAND on a QEMU target while tracing every EL2 allocator call; replay it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline for COMMAND")
+    p.add_argument("--json", action="store_true", help="print result.json instead of the summary")
     p.add_argument("--packet-log", action="store_true",
                    help="also write every gdbstub packet to gdb-packets.log in the run directory (debugging)")
     p.add_argument("traced_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -127,15 +109,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-ends", action="store_true", help="first confirm that good is good and bad is bad")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted bisect from its run dir")
     p.add_argument("--runs-dir", type=Path, default=default_runs_dir(), help="where the run directory goes")
-    p.add_argument("--config", action="append", default=[], metavar="FRAGMENT", dest="fragments",
-                   help="extra config fragment (repeatable)")
-    p.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y", help="extra option (repeatable)")
-    p.add_argument("--cpu", default="max", help="QEMU -cpu (default: %(default)s)")
-    p.add_argument("--smp", type=int, default=2, help="vCPUs of the pKVM host (default: %(default)s)")
-    p.add_argument("--mem", default="1024", help="QEMU -m (default: %(default)s)")
+    options.add_to_argparse(p, cache=False, exclude=options.SOURCE_CHOICE)
 
     p = sub.add_parser("replay", epilog=EPILOG, help="replay a saved trace (trace.jsonl or its run directory)")
     p.add_argument("trace", type=Path, metavar="TRACE")
+    p.add_argument("--json", action="store_true", help="print the replay's verdict as JSON")
 
     p = sub.add_parser("report", epilog="exit codes: 0 rendered, 2 not a run directory or unreadable result.json",
                        help="render run directories (their result.json) as Markdown or one self-contained HTML page")
@@ -171,16 +149,19 @@ def cmd_bisect(a: argparse.Namespace) -> int:
         good, bad = g.resolve(repo, a.good), g.resolve(repo, a.bad)
         g.check_range(repo, good, bad)
         run_dir = rundir.create(a.runs_dir)
+        # The options as arguments, so --resume parses them back through the same declaration.
         params = {"repo": str(repo), "good": good, "bad": bad, "test_expr": a.test_expr,
                   "suites": [s for s in a.suites.split(",") if s], "runs": a.runs, "retries": a.retries,
-                  "fragments": a.fragments, "kconfig": a.kconfig, "cpu": a.cpu, "smp": a.smp, "mem": a.mem}
+                  "options": options.to_argv(options.kernel_options(a), options.boot_options(a), a.cache_dir,
+                                             prefix="--")}
         state = State.new(run_dir / "bisect.json", **params)
         state.save()
     repo = Path(params["repo"])
     tree = g.worktree_for(repo, a.cache_dir)
     g.prepare_worktree(repo, tree, params["bad"])
-    runner = SuiteStep(a.cache_dir, run_dir, tuple(params["suites"]), params["test_expr"], params["fragments"],
-                       params["kconfig"], params["cpu"], params["smp"], params["mem"], count=len(state.data["steps"]))
+    kopts, bopts = options.parse_argv(params["options"])
+    runner = SuiteStep(a.cache_dir, run_dir, kopts, bopts, tuple(params["suites"]), params["test_expr"],
+                       count=len(state.data["steps"]))
     print(f"bisecting {params['good'][:12]}..{params['bad'][:12]} in {tree} (state: {state.path})")
     report = run_bisect(repo, tree, runner, state, runs=params["runs"], retries=params["retries"],
                         check_ends=a.check_ends and not a.resume)
@@ -198,19 +179,6 @@ def cmd_bisect(a: argparse.Namespace) -> int:
     return ExitCode.PASS if report.first_bad else ExitCode.TEST_FAILURE
 
 
-def _kernel_options(a: argparse.Namespace) -> pipeline.KernelOptions:
-    return pipeline.KernelOptions(kernel_src=a.kernel_src, kernel=a.kernel, fragments=a.fragments,
-                                  kconfig=a.kconfig,
-                                  cross_compile=a.cross_compile, jobs=a.jobs, build_timeout=a.build_timeout,
-                                  patches=a.patches)
-
-
-def _boot_options(a: argparse.Namespace) -> pipeline.BootOptions:
-    mode = {"nvhe": "nVHE", "hvhe": "hVHE"}.get(a.expect_mode or "")
-    return pipeline.BootOptions(cpu=a.cpu, smp=a.smp, mem=a.mem, append=a.append, qemu=a.qemu,
-                                qemu_args=a.qemu_args, timeout=a.boot_timeout, expect_mode=mode)
-
-
 def cmd_doctor(a: argparse.Namespace) -> int:
     results = doctor.checks(a.cache_dir)
     print(doctor.render(results))
@@ -218,11 +186,26 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from harness.kernel.build import build
-    k = build(pipeline.build_request(_kernel_options(a), a.cache_dir, quiet=a.quiet))
-    how = "reused from cache" if k.reused else f"built in {k.meta['build_seconds']:.0f}s"
-    print(f"kernel {k.meta['version']} ({how}): {k.dir}")
+    from harness.machine import MachineRequest
+
+    k = MachineRequest.check(options.kernel_options(a), options.BootOptions(), a.cache_dir, quiet=a.quiet,
+                             qemu=False).kernel()
+    print(f"kernel {k.meta['version']} ({_how_built({'reused': k.reused, **k.meta})}): {k.dir}")
     return ExitCode.PASS
+
+
+def _how_built(k: dict[str, Any]) -> str:
+    if str(k.get("source", "")).startswith("prebuilt:"):
+        return f"your build in {k['origin']}"
+    return "reused from cache" if k["reused"] else f"built in {k['build_seconds']:.0f}s"
+
+
+def cmd_test(a: argparse.Namespace) -> int:
+    from harness.commands.test import available_suites, test
+
+    suites = [s for s in a.suites.split(",") if s] or available_suites()
+    return test(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir, suites,
+                a.test_expr, quiet=a.quiet, verbose=a.verbose)
 
 
 def cmd_rootfs(a: argparse.Namespace) -> int:
@@ -233,16 +216,18 @@ def cmd_rootfs(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    bopts = _boot_options(a)
-    interactive = getattr(a, "interactive", False)
-    out = pipeline.run(_kernel_options(a), bopts, a.cache_dir, a.runs_dir, quiet=a.quiet,
-                       interactive=interactive)
+    from harness.commands.run import run
+
+    out = run(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir, quiet=a.quiet,
+              interactive=a.command == "boot" and a.interactive)
     r = out.result
+    if a.command == "run" and a.json:
+        print(json.dumps(r, indent=1))
+        return out.exit_code
     k = r.get("kernel", {})
     b = r.get("boot", {})
     if k:
-        how = "reused" if k["reused"] else f"built in {k['build_seconds']:.0f}s"
-        print(f"kernel: Linux {k['version']} ({how}, key {k['cache_key']})")
+        print(f"kernel: Linux {k['version']} ({_how_built(k)}, key {k['cache_key']})")
     if b:
         def at(seconds: float | None) -> str:
             return f"{seconds}s" if seconds is not None else "never"
@@ -257,10 +242,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    import json
-
+    from harness.commands.inspect_el2 import inspect_booted, render_text
     from harness.el2.snapshot import El2Reader
-    from harness.inspect import render_text
 
     if bool(a.qmp) != bool(a.vmlinux):
         raise UsageError("--qmp and --vmlinux go together", hint="give both to inspect a running QEMU, or neither")
@@ -271,8 +254,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         with El2Reader(a.qmp, a.vmlinux, a.cache_dir) as reader:
             snap = reader.snapshot()
     else:
-        snap = pipeline.inspect_booted(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
-                                       before=a.run, quiet=a.quiet)
+        snap = inspect_booted(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir,
+                              before=a.run, quiet=a.quiet)
     checked = None
     if a.check:
         from harness.model.invariants import evaluate
@@ -319,9 +302,13 @@ def cmd_trace(a: argparse.Namespace) -> int:
     command = a.traced_command[1:] if a.traced_command[:1] == ["--"] else a.traced_command
     if not command:
         raise UsageError("no command to trace", hint="pkvm-harness trace -- /opt/pkvm-harness/bin/pkvm_guest --vms 2")
-    out = pipeline.trace_command(_kernel_options(a), _boot_options(a), a.cache_dir, a.runs_dir,
-                                 " ".join(command), timeout=a.timeout, quiet=a.quiet,
-                                 packet_log=a.packet_log)
+    from harness.commands.trace import trace_command
+
+    out = trace_command(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir,
+                        " ".join(command), timeout=a.timeout, quiet=a.quiet, packet_log=a.packet_log)
+    if a.json:
+        print((out.run_dir / "result.json").read_text(), end="")
+        return ExitCode.PASS if out.replay.ok else ExitCode.TEST_FAILURE
     trace = out.trace
     print(f"traced `{' '.join(command)}`: {len(trace.ops)} allocator calls in {trace.seconds:.1f}s"
           f" ({trace.hits_ignored} hits outside EL2 ignored, {trace.steps_repeated} steps repeated)")
@@ -331,13 +318,15 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
-    if not a.trace.exists():
-        raise UsageError(f"{a.trace} does not exist", hint="pass a trace.jsonl or the run directory holding it")
-    try:
-        result = pipeline.replay_saved(a.trace)
-    except FileNotFoundError as e:
-        raise UsageError(f"incomplete trace: {e.filename} is missing",
-                         hint="a trace directory holds trace.jsonl and snapshot-initial.json") from None
+    from harness.replay import replay_saved
+
+    result = replay_saved(a.trace)
+    if a.json:
+        from harness.report.evidence import divergence
+
+        print(json.dumps({"operations": result.ops, "ok": result.ok, "per_pool": result.per_pool,
+                          "dropped": result.dropped, "divergence": divergence(result)}, indent=1))
+        return ExitCode.PASS if result.ok else ExitCode.TEST_FAILURE
     return _print_replay(result)
 
 
@@ -356,6 +345,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
+            "test": cmd_test,
             "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay,
             "bisect": cmd_bisect, "report": cmd_report}
 
@@ -378,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pkvm-harness: interrupted; QEMU and make were stopped", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:              # `pkvm-harness run --json | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.PASS)
 
 
 if __name__ == "__main__":

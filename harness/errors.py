@@ -11,14 +11,29 @@ from pathlib import Path
 
 
 class ExitCode(IntEnum):
+    """The harness's codes. 0 and 1 mean what they mean to pytest; the harness's own kinds of
+    failure are 10-13, clear of pytest's 0-5, so a suite session that ends on one (the target
+    panicked, hung, or could not be built) says which, and a bisect can tell a hang (a
+    regression) from a broken machine (skip). A usage error is 2 from the CLI (as argparse) and
+    pytest's own 4 from a pytest session."""
+
     PASS = 0
-    TEST_FAILURE = 1   # the kernel ran, but a check failed (pKVM not up, WARN, wrong mode)
-    USAGE = 2          # bad input: options, paths, fragments, missing tools (argparse uses 2 too)
-    PANIC = 3          # kernel panic, oops, or an EL2 (hyp) panic/BUG
-    TIMEOUT = 4        # a deadline passed (boot, command)
-    INFRA = 5          # the harness or the host failed (QEMU vanished, I/O errors, apt)
-    BUILD_FAILURE = 6  # the kernel did not compile or link
-    INTERRUPTED = 130  # Ctrl-C
+    TEST_FAILURE = 1    # the kernel ran, but a check failed (pKVM not up, WARN, wrong mode)
+    USAGE = 2           # bad input: options, paths, fragments, missing tools (argparse uses 2 too)
+    PANIC = 10          # kernel panic, oops, or an EL2 (hyp) panic/BUG
+    TIMEOUT = 11        # a deadline passed (boot, command)
+    INFRA = 12          # the harness or the host failed (QEMU vanished, I/O errors, apt)
+    BUILD_FAILURE = 13  # the kernel did not compile or link
+    INTERRUPTED = 130   # Ctrl-C or SIGTERM
+
+
+# pytest's own exit code for a usage error: what a bad --pkvm-* option ends a pytest session with.
+PYTEST_USAGE = 4
+
+
+def session_exit_code(code: ExitCode) -> int:
+    """The code a pytest session ends with when the harness stops it."""
+    return PYTEST_USAGE if code == ExitCode.USAGE else int(code)
 
 
 class HarnessError(Exception):

@@ -49,6 +49,32 @@ def write_result(run_dir: Path, result: dict) -> Path:
     return path
 
 
+def _write_junit(run_dir: Path, root: ET.Element) -> Path:
+    path = run_dir / "junit.xml"
+    atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root, encoding="unicode") + "\n")
+    return path
+
+
+def write_suite_junit(run_dir: Path, result: dict) -> Path:
+    """A suite run (result.json's `tests`) as JUnit: one testcase per test, classname from its
+    file as pytest's own writer names it (test_suites.allocator.test_allocator)."""
+    root = ET.Element("testsuites", name="pkvm-harness")
+    counts = result["summary"]
+    suite = ET.SubElement(root, "testsuite", name="pkvm-harness suites", tests=str(counts["total"]),
+                          failures=str(counts["failed"]), errors=str(counts["error"]),
+                          skipped=str(counts["skipped"] + counts["xfailed"]), time=f"{result['duration_s']:.3f}")
+    for t in result["tests"]:
+        path, _, name = t["nodeid"].partition("::")
+        case = ET.SubElement(suite, "testcase", classname=path.removesuffix(".py").replace("/", "."),
+                             name=name, time=f"{t['duration_s']:.3f}")
+        kind = {"failed": "failure", "error": "error", "skipped": "skipped", "xfailed": "skipped"}.get(t["outcome"])
+        if kind:
+            message = t.get("message", "")
+            node = ET.SubElement(case, kind, message=message.splitlines()[0] if message else "")
+            node.text = message
+    return _write_junit(run_dir, root)
+
+
 def write_run_junit(run_dir: Path, result: dict) -> Path:
     """A `run` or `trace` as one JUnit testcase: failed (a verdict) or errored (the harness could not judge)."""
     root = ET.Element("testsuites", name="pkvm-harness")
@@ -64,6 +90,4 @@ def write_run_junit(run_dir: Path, result: dict) -> Path:
         node = ET.SubElement(case, kind, message=result.get("reason", ""), type=result.get("outcome", "fail"))
         node.text = "\n\n".join(["\n".join(e["excerpt"]) for e in result.get("events", [])]
                                 + [(result.get("divergence") or {}).get("text", "")]).strip()
-    path = run_dir / "junit.xml"
-    atomic_write_text(path, '<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root, encoding="unicode") + "\n")
-    return path
+    return _write_junit(run_dir, root)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from harness.bisect import git as g
-from harness.bisect.verdict import Outcome, RunResult, StepVerdict, vote
+from harness.bisect.vote import StepOutcome, RunResult, StepVerdict, vote
 from harness.errors import HarnessError
 from harness.fsutil import atomic_write_text
 
@@ -89,7 +89,7 @@ def judge(runner: StepRunner, tree: Path, rev: str, runs: int, retries: int) -> 
             if not result.infra or attempt == retries:
                 break
         results.append(result)
-        if result.outcome is Outcome.BAD:
+        if result.outcome is StepOutcome.BAD:
             break                      # the vote is decided: one bad run makes the step bad
     return vote(results)
 
@@ -114,7 +114,7 @@ def run_bisect(repo: Path, tree: Path, runner: StepRunner, state: State, *, runs
         return s
 
     if check_ends:
-        for rev, want in ((good, Outcome.GOOD), (bad, Outcome.BAD)):
+        for rev, want in ((good, StepOutcome.GOOD), (bad, StepOutcome.BAD)):
             got = step(rev)
             if got.outcome != want.value:
                 raise EndsWrong(f"--check-ends: {rev[:12]} was given as {want.value} but is {got.outcome}: "
@@ -147,5 +147,5 @@ def run_bisect(repo: Path, tree: Path, runner: StepRunner, state: State, *, runs
 def _excerpt(step: Step | None) -> str:
     if step is None:
         return ""
-    bad = [r for r in step.runs if r.get("outcome") == Outcome.BAD.value]
+    bad = [r for r in step.runs if r.get("outcome") == StepOutcome.BAD.value]
     return bad[0].get("excerpt", "") if bad else ""

@@ -7,13 +7,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import REPO_ROOT, pipeline, verdict
-from harness.bisect.verdict import Outcome, RunResult, classify_pytest
+from harness import REPO_ROOT, verdict
+from harness.bisect.vote import RunResult, StepOutcome, classify_pytest
 from harness.errors import BuildError, HarnessError, UsageError
 from harness.junit import failures
+from harness.kernel.build import build
+from harness.machine import build_request
+from harness.options import BootOptions, KernelOptions, to_argv
 
 DEFAULT_SUITES = ("allocator", "stage2")
 
@@ -22,50 +25,44 @@ DEFAULT_SUITES = ("allocator", "stage2")
 class SuiteStep:
     cache_dir: Path
     run_dir: Path
+    kernel: KernelOptions
+    boot: BootOptions
     suites: tuple[str, ...] = DEFAULT_SUITES
     test_expr: str | None = None
-    fragments: list[str] = field(default_factory=list)
-    kconfig: list[str] = field(default_factory=list)
-    cpu: str = "max"
-    smp: int = 2
-    mem: str = "1024"
     timeout: float = 1800.0
     count: int = 0
 
     def __call__(self, tree: Path, rev: str) -> RunResult:
-        from harness.kernel.build import build
-
         self.count += 1
         step_dir = self.run_dir / f"step-{self.count:02d}-{rev[:12]}"
         step_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        kopts = pipeline.KernelOptions(kernel_src=tree, fragments=self.fragments, kconfig=self.kconfig)
+        kopts = replace(self.kernel, kernel_src=tree)
         try:
-            build(pipeline.build_request(kopts, self.cache_dir, quiet=True))
+            build(build_request(kopts, self.cache_dir, quiet=True))
         except (BuildError, UsageError) as e:       # this commit cannot be built: it cannot be judged
-            return RunResult(Outcome.SKIP, f"the kernel does not build: {e.one_line()}",
+            return RunResult(StepOutcome.SKIP, f"the kernel does not build: {e.one_line()}",
                              seconds=time.monotonic() - started)
         except HarnessError as e:
-            return RunResult(Outcome.SKIP, e.one_line(), infra=True, seconds=time.monotonic() - started)
+            return RunResult(StepOutcome.SKIP, e.one_line(), infra=True, seconds=time.monotonic() - started)
         junit = step_dir / "junit.xml"
+        # The plugin's own options, written from the one declaration (harness.options).
         argv = [sys.executable, "-m", "pytest", *[str(REPO_ROOT / "test_suites" / s) for s in self.suites],
-                "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "--run-dir", str(step_dir / "run"),
-                "--kernel-src", str(tree), "--cpu", self.cpu, "--smp", str(self.smp), "--mem", self.mem]
-        argv += [a for f in self.fragments for a in ("--config", f)]
-        argv += [a for k in self.kconfig for a in ("--kconfig", k)]
+                "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", "--pkvm-run-dir", str(step_dir / "run"),
+                *to_argv(kopts, self.boot, self.cache_dir)]
         if self.test_expr:
             argv += ["-k", self.test_expr]
         try:
             r = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            return RunResult(Outcome.SKIP, f"the test session passed its {self.timeout:.0f}s deadline", infra=True,
-                             seconds=time.monotonic() - started)
+            return RunResult(StepOutcome.SKIP, f"the test session passed its {self.timeout:.0f}s deadline",
+                             infra=True, seconds=time.monotonic() - started)
         (step_dir / "pytest.log").write_text(r.stdout + r.stderr)
         failed = failures(junit)[0] if junit.is_file() else []
         first = f"{failed[0].test}: {failed[0].message.strip().splitlines()[0][:300]}" if failed else ""
         panic, excerpt = _panic(step_dir / "run" / "console.log")
         result = classify_pytest(r.returncode, first or _tail(r.stdout), panic)
-        if result.outcome is Outcome.BAD and not excerpt and failed:
+        if result.outcome is StepOutcome.BAD and not excerpt and failed:
             excerpt = "\n".join(failed[0].message.strip().splitlines()[:30])
         return RunResult(result.outcome, result.reason, result.infra, excerpt, round(time.monotonic() - started, 1))
 

@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from harness.el2.pgtable import PAGE_SHIFT  # noqa: E402
-from harness.el2.snapshot import Snapshot  # noqa: E402
+from harness.el2.state import Snapshot  # noqa: E402
 
 CATEGORIES = [  # (label, colour); the index is the pixel value
     ("not mapped in host stage-2", "#d9d9d9"),

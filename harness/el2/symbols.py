@@ -18,6 +18,7 @@ from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
 
 from harness.fsutil import atomic_write_text
+from harness.kernel.version import KernelVersion
 
 CACHE_SCHEMA = 2
 # Structs the EL2 readers need. host_kvm is the pre-6.0 name of host_mmu.
@@ -92,8 +93,10 @@ class KernelInfo:
         return name in self.structs
 
     @property
-    def version_tuple(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in re.findall(r"\d+", self.version)[:3])
+    def kernel_version(self) -> KernelVersion:
+        """`version` (the banner's release string) as a KernelVersion: ask it the version facts.
+        ValueError when the vmlinux has no readable banner (`version` "unknown")."""
+        return KernelVersion.parse(self.version)
 
 
 def load(vmlinux: Path, cache_dir: Path | None = None) -> KernelInfo:

@@ -29,7 +29,9 @@ from pathlib import Path
 from harness.el2 import emulate
 from harness.el2.gdbstub import GdbStub, Registers
 from harness.el2.memory import MASK64
-from harness.el2.snapshot import NVHE, El2Reader, Snapshot, field_value
+from harness.el2.decode import NVHE, field_value
+from harness.el2.snapshot import El2Reader
+from harness.el2.state import Snapshot
 
 FUNCTIONS = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page", "hyp_split_page")
 U32 = 0xFFFF_FFFF

@@ -4,7 +4,9 @@ read with `dpkg-deb --fsys-tarfile`, so nothing is installed on the host."""
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import signal
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from pathlib import Path
 from harness import REPO_ROOT
 from harness.errors import InfraError, UsageError
 from harness.fsutil import file_lock
+from harness.procs import die_with_parent
 
 PACKAGES_FILE = REPO_ROOT / "rootfs" / "packages.txt"
 
@@ -35,6 +38,20 @@ def read_package_list(path: Path = PACKAGES_FILE) -> list[PackageFiles]:
     return out
 
 
+def cached_debs(cache_dir: Path) -> dict[str, Path]:
+    """{package: the .deb fetch_deb would return} for every arm64 .deb in the cache, from one
+    directory listing (no lock, no download: for looking the image up in its index)."""
+    out: dict[str, Path] = {}
+    try:
+        names = sorted(os.listdir(cache_dir / "debs"))
+    except FileNotFoundError:
+        return out
+    for name in names:                     # sorted: the last of a package's versions wins, as in fetch_deb
+        if name.endswith("_arm64.deb") and name.count("_") >= 2:
+            out[name.split("_", 1)[0]] = cache_dir / "debs" / name
+    return out
+
+
 def fetch_deb(package: str, cache_dir: Path) -> Path:
     """The cached .deb of `package` for arm64, downloading it the first time."""
     debs = cache_dir / "debs"
@@ -43,8 +60,10 @@ def fetch_deb(package: str, cache_dir: Path) -> Path:
         found = sorted(debs.glob(f"{package}_*_arm64.deb"))
         if found:
             return found[-1]
+        # die_with_parent: apt-get (and, through their pipes, its download methods) ends with the
+        # harness, even a SIGKILLed one.
         r = subprocess.run(["apt-get", "download", f"{package}:arm64"], cwd=debs,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, preexec_fn=die_with_parent(signal.SIGTERM))
         found = sorted(debs.glob(f"{package}_*_arm64.deb"))
         if r.returncode != 0 or not found:
             reason = (r.stderr.strip().splitlines() or ["no .deb appeared"])[-1]
@@ -55,7 +74,8 @@ def fetch_deb(package: str, cache_dir: Path) -> Path:
 
 def extract(deb: Path, members: tuple[str, ...]) -> dict[str, tuple[bytes, int]]:
     """Read files out of a .deb: {path: (bytes, permission bits)}; symlinks are resolved."""
-    r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+    r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                       preexec_fn=die_with_parent(signal.SIGTERM))
     if r.returncode != 0:
         raise InfraError(f"cannot read {deb}: {r.stderr.decode(errors='replace').strip()}",
                          hint=f"delete {deb} and run again to download it afresh")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from harness import REPO_ROOT
 from harness.errors import BuildError
 from harness.fsutil import atomic_dir, file_lock
 from harness.kernel.build import BuildRequest, KernelArtifacts, work_dir_for
+from harness.procs import run_group
 
 PAYLOAD_SOURCES = REPO_ROOT / "rootfs" / "payloads"
 SELFTESTS_FILE = REPO_ROOT / "rootfs" / "kvm-selftests.txt"
@@ -120,7 +122,7 @@ def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
                 (kst / name).rename(dest)
             modes = guest_modes(req.source.tree / "tools/testing/selftests/kvm")
             (bin_dir / GUEST_MODES).write_text("\n".join(modes) + "\n")
-            subprocess.run(["rm", "-rf", str(kst)], check=True)
+            shutil.rmtree(kst)
     return Payloads(entry / "bin")
 
 
@@ -129,10 +131,12 @@ def _run(argv: list[str], log: Path) -> None:
         f.write(f"$ {' '.join(argv)}\n")
         f.flush()
         try:
-            r = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=_TIMEOUT)
+            # make and gcc have children of their own (cc1, as, ld): the whole group is stopped on
+            # a deadline or an interrupt, and when the harness is killed outright.
+            rc = run_group(argv, timeout=_TIMEOUT, stdout=f, stderr=subprocess.STDOUT)
         except subprocess.TimeoutExpired:
             raise BuildError(f"payload build passed its {_TIMEOUT:.0f}s deadline: {argv[0]}", log=log) from None
-    if r.returncode != 0:
+    if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-5:]
-        raise BuildError(f"payload build failed ({Path(argv[0]).name} exited {r.returncode}): "
+        raise BuildError(f"payload build failed ({Path(argv[0]).name} exited {rc}): "
                          f"{' | '.join(t.strip() for t in tail)[:300]}", log=log)

@@ -24,6 +24,7 @@ from harness.errors import BuildError, UsageError
 from harness.fsutil import atomic_dir, file_lock
 from harness.kernel import config as kconfig
 from harness.kernel.source import KernelSource
+from harness.procs import GroupGuard, die_with_parent
 from harness.progress import Progress
 
 # Bump when the way a config is produced changes, so old cache entries are not reused.
@@ -165,8 +166,14 @@ class _MakeRunner:
         self.logf.flush()
         bar = Progress(f"kernel {step}", quiet=self.req.quiet or not progress)
         tail: list[str] = []
+        # Its own process group, so _kill_group stops make's compilers too. If the harness is
+        # killed outright (SIGKILL: no handler runs), make gets SIGTERM from the kernel (it removes
+        # half-written targets and signals its shells) and the guard ends the rest of the group
+        # (cc1, ld, which survive make's own SIGTERM handling).
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", env=self.env, start_new_session=True)
+                                errors="replace", env=self.env, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
+        guard = GroupGuard(proc.pid)
         timed_out = threading.Event()
 
         def on_deadline() -> None:
@@ -187,6 +194,7 @@ class _MakeRunner:
             raise
         finally:
             timer.cancel()
+            guard.dismiss()
             self.logf.flush()
         if timed_out.is_set():
             raise BuildError(f"kernel {step} passed its {self.req.timeout:.0f}s deadline",

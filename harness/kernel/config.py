@@ -15,11 +15,12 @@ from pathlib import Path
 
 from harness import REPO_ROOT
 from harness.errors import ConfigError, UsageError
+from harness.kernel.version import KernelVersion
 
 FRAGMENTS_DIR = REPO_ROOT / "kernel_configs"
 DEFAULT_FRAGMENTS = ("pkvm.config",)
-# Applied after pkvm.config when the source is that version: pkvm-<major>.<minor>.config.
-VERSION_FRAGMENT = "pkvm-{major}.{minor}.config"
+# Applied after pkvm.config when the source is that version: pkvm-<series>.config (pkvm-6.1.config).
+VERSION_FRAGMENT = "pkvm-{series}.config"
 
 _SET_RE = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set\s*$")
@@ -76,16 +77,20 @@ def find_fragment(name: str) -> Path:
                      hint=f"pass a file path or one of kernel_configs/: {known}")
 
 
-def version_fragments(version: str | None) -> list[str]:
+def version_fragments(version: KernelVersion | str | None) -> list[str]:
     """The per-version fragment of a kernel version ("6.1.192" -> pkvm-6.1.config), if there is one."""
-    m = re.match(r"(\d+)\.(\d+)", version or "")
-    if not m:
+    try:
+        kv = KernelVersion.of(version) if version else None
+    except ValueError:
+        kv = None
+    if kv is None:
         return []
-    name = VERSION_FRAGMENT.format(major=m.group(1), minor=m.group(2))
+    name = VERSION_FRAGMENT.format(series=kv.series)
     return [name] if (FRAGMENTS_DIR / name).is_file() else []
 
 
-def merge(fragments: list[str], kconfig: list[str], version: str | None = None) -> dict[str, ConfigOption]:
+def merge(fragments: list[str], kconfig: list[str],
+          version: KernelVersion | str | None = None) -> dict[str, ConfigOption]:
     """Default fragments, the source version's own, then --config fragments, then --kconfig
     options; later ones win."""
     merged: dict[str, ConfigOption] = {}

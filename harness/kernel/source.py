@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness.errors import InfraError, UsageError
 from harness.fsutil import atomic_dir, atomic_write_text, file_lock, sha256_file
+from harness.kernel.version import KernelVersion
 from harness.progress import Progress
 
 # `--kernel X.Y`: Debian's linux-source-X.Y packages (ci/debian-packages.txt installs both).
@@ -46,9 +47,9 @@ class KernelSource:
             object.__setattr__(self, "userspace_identity", self.identity)
 
     @property
-    def version_tuple(self) -> tuple[int, int, int]:
-        nums = [int(x) for x in re.findall(r"\d+", self.version)[:3]]
-        return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
+    def kernel_version(self) -> KernelVersion:
+        """`version` as a KernelVersion: ask it the version facts (e.g. `.series`, `.selftests_dir`)."""
+        return KernelVersion.parse(self.version)
 
 
 def debian_tarball(kernel: str) -> Path:

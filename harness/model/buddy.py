@@ -26,9 +26,10 @@ Representation (chosen for speed, see bench/model.py):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
+
+from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -185,44 +186,14 @@ def _base_rules() -> dict[str, dict]:
 
 
 _RULES = _base_rules()
-_NEWEST_READ = (6, 17)
-_VERSION_RE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
-def _pick(major: int, minor: int, sub: Optional[int]) -> tuple[str, Optional[str]]:
-    v = (major, minor)
-    if v < (5, 13):
-        return "5.13", "pKVM (and the EL2 buddy allocator) did not exist before 5.13; using 5.13 rules"
-    if v == (5, 13):
-        return "5.13", None
-    if v == (5, 14):
-        if sub is not None and sub >= 15:
-            return "5.15", ("5.14.y stable took hyp_split_page and the BUG_ON(!p->refcount) fix "
-                            "(stable review 'PATCH 5.14 022/169', Oct 2021); the first release "
-                            "carrying them is inferred to be 5.14.15")
-        return "5.14", None
-    if v < (5, 17):
-        return "5.15", None
-    if v < (6, 2):
-        return "5.17+", None
-    if v < (6, 4):
-        return "6.2+", None
-    if v < (6, 14):
-        return "6.4+", None
-    if v <= _NEWEST_READ:
-        return "6.14+", None
-    return "6.14+", (f"{major}.{minor} is newer than the newest tree read "
-                     f"({_NEWEST_READ[0]}.{_NEWEST_READ[1]}); assuming the 6.14+ allocator is unchanged")
-
-
-def version_rules(version: str) -> VersionRules:
-    """The rule set for a kernel version string ("6.12", "6.12.117", "v6.1.192", "5.15")."""
-    m = _VERSION_RE.match(str(version))
-    if not m:
-        raise ValueError(f"cannot parse kernel version {version!r} (expected e.g. '6.12' or '6.12.117')")
-    sub = int(m.group(3)) if m.group(3) is not None else None
-    name, warning = _pick(int(m.group(1)), int(m.group(2)), sub)
-    return VersionRules(name=name, requested=str(version), warning=warning, **_RULES[name])
+def version_rules(version: VersionLike) -> VersionRules:
+    """The rule set for a kernel version (a KernelVersion, or a string: "6.12", "6.12.117",
+    "v6.1.192", "5.15"); which release takes which set is KernelVersion.buddy_rules."""
+    kv = KernelVersion.of(version)
+    name = kv.buddy_rules
+    return VersionRules(name=name, requested=str(version), warning=kv.buddy_rules_warning, **_RULES[name])
 
 
 # --------------------------------------------------------------------------- the pool
@@ -244,7 +215,7 @@ class HypPool:
                  "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit", "_node_in_page")
 
     def __init__(self, range_start: int, nr_pages: int, reserved_pages: int = 0,
-                 version: str = "6.12") -> None:
+                 version: VersionLike = MODEL_REFERENCE) -> None:
         self._setup(version_rules(version), range_start, nr_pages, None)
         if reserved_pages < 0:
             raise ValueError("reserved_pages must be >= 0")
@@ -316,7 +287,7 @@ class HypPool:
 
     @classmethod
     def from_state(cls, range_start: int, nr_pages: int, pages: PageSource,
-                   free_lists: Mapping[int, "list[int]"], version: str = "6.12",
+                   free_lists: Mapping[int, "list[int]"], version: VersionLike = MODEL_REFERENCE,
                    max_order: Optional[int] = None) -> "HypPool":
         """Start from an observed snapshot.
 

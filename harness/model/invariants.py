@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 from harness.model.buddy import VersionRules, version_rules
 
 PAGE = 4096
@@ -69,12 +70,8 @@ class Evaluation:
         return text
 
 
-# Versions whose rule sets differ in hyp_page's layout: (refcount bits, order bits) -> a version.
-_SHAPE_VERSIONS = {(32, 32): "5.13", (16, 8): "6.14"}
-
-
-def choose_rules(version: str, shape: dict[str, int] | None = None) -> VersionRules:
-    """The buddy rules for the kernel under test, from its version string and, where they
+def choose_rules(version: VersionLike, shape: dict[str, int] | None = None) -> VersionRules:
+    """The buddy rules for the kernel under test, from its version and, where they
     disagree, the shape of struct hyp_page in its DWARF (a backport or vendor kernel). The rules
     say which set was chosen and carry a warning when it was a guess."""
     rules = version_rules(version)
@@ -83,20 +80,22 @@ def choose_rules(version: str, shape: dict[str, int] | None = None) -> VersionRu
     seen = (shape.get("refcount_bits"), shape.get("order_bits"))
     if (rules.refcount_bits, rules.order_bits) == seen:
         return rules
-    by_shape = _SHAPE_VERSIONS.get(seen)   # type: ignore[arg-type]
+    by_shape = KernelVersion.first_with_hyp_page_shape(*seen)
     if by_shape is None:
         return replace(rules, warning=f"hyp_page has {seen[0]}-bit refcount and {seen[1]}-bit order, which no "
                                       f"known rule set has; using {rules.name} for Linux {version}")
     chosen = version_rules(by_shape)
-    return replace(chosen, requested=version,
+    return replace(chosen, requested=str(version),
                    warning=f"Linux {version} but hyp_page is shaped like {chosen.name} "
                            f"({seen[0]}-bit refcount, {seen[1]}-bit order): using the {chosen.name} rules")
 
 
-def evaluate(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> Evaluation:
-    """Every registered check (or `only` those) that applies to `snap`'s kernel, which picks the
+def evaluate(snap: Any, version: VersionLike | None = None, only: Iterable[str] | None = None) -> Evaluation:
+    """Every registered check (or `only` those) that applies to `snap`'s kernel (`version`, else
+    the snapshot's `kernel_version` string, else the model's reference release), which picks the
     buddy rules; the others are listed with the reason, never skipped silently."""
-    rules = choose_rules(version or getattr(snap, "kernel_version", "6.12"), getattr(snap, "hyp_page_shape", None))
+    rules = choose_rules(version or getattr(snap, "kernel_version", MODEL_REFERENCE),
+                         getattr(snap, "hyp_page_shape", None))
     result = Evaluation(rules, [], [], {})
     for name, fn in CHECKS.items():
         if only is not None and name not in only:
@@ -110,7 +109,7 @@ def evaluate(snap: Any, version: str | None = None, only: Iterable[str] | None =
     return result
 
 
-def run_checks(snap: Any, version: str | None = None, only: Iterable[str] | None = None) -> list[Finding]:
+def run_checks(snap: Any, version: VersionLike | None = None, only: Iterable[str] | None = None) -> list[Finding]:
     """The findings of `evaluate()`."""
     return evaluate(snap, version, only).findings
 

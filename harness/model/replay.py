@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.kernel.version import VersionLike
 from harness.model.buddy import BuddyBug, HypPool
 
 PAGE = 4096
@@ -80,16 +81,17 @@ def _describe(op: Any) -> str:
     return f"#{_get(op, 'seq')} cpu{_get(op, 'cpu')} {_get(op, 'op')}({args}){tail}"
 
 
-def _model_from(pool: Any, version: str) -> HypPool:
+def _model_from(pool: Any, version: VersionLike) -> HypPool:
     nr = (pool.range_end - pool.range_start) // PAGE
     return HypPool.from_state(pool.range_start, nr, pool.pages, pool.free_lists, version=version,
                               max_order=pool.max_order)
 
 
 def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, Any] | None,
-           version: str, names: Mapping[int, str] | None = None) -> ReplayResult:
+           version: VersionLike, names: Mapping[int, str] | None = None) -> ReplayResult:
     """`initial`/`final`: pool struct PA -> pool state (range_start, range_end, max_order,
-    free_lists, pages); `ops`: trace records (seq, cpu, pool, op, args, result)."""
+    free_lists, pages); `ops`: trace records (seq, cpu, pool, op, args, result); `version`: the
+    kernel's, a KernelVersion or the string a saved trace records ("kernel_version": "6.12.117")."""
     names = dict(names or {})
     models = {pa: _model_from(p, version) for pa, p in initial.items()}
     history: dict[int, list[str]] = {pa: [] for pa in models}

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.kernel.version import KernelVersion, VersionLike
+
 PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT
 PTRS_PER_PTE = 512
 PMD_SIZE = 2 << 20
 SZ_1G = 1 << 30
 KVM_MAX_PVMS = 255
-# KVM_PGTABLE_FIRST_LEVEL..KVM_PGTABLE_LAST_LEVEL: -1..3 since 6.7 (LPA2), 0..3 before.
-LEVELS_FROM_6_7 = 5
-LEVELS_BEFORE_6_7 = 4
+# How many page-table levels are counted: KernelVersion.kvm_pgtable_levels (5 since 6.7, LPA2).
 # hyp_ffa_proxy_pages(): 2 mailbox pages + DIV_ROUND_UP(desc_max, PAGE_SIZE), where desc_max =
 # sizeof(ffa_mem_region) 48 + sizeof(ffa_mem_region_attributes) 16 + sizeof(ffa_composite_mem_region)
 # 16 + SG_MAX_SEGMENTS (2048 on arm64, which chains scatterlists) * sizeof(ffa_mem_region_addr_range) 16
@@ -87,28 +87,32 @@ def _carveout_vmemmap(hyp_mem_pages: int, entry_size: int, levels: int) -> int:
             return nr
 
 
-def hyp_reserve(memblocks: list[tuple[int, int]], version: tuple[int, ...], hyp_page_size: int) -> HypReserve:
-    """`memblocks`: (base, size) of every region in hyp_memory; `hyp_page_size`: sizeof(struct
-    hyp_page) from the kernel's DWARF (4 in 6.12)."""
-    if version < (5, 13):
-        raise ValueError(f"pKVM came with 5.13; there is no hyp memory to size in {'.'.join(map(str, version))}")
-    levels = LEVELS_FROM_6_7 if version >= (6, 7) else LEVELS_BEFORE_6_7
+def hyp_reserve(memblocks: list[tuple[int, int]], version: VersionLike, hyp_page_size: int) -> HypReserve:
+    """`memblocks`: (base, size) of every region in hyp_memory; `version`: the kernel's
+    (KernelVersion, or a version string); `hyp_page_size`: sizeof(struct hyp_page) from the
+    kernel's DWARF (4 in 6.12)."""
+    kv = KernelVersion.of(version)
+    if not kv.has_pkvm:
+        raise ValueError(f"pKVM came with 5.13; there is no hyp memory to size in {kv}")
+    levels = kv.kvm_pgtable_levels
     all_memory = sum(_pgtable_max_pages(size >> PAGE_SHIFT, levels) for _, size in memblocks)
     one_gib = _pgtable_max_pages(SZ_1G >> PAGE_SHIFT, levels)
-    if version < (6, 2):
-        tables = 2 * (all_memory + one_gib) + 16
-        return HypReserve(hyp_s1=all_memory + one_gib, host_s2=all_memory + 16 + one_gib, vm_table=0,
-                          vmemmap=_carveout_vmemmap(tables, hyp_page_size, levels), ffa_proxy=0)
-    vmemmap = sum(_vmemmap_bytes(base, size, hyp_page_size) for base, size in memblocks) >> PAGE_SHIFT
-    return HypReserve(hyp_s1=all_memory + one_gib, host_s2=all_memory + 16 + one_gib,
-                      vm_table=-(-(KVM_MAX_PVMS * 8) // PAGE), vmemmap=vmemmap, ffa_proxy=FFA_PROXY_PAGES)
+    hyp_s1, host_s2 = all_memory + one_gib, all_memory + 16 + one_gib
+    if kv.hyp_vmemmap_covers_all_memory:
+        vmemmap = sum(_vmemmap_bytes(base, size, hyp_page_size) for base, size in memblocks) >> PAGE_SHIFT
+    else:
+        vmemmap = _carveout_vmemmap(hyp_s1 + host_s2, hyp_page_size, levels)
+    return HypReserve(hyp_s1=hyp_s1, host_s2=host_s2,
+                      vm_table=-(-(KVM_MAX_PVMS * 8) // PAGE) if kv.has_vm_table else 0, vmemmap=vmemmap,
+                      ffa_proxy=FFA_PROXY_PAGES if kv.reserves_ffa_proxy else 0)
 
 
-def memory_for_hpool_pages(pages: int, version: tuple[int, ...], base: int = 0x4000_0000,
+def memory_for_hpool_pages(pages: int, version: VersionLike, base: int = 0x4000_0000,
                            hyp_page_size: int = 4) -> int:
     """The smallest RAM size in MiB (one memblock at `base`) that gives hpool exactly `pages` pages
     (hpool is hyp_s1_pgtable_pages() long): how a test gets a pool of a chosen size on a live boot."""
+    kv = KernelVersion.of(version)
     for mib in range(64, 64 << 10):
-        if hyp_reserve([(base, mib << 20)], version, hyp_page_size).hyp_s1 == pages:
+        if hyp_reserve([(base, mib << 20)], kv, hyp_page_size).hyp_s1 == pages:
             return mib
-    raise ValueError(f"no memory size gives hpool {pages} pages on Linux {'.'.join(map(str, version))}")
+    raise ValueError(f"no memory size gives hpool {pages} pages on Linux {kv}")

@@ -20,6 +20,8 @@ import bisect
 from dataclasses import dataclass
 from enum import Enum
 
+from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
+
 PAGE_SHIFT = 12
 LAST_LEVEL = 3
 MIN_BLOCK_LEVEL = 1           # 4 KiB granule: blocks at levels 1 (1 GiB) and 2 (2 MiB)
@@ -95,9 +97,10 @@ def _inside(start: int, size: int, r: MemRange) -> bool:
     return r.start <= start and start + size <= r.end
 
 
-def adjust_range(addr: int, walk_level: int, r: MemRange, version: tuple[int, ...]) -> tuple[int, int, int]:
+def adjust_range(addr: int, walk_level: int, r: MemRange, version: VersionLike) -> tuple[int, int, int]:
     """host_stage2_adjust_range(): (start, size, level) of the granule to map around addr."""
-    if version < (6, 16):
+    kv = KernelVersion.of(version)
+    if not kv.stage2_adjust_range_checks_chosen_level:
         # do { cur = granule(level) around addr; level++; }
         # while (level <= LAST && !(level >= MIN_BLOCK_LEVEL && cur inside range));
         level = walk_level
@@ -115,14 +118,14 @@ def adjust_range(addr: int, walk_level: int, r: MemRange, version: tuple[int, ..
             continue                                 # kvm_level_supports_block_mapping()
         if _inside(start, size, r):
             return start, size, level
-        if version >= (7, 0) and level == LAST_LEVEL:
+        if kv.stage2_falls_back_to_page and level == LAST_LEVEL:
             return start, size, level                # the level-3 fallback
     raise HostAbortError("EINVAL", f"no granule around {addr:#x} fits in [{r.start:#x}, {r.end:#x}) "
                                    "(WARN_ON in host_stage2_adjust_range: a hyp panic)")
 
 
 def predict_fault(addr: int, regions: list[Region], walk_level: int, walk_pte: int = 0,
-                  version: tuple[int, ...] = (6, 12)) -> Prediction:
+                  version: VersionLike = MODEL_REFERENCE) -> Prediction:
     """The mapping a host abort at `addr` installs. `walk_level`/`walk_pte`: the entry where the
     host stage-2 walk stops (kvm_pgtable_get_leaf)."""
     addr &= ~((1 << PAGE_SHIFT) - 1)                      # HPFAR gives the page
@@ -138,7 +141,8 @@ def predict_fault(addr: int, regions: list[Region], walk_level: int, walk_pte: i
                       leaf_level - walk_level)
 
 
-def predict_from_tables(addr: int, regions: list[Region], walk, version: tuple[int, ...] = (6, 12)) -> Prediction:
+def predict_from_tables(addr: int, regions: list[Region], walk,
+                        version: VersionLike = MODEL_REFERENCE) -> Prediction:
     """predict_fault() on a decoded host stage-2 (`walk`: leaves and the span of each table,
     as harness.el2.pgtable.Walk has them): where the walk for addr stops, and what is there."""
     leaf = walk.leaf_at(addr)
@@ -148,9 +152,10 @@ def predict_from_tables(addr: int, regions: list[Region], walk, version: tuple[i
 
 
 def untouched_by_leaf_level(walk, regions: list[Region], start: int, end: int,
-                            version: tuple[int, ...] = (6, 12)) -> dict[int, int]:
+                            version: VersionLike = MODEL_REFERENCE) -> dict[int, int]:
     """For each leaf level a host access in [start, end) would install now, the first address
     that gets it: addresses with a zero entry (never mapped, no owner), one per 4 KiB page."""
+    version = KernelVersion.of(version)
     found: dict[int, int] = {}
     addr = start & ~((1 << PAGE_SHIFT) - 1)
     while addr < end and len(found) < 3:

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from harness.el2.pgtable import Leaf
-from harness.el2.snapshot import Snapshot, SnapshotDiff
+from harness.el2.state import Snapshot, SnapshotDiff
 
 CONSOLE_LINES = 60
 EXAMPLES = 8            # s2 leaves / pages quoted per list; the counts are always whole

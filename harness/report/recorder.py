@@ -9,23 +9,24 @@ first divergence of any trace replayed in the test.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _pytest.junitxml import LogXML  # pytest's own JUnit writer; a second instance, pointed at the run dir
 
 from harness import rundir
 from harness.errors import ExitCode
 from harness.report import evidence
+from harness.report.result import KernelSummary, Result
+from harness.targets.base import ConsoleLog, Target
 from harness.targets.framing import readable
+from harness.verdict import PANIC_KINDS
 
 PLUGIN_NAME = "pkvm-suite-recorder"
 REPLAYS = pytest.StashKey[list]()          # item -> ReplayResult holders (objects with .result)
-CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+WATCH = pytest.StashKey["EvidenceWatch"]()
 MESSAGE_LINES = 40
 
 
@@ -52,28 +53,46 @@ class SuiteRecorder:
         self.started = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.run_dir: Path | None = None
-        self.target: Any = None
+        self.target: Target | None = None
+        self.kernel: Any = None                   # harness.kernel.build.KernelArtifacts, on QEMU
         self.tests: dict[str, dict[str, Any]] = {}
         self.exitstatus: int | None = None
         self.reason: str | None = None           # why the session stopped early, when it did
-        self.junit: LogXML | None = None
-        if not config.option.xmlpath and not hasattr(config, "workerinput"):
-            self.junit = LogXML(os.devnull, config.option.junitprefix, config.getini("junit_suite_name"),
-                                config.getini("junit_logging"), config.getini("junit_duration_report"),
-                                config.getini("junit_family"), config.getini("junit_log_passing_tests"))
-            config.pluginmanager.register(self.junit, "pkvm-junit")
+        self.died: str | None = None             # "<test>: <panic line>" once the target died
 
     def attach(self, run_dir: Path) -> None:
         """The session is about to boot or connect a target: a suite run, reported in run_dir."""
         self.run_dir = run_dir
 
-    # --- outcomes ------------------------------------------------------------------------
+    # --- each test -----------------------------------------------------------------------
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # A target dies once: the test it died in failed with its panic line; later ones do not run.
+        if self.died is not None and "target" in item.fixturenames:
+            pytest.skip(f"not run: the target died in {self.died}")
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+    def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        """For a test on a live target: watch it, so a failure comes with its evidence."""
+        target = item.funcargs.get("target") if self.run_dir is not None else None   # type: ignore[attr-defined]
+        if target is not None:
+            item.stash[WATCH] = EvidenceWatch(target, item.funcargs.get("el2"),    # type: ignore[attr-defined]
+                                              evidence_dir(self.run_dir, item.nodeid))
+            item.stash[REPLAYS] = item.stash.get(REPLAYS, [])
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
-        if call.when == "call" and not hasattr(report, "context"):
-            item.stash[CALL_REPORT] = report
+        if call.when == "call" and not hasattr(report, "context") and report.failed and self.target is not None:
+            death = self.target.death()
+            if death is not None and self.died is None:
+                self.died = f"{item.nodeid.split('::')[-1]}: {death}"
+                report.sections.append(("pkvm-harness", f"the target died during this test: {death}"))
+                report.pkvm_death = death
+            watch = item.stash.get(WATCH, None)
+            if watch is not None:
+                self.add_evidence(item.nodeid, watch.collect(item.stash.get(REPLAYS, []), alive=death is None))
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -93,7 +112,8 @@ class SuiteRecorder:
             rec["outcome"] = "xfailed" if report.skipped else "xpassed"
         elif report.failed:
             rec["outcome"] = "failed" if report.when == "call" else "error"
-            rec.setdefault("message", _message(report))
+            death = getattr(report, "pkvm_death", None)
+            rec.setdefault("message", (f"the target died: {death}\n" if death else "") + _message(report))
             rec.setdefault("phase", report.when)
         elif report.skipped and rec["outcome"] == "passed":
             rec["outcome"] = "skipped"
@@ -104,22 +124,19 @@ class SuiteRecorder:
 
     # --- the end ---------------------------------------------------------------------------
 
-    @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.exitstatus = int(exitstatus)
-        if self.junit is None:
-            return
-        if self.run_dir is None:                 # not a suite run: no JUnit of our own
-            self.config.pluginmanager.unregister(self.junit)
-        else:
-            self.junit.logfile = str((self.run_dir / "junit.xml").resolve())
+        # A session whose target panicked ends with the harness's panic code, not a test failure's 1.
+        panicked = self.died is not None and self.died.split(": ", 2)[1] in PANIC_KINDS
+        if panicked and self.exitstatus == ExitCode.TEST_FAILURE:
+            session.exitstatus = self.exitstatus = int(ExitCode.PANIC)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.run_dir is None:
             return
-        if config.option.xmlpath and Path(config.option.xmlpath).is_file():
-            (self.run_dir / "junit.xml").write_bytes(Path(config.option.xmlpath).read_bytes())
-        rundir.write_result(self.run_dir, self.result())
+        result = self.result()
+        rundir.write_result(self.run_dir, result)
+        rundir.write_suite_junit(self.run_dir, result)
 
     def result(self) -> dict[str, Any]:
         tests = list(self.tests.values())
@@ -131,40 +148,28 @@ class SuiteRecorder:
         for t in tests:
             counts[t["outcome"]] += 1
         status = self.exitstatus if self.exitstatus is not None else int(ExitCode.INFRA)
-        outcome = {0: "pass", 1: "fail", 2: "interrupted"}.get(status, "error")
-        return {"command": "suites", "started_at": self.started_at, "run_dir": str(self.run_dir.resolve()),
-                "exit_code": status, "outcome": outcome, "duration_s": round(time.time() - self.started, 2),
-                "args": [str(a) for a in self.config.invocation_params.args],
-                "target": _describe_target(self.target), "kernel": _kernel(self.target),
-                "summary": {**counts, "total": len(tests)}, "junit": "junit.xml", "tests": tests,
-                **({"reason": self.reason} if self.reason else {})}
-
-
-def _describe_target(target: Any) -> dict[str, Any]:
-    spec = getattr(target, "spec", None)
-    if target is None:
-        return {"kind": "none", "name": "no target (it did not come up)"}
-    if spec is not None:
-        return {"kind": "qemu", "name": target.name, "cpu": spec.cpu, "smp": spec.smp, "mem": str(spec.mem),
-                "pkvm_mode": getattr(target, "mode", None), "transport": getattr(target, "transport", None)}
-    return {"kind": "ssh", "name": getattr(target, "name", "board"), "pkvm_mode": getattr(target, "mode", None)}
-
-
-def _kernel(target: Any) -> dict[str, Any] | None:
-    from harness.pipeline import kernel_summary
-
-    kernel = getattr(target, "kernel", None)
-    return kernel_summary(kernel) if kernel is not None else None
+        assert self.run_dir is not None
+        result = Result("suites", str(self.run_dir.resolve()), self.started_at, self.started,
+                        outcome={0: "pass", 1: "fail", 2: "interrupted", int(ExitCode.PANIC): "fail"}.get(status, "error"),
+                        reason=self.reason or "",
+                        kernel=KernelSummary.of(self.kernel) if self.kernel is not None else None)
+        result.fields.update(
+            args=[str(a) for a in self.config.invocation_params.args],
+            target=self.target.describe().to_dict() if self.target is not None
+            else {"kind": "none", "name": "no target (it did not come up)"},
+            summary={**counts, "total": len(tests)}, junit="junit.xml", tests=tests,
+            **({"died": self.died} if self.died else {}))
+        result.finish(status)
+        return result.to_dict()
 
 
 class EvidenceWatch:
     """Watches one test on a live target; `collect()` after a failure returns its evidence."""
 
-    def __init__(self, target: Any, el2: Any, evidence_dir: Path) -> None:
+    def __init__(self, target: Target, el2: Any, evidence_dir: Path) -> None:
         self.target, self.el2, self.evidence_dir = target, el2, evidence_dir
         self.unavailable: dict[str, str] = {}
-        text = target.console_text() if hasattr(target, "console_text") else None
-        self.console_from = len(text) if text is not None else None
+        self.console_from = len(target.console_text()) if isinstance(target, ConsoleLog) else None
         self.commands_from = len(target.commands)
         self.before = self._snapshot("el2_diff")
 
@@ -178,9 +183,12 @@ class EvidenceWatch:
             self.unavailable[part] = f"snapshot failed: {type(e).__name__}: {e}"
             return None
 
-    def collect(self, replays: list[Any]) -> dict[str, Any]:
+    def collect(self, replays: list[Any], alive: bool = True) -> dict[str, Any]:
         found: dict[str, Any] = {}
         found["console"] = self._console()
+        if not alive:                    # its memory is gone with it: the console says what happened
+            self.el2 = None
+            self.unavailable["el2_diff"] = "the target died during the test"
         for holder in replays:
             div = evidence.divergence(getattr(holder, "result", None))
             if div is not None:
@@ -195,7 +203,7 @@ class EvidenceWatch:
 
     def _console(self) -> dict[str, Any] | None:
         commands = self.target.commands[self.commands_from:]
-        if self.console_from is not None:
+        if isinstance(self.target, ConsoleLog) and self.console_from is not None:
             return evidence.console_excerpt(readable(self.target.console_text()[self.console_from:], commands),
                                             "console")
         try:                             # a board: the commands the test ran, then its kernel log

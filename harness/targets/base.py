@@ -80,19 +80,81 @@ class DmesgMark:
     lines: int     # dmesg lines that existed when the mark was taken
 
 
+@dataclass(frozen=True)
+class TargetInfo:
+    """What result.json says about a target (the `target` object of its schema)."""
+
+    kind: str                      # "qemu" or "ssh"
+    name: str
+    pkvm_mode: str | None = None
+    cpu: str | None = None         # QEMU only, as are smp, mem and transport
+    smp: int | None = None
+    mem: str | None = None
+    transport: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v is not None or k == "pkvm_mode"}
+
+
+# --- capabilities: what a test or a report may ask of a target; each target has some of them ---
+
 @runtime_checkable
-class Target(Protocol):
+class Shell(Protocol):
+    """Commands on the target, and the record of those run (a failing test's report lists them)."""
+
     name: str
 
+    @property
+    def commands(self) -> list[str]: ...
+
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult: ...
-
-    def put(self, local: Path, remote: str) -> None: ...
-
-    def get(self, remote: str, local: Path) -> None: ...
 
     def dmesg_mark(self) -> DmesgMark: ...
 
     def dmesg(self, since: DmesgMark | None = None) -> str: ...
+
+
+@runtime_checkable
+class Files(Protocol):
+    def put(self, local: Path, remote: str) -> None: ...
+
+    def get(self, remote: str, local: Path) -> None: ...
+
+
+@runtime_checkable
+class ConsoleLog(Protocol):
+    """The serial console since boot (a board over SSH has none: its report shows dmesg)."""
+
+    def console_text(self) -> str: ...
+
+
+@runtime_checkable
+class El2Memory(Protocol):
+    """Guest-physical memory (QMP) and the vmlinux to decode EL2's part of it with."""
+
+    @property
+    def qmp_socket(self) -> Path: ...
+
+    @property
+    def vmlinux(self) -> Path: ...
+
+
+@runtime_checkable
+class Debugger(Protocol):
+    """A gdbstub (QEMU's) through which EL2 can be traced with breakpoints."""
+
+    @property
+    def gdb_socket(self) -> Path: ...
+
+
+@runtime_checkable
+class Target(Shell, Files, Protocol):
+    """Every machine under test: QEMU or a board."""
+
+    def describe(self) -> TargetInfo: ...
+
+    def death(self) -> str | None:
+        """Why the target is dead (its first panic line, or how it went away); None while it lives."""
 
     def reboot(self, timeout: float = 120.0) -> None: ...
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import pexpect
 
 from harness.errors import UsageError
+from harness.kernel.version import KernelVersion
+from harness.procs import die_with_parent
 from harness.targets import qmp
 from harness.targets.console import Console
 from harness.targets.sockchild import SocketChild
@@ -29,22 +32,27 @@ BASE_CMDLINE = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 rdinit=/init"
 # AF_UNIX paths are limited to 108 bytes; longer run-dir paths get a socket in /tmp.
 _SUN_PATH_MAX = 100
 
-# QEMU CPUs with VHE (ARMv8.1+) run a kernel that knows hVHE in hVHE; the others in nVHE.
+# QEMU CPUs with VHE (ARMv8.1+) run a kernel that knows hVHE (KernelVersion.has_hvhe) in hVHE;
+# the others in nVHE.
 VHE_CPUS = {"max", "host", "cortex-a76", "cortex-a710", "neoverse-n1", "neoverse-n2", "neoverse-v1", "a64fx"}
 NON_VHE_CPUS = {"cortex-a53", "cortex-a57", "cortex-a72"}
 
 
-def kernel_knows_hvhe(image: Path) -> bool:
-    """hVHE came with the `arm64_sw.hvhe` override (6.6): its name is in the Image of such a kernel."""
+def kernel_knows_hvhe(image: Path, version: KernelVersion | None = None) -> bool:
+    """KernelVersion.has_hvhe when the kernel's version is known; else the Image itself says: the
+    `arm64_sw.hvhe` override's name is in the Image of a kernel that has hVHE."""
+    if version is not None:
+        return version.has_hvhe
     return b"hvhe" in image.read_bytes()
 
 
-def expected_pkvm_mode(cpu: str, image: Path) -> str | None:
-    """The mode kvm-arm.mode=protected gives on this QEMU CPU with this kernel; None if unknown."""
+def expected_pkvm_mode(cpu: str, image: Path, version: KernelVersion | None = None) -> str | None:
+    """The mode kvm-arm.mode=protected gives on this QEMU CPU with this kernel (`version` if known,
+    else judged from the Image); None if unknown."""
     if cpu in NON_VHE_CPUS:
         return "nVHE"
     if cpu in VHE_CPUS:
-        return "hVHE" if kernel_knows_hvhe(image) else "nVHE"
+        return "hVHE" if kernel_knows_hvhe(image, version) else "nVHE"
     return None
 
 
@@ -53,6 +61,7 @@ class QemuSpec:
     kernel: Path
     initrd: Path
     qmp_socket: Path
+    ready_marker: str               # the line the image's init prints when its shell is ready
     cpu: str = "max"
     smp: int = 2
     mem: str = "1024"
@@ -145,8 +154,11 @@ class QemuMachine:
         self.started_at = time.monotonic()
         if self.spec.console_pty:
             # A wide pty, so long console lines are not wrapped by the terminal layer.
+            # die_with_parent: QEMU is killed with the harness, even a SIGKILLed one (which stops
+            # nothing itself), as SocketChild does for the socket console.
             self.child = pexpect.spawn(argv[0], argv[1:], encoding=None, echo=False,
-                                       dimensions=(50, 4000), env=env, maxread=1 << 16)
+                                       dimensions=(50, 4000), env=env, maxread=1 << 16,
+                                       preexec_fn=die_with_parent(signal.SIGKILL))
         else:
             self.child = SocketChild(argv, env)
         self.console = Console(self.child, self.console_log)

@@ -5,15 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import verdict
-from harness.boot import check_started, crashed, wait_ready
-from harness.errors import ExitCode
-from harness.image.initramfs import READY_MARKER
-from harness.image.keys import GuestKeys
-from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError, TargetPanicked
+from harness.targets import qemu_boot
+from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError, TargetInfo, TargetPanicked
 from harness.targets.console import ConsoleShell
 from harness.targets.qemu import QemuMachine, QemuSpec, free_port
 from harness.targets.shell import ShellHelpers
@@ -21,37 +18,49 @@ from harness.targets.ssh import SshParams, SshSession
 
 TRANSPORTS = ("console", "ssh")
 _CHUNK = 48 * 1024   # bytes per console upload command (base64 lines stay short)
+_POWEROFF_DEADLINE = 15.0
 
 
-class BootFailed(TargetError):
-    """The target did not reach its shell; carries the verdict and its exit code."""
+def spec_for_transport(spec: QemuSpec, transport: str, ssh_port: int | None = None) -> QemuSpec:
+    """The spec a transport boots: SSH adds user networking with a forwarded port (free now)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}")
+    return replace(spec, ssh_port=ssh_port or free_port()) if transport == "ssh" else spec
 
-    stage = "boot"
 
-    def __init__(self, v: verdict.BootVerdict) -> None:
-        super().__init__(f"the pKVM host did not come up: {v.reason}")
-        self.verdict = v
-        self.exit_code = v.exit_code if v.exit_code != ExitCode.PASS else ExitCode.TEST_FAILURE
+@dataclass(frozen=True)
+class GuestLogin:
+    """How the harness logs in to the image's dropbear: its client key and the pinned host key."""
+
+    client_key: Path
+    host_key_line: str
 
 
 class QemuTarget(ShellHelpers):
+    """Booted on construction (BootFailed says why not); `close()` powers it off.
+
+    Capabilities (harness.targets.base): Shell, Files, ConsoleLog always; El2Memory when a
+    vmlinux is given; Debugger when the spec has a gdbstub socket.
+    """
+
     name = "qemu"
 
     def __init__(self, spec: QemuSpec, run_dir: Path, *, transport: str = "console",
-                 keys: GuestKeys | None = None, boot_timeout: float = 120.0) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}")
-        if transport == "ssh":
-            if keys is None:
-                raise ValueError("the ssh transport needs the image's keys")
-            spec = replace(spec, ssh_port=free_port())
-        self.spec = spec
+                 login: GuestLogin | None = None, boot_timeout: float = 120.0,
+                 vmlinux: Path | None = None, expect_mode: str | None = None) -> None:
+        if transport == "ssh" and login is None:
+            raise ValueError("the ssh transport needs the image's keys")
+        self.spec = spec_for_transport(spec, transport)
         self.run_dir = run_dir
         self.transport = transport
-        self.keys = keys
+        self.login = login
         self.boot_timeout = boot_timeout
+        self.expect_mode = expect_mode
+        self._vmlinux = vmlinux
         self.boots = 0
         self.machine: QemuMachine | None = None
+        self.last_machine: QemuMachine | None = None    # kept after power-off: its console and exit status
+        self.ready: qemu_boot.ReadyState | None = None
         self.shell: ConsoleShell | None = None
         self.ssh: SshSession | None = None
         self.mode: str | None = None
@@ -62,25 +71,18 @@ class QemuTarget(ShellHelpers):
     def start(self) -> None:
         log = self.run_dir / ("console.log" if self.boots == 0 else f"console.{self.boots}.log")
         machine = QemuMachine(self.spec, log)
-        self.machine = machine
+        self.machine = self.last_machine = machine
         try:
-            console = machine.start()
-            deadline = machine.started_at + self.boot_timeout
-            state = wait_ready(machine, console, deadline, READY_MARKER)
-            if not state.ready or crashed(console):
-                machine.stop()
-                check_started(console.text(upto=state.judged_upto), machine, state.timed_out)
-                raise BootFailed(verdict.judge(console.text(upto=state.judged_upto), ready_marker=READY_MARKER,
-                                               timed_out=state.timed_out))
-            self.mode = verdict.judge(console.text(), ready_marker=READY_MARKER).pkvm_mode
+            console, self.ready = qemu_boot.start(machine, self.boot_timeout, self.expect_mode)
+            self.mode = qemu_boot.judge(machine, console.text()).pkvm_mode
             self.shell = ConsoleShell(console)
             if self.transport == "ssh":
-                assert self.keys is not None and self.spec.ssh_port is not None
+                assert self.login is not None and self.spec.ssh_port is not None
                 self.ssh = SshSession(SshParams(host="127.0.0.1", port=self.spec.ssh_port, user="root",
-                                                key=self.keys.client_private,
-                                                pinned_host_key=self.keys.host_public_line))
+                                                key=self.login.client_key,
+                                                pinned_host_key=self.login.host_key_line))
                 try:
-                    self.ssh.connect_until(deadline)
+                    self.ssh.connect_until(machine.started_at + self.boot_timeout)
                 except TargetError as e:
                     said = [line for line in console.text().splitlines() if "dropbear" in line]
                     if said:
@@ -101,10 +103,11 @@ class QemuTarget(ShellHelpers):
         machine, self.machine = self.machine, None
         if machine is None:
             return
-        if machine.alive() and machine.console and not crashed(machine.console):
+        # A machine that panicked may hang rather than exit: do not wait on a power-off then.
+        if machine.alive() and machine.console and not qemu_boot.crashed(machine.console):
             with contextlib.suppress(Exception):
                 machine.console.sendline("poweroff -f")
-                machine.wait_exit(15)
+                machine.wait_exit(_POWEROFF_DEADLINE)
         machine.stop()
 
     def reboot(self, timeout: float = 120.0) -> None:
@@ -116,11 +119,30 @@ class QemuTarget(ShellHelpers):
     def close(self) -> None:
         self._shutdown()
 
+    def final_verdict(self) -> verdict.BootVerdict:
+        """The whole console of the last boot judged, once the machine is off (WARNs printed at
+        power-off count); with --expect-mode, the mode must match."""
+        assert self.last_machine is not None
+        return qemu_boot.judge(self.last_machine, self.console_text(), expect_mode=self.expect_mode)
+
     def __enter__(self) -> "QemuTarget":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def death(self) -> str | None:
+        found = verdict.panics(self.console_text())
+        if found:
+            return f"{found[0].kind}: {found[0].line}"
+        if self.machine is None or not self.machine.alive():
+            status = self.last_machine.exit_status if self.last_machine else None
+            return f"QEMU is not running (exit status {status})"
+        return None
+
+    def describe(self) -> TargetInfo:
+        return TargetInfo("qemu", self.name, self.mode, self.spec.cpu, self.spec.smp, str(self.spec.mem),
+                          self.transport)
 
     # --- what tests use --------------------------------------------------------------------
 
@@ -128,12 +150,27 @@ class QemuTarget(ShellHelpers):
     def qmp_socket(self) -> Path:
         return self.spec.qmp_socket
 
+    # A missing capability raises AttributeError, so isinstance(target, El2Memory / Debugger) is False.
+    @property
+    def vmlinux(self) -> Path:
+        if self._vmlinux is None:
+            raise AttributeError("this QEMU target was started without its vmlinux: EL2 cannot be decoded")
+        return self._vmlinux
+
+    @property
+    def gdb_socket(self) -> Path:
+        if self.spec.gdb_socket is None:
+            raise AttributeError("this QEMU target was started without a gdbstub")
+        return self.spec.gdb_socket
+
     def console_text(self) -> str:
-        return self.machine.console.text() if self.machine and self.machine.console else ""
+        m = self.machine or self.last_machine
+        return m.console.text() if m and m.console else ""
 
     def verdict(self) -> verdict.BootVerdict:
         """The console so far, judged: panics, WARNs and oopses since boot."""
-        return verdict.judge(self.console_text(), ready_marker=READY_MARKER)
+        assert self.last_machine is not None
+        return qemu_boot.judge(self.last_machine, self.console_text())
 
     def run(self, cmd: str, timeout: float = 60.0) -> CommandResult:
         self.commands.append(cmd)

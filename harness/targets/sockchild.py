@@ -17,6 +17,8 @@ import subprocess
 import pexpect
 from pexpect import fdpexpect
 
+from harness.procs import die_with_parent
+
 
 class SocketChild(fdpexpect.fdspawn):
     """A child process whose stdin, stdout and stderr are one end of a socket pair."""
@@ -25,9 +27,11 @@ class SocketChild(fdpexpect.fdspawn):
         ours, theirs = socket.socketpair()
         try:
             # A new session, as pexpect's pty spawn gives: a Ctrl-C in the user's terminal reaches
-            # the harness, which stops QEMU itself.
-            self.proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, close_fds=True)
+            # the harness, which stops QEMU itself. A harness killed outright (SIGKILL) cannot:
+            # the kernel kills QEMU then (die_with_parent: PR_SET_PDEATHSIG).
+            self.proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
+                                         preexec_fn=die_with_parent(signal.SIGKILL))
         except BaseException:
             ours.close()
             raise

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import paramiko
 
 from harness.errors import UsageError
-from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError
+from harness.targets.base import CommandResult, CommandTimeout, TargetDead, TargetError, TargetInfo
 from harness.targets.shell import ShellHelpers
 
 KEEPALIVE_SECONDS = 15
@@ -74,16 +74,16 @@ class SshSession:
                 return self.connect()
             raise TargetError(f"the host key of {self.p.address} changed ({e.key.get_name()} "
                               f"{e.key.get_fingerprint().hex()}); refusing to connect",
-                              hint="if the board was reinstalled, pass --ssh-accept-new-host-key "
+                              hint="if the board was reinstalled, pass --pkvm-ssh-accept-new-host-key "
                                    f"(or remove {name} from {self.p.known_hosts})") from None
         except paramiko.SSHException as e:
             client.close()
             if "not found in known_hosts" in str(e):
                 raise TargetError(f"{self.p.address} is not in {self.p.known_hosts or 'known_hosts'}",
-                                  hint="check the fingerprint, then pass --ssh-accept-new-host-key once") from None
+                                  hint="check the fingerprint, then pass --pkvm-ssh-accept-new-host-key once") from None
             if isinstance(e, paramiko.AuthenticationException):
                 raise TargetError(f"{self.p.address} refused the key {self.p.key or '(default keys)'}",
-                                  hint="install its public half in the board's authorized_keys or pass --ssh-key")\
+                                  hint="install its public half in the board's authorized_keys or pass --pkvm-ssh-key")\
                     from None
             raise TargetError(f"SSH to {self.p.address} failed: {e}", hint="check the host and port") from None
         except (OSError, socket.timeout) as e:
@@ -157,7 +157,7 @@ class SshSession:
             status = chan.recv_exit_status()
         except _Deadline:
             chan.close()
-            raise CommandTimeout(cmd, timeout, self._answers(), out.decode(errors="replace")) from None
+            raise CommandTimeout(cmd, timeout, self.answers(), out.decode(errors="replace")) from None
         except (paramiko.SSHException, EOFError, OSError) as e:
             self.close()
             raise TargetDead(f"the SSH connection to {self.p.address} was lost during `{cmd}`: "
@@ -167,7 +167,7 @@ class SshSession:
         return CommandResult(cmd, status, out.decode(errors="replace"), err.decode(errors="replace"),
                              time.monotonic() - start)
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
         try:
             return self.run("true", timeout=5).ok
         except (CommandTimeout, TargetError, paramiko.SSHException, OSError):
@@ -259,7 +259,7 @@ class SshTarget(ShellHelpers):
         # Detached, so the command returns before the connection goes away.
         self.run(f"(sleep 1; {self.reboot_command}) >/dev/null 2>&1 </dev/null &", timeout=15)
         while self.session.alive() and time.monotonic() < deadline:
-            if not self.session._answers():
+            if not self.session.answers():
                 break
             time.sleep(1)
         self.session.close()
@@ -273,6 +273,12 @@ class SshTarget(ShellHelpers):
             time.sleep(2)
         if self.check_pkvm:
             self.mode = self.require_pkvm()
+
+    def describe(self) -> TargetInfo:
+        return TargetInfo("ssh", self.name, self.mode)
+
+    def death(self) -> str | None:
+        return None if self.session.alive() and self.session.answers() else f"{self.name} stopped answering over SSH"
 
     def close(self) -> None:
         self.session.close()

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from harness.model.buddy import version_rules
+from harness.kernel.version import KernelVersion
 from harness.model.invariants import CHECKS, evaluate, run_checks
 from harness.targets.guests import BackgroundGuests, guest_args, run_guests, touch_phys
 from harness.verdict import clean, scan
@@ -49,7 +49,7 @@ def test_every_invariant_holds_after_boot(el2):
     assert snap.unavailable == {}
     checked = evaluate(snap)
     print(checked.summary())                 # which rules, and each invariant that does not apply, and why
-    assert checked.rules.name == version_rules(snap.kernel_version).name and checked.rules.warning is None
+    assert checked.rules.name == KernelVersion.of(snap.kernel_version).buddy_rules and checked.rules.warning is None
     assert set(checked.ran) | set(checked.not_applicable) == set(CHECKS)
     assert set(checked.not_applicable) == ({"vm-table"} if "vm_table" in snap.absent else set())
     assert checked.findings == [], _render(checked.findings)

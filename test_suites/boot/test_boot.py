@@ -37,7 +37,7 @@ def test_reserved_hyp_memory_is_what_kvm_hyp_reserve_computes(target, el2):
     m = RESERVED_RE.search(target.dmesg())
     assert m, "no 'kvm [N]: Reserved N MiB at 0x...' line in dmesg"
     snap = el2.snapshot()
-    want = hyp_reserve([(base, size) for base, size, _ in snap.memblocks], tuple(el2.kernel.version_tuple[:2]),
+    want = hyp_reserve([(base, size) for base, size, _ in snap.memblocks], el2.kernel.kernel_version,
                        el2.kernel.struct("hyp_page").size)
     assert (int(m.group(1)), int(m.group(2), 16)) == (want.mib, snap.carveout[0]), \
         f"model: {want.pages} pages = {want} -> {want.mib} MiB"

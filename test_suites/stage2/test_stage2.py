@@ -18,7 +18,7 @@ PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: n
 def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el2, level, size):
     before = el2.snapshot()
     regions = [Region(base, length) for base, length, _ in before.memblocks]
-    version = tuple(el2.kernel.version_tuple[:2])
+    version = el2.kernel.kernel_version
     if level == 1:
         addr = PCIE_HIGH_MMIO + 0x1000 * (1 + len(before.host_s2.leaves) % 16)
     else:

@@ -11,38 +11,30 @@ interrupt, detach. The first line of the log names the breakpoint address.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from harness import pipeline
 from harness.el2.gdbstub import GdbStub
 from harness.el2.snapshot import NVHE, El2Reader
-from harness.image.initramfs import build_initramfs
-from harness.image.payloads import GUEST_DIR, build_payloads
-from harness.kernel.build import build
+from harness.image.payloads import GUEST_DIR
+from harness.machine import MachineRequest, assemble
+from harness.options import BootOptions, KernelOptions
 from harness.paths import default_cache_dir
-from harness.targets.qemu import socket_path
-from harness.targets.qemu_target import QemuTarget
 
 GOLDEN = Path(__file__).resolve().parent / "gdbstub-session.log"
 
 
 def main() -> None:
     cache = default_cache_dir()
-    req = pipeline.build_request(pipeline.KernelOptions(), cache, quiet=True)
-    kernel = build(req)
-    initramfs = build_initramfs(cache, build_payloads(req, kernel))
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        spec = replace(pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, run_dir),
-                       gdb_socket=socket_path(run_dir, "gdb.sock"))
-        with QemuTarget(spec, run_dir) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as reader:
+        machine = assemble(MachineRequest.check(KernelOptions(), BootOptions(), cache, quiet=True), run_dir, gdb=True)
+        with machine.start(run_dir) as target, El2Reader(target.qmp_socket, target.vmlinux, cache) as reader:
             snap = reader.snapshot()
             # Started in the background and delayed, so the breakpoint is set before the VM is.
             target.run(f"(sleep 3; {GUEST_DIR}/pkvm_guest --vms 1) >/dev/null 2>&1 &").check()
             bp = (reader.kpa(NVHE + "hyp_alloc_pages") - snap.hyp_physvirt_offset) & (2**64 - 1)
             log: list[str] = []
-            with GdbStub(spec.gdb_socket, 10.0, log=log) as g:
+            with GdbStub(target.gdb_socket, 10.0, log=log) as g:
                 g.set_breakpoint(bp)
                 g.resume()
                 stop = g.wait_stop(30)

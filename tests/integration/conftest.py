@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline
 from harness.image.initramfs import build_initramfs
 from harness.kernel.build import build
+from harness.machine import Machine, MachineRequest, assemble, build_request
+from harness.options import BootOptions, KernelOptions
 from harness.paths import default_cache_dir
 
 HARNESS = [sys.executable, "-m", "harness"]
@@ -32,7 +33,14 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def kernel(cache_dir):
-    return build(pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True))
+    return build(build_request(KernelOptions(), cache_dir, quiet=True))
+
+
+def assembled(cache_dir: Path, run_dir: Path, kernel: KernelOptions | None = None, *, gdb: bool = False,
+              payloads: bool = True, **boot) -> Machine:
+    """A machine as the CLI and the plugin assemble it (harness.machine), with boot options `boot`."""
+    request = MachineRequest.check(kernel or KernelOptions(), BootOptions(**boot), cache_dir, quiet=True)
+    return assemble(request, run_dir, gdb=gdb, payloads=payloads)
 
 
 @pytest.fixture(scope="session")

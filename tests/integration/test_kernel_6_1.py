@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline
 from harness.kernel.build import build
+from harness.machine import build_request
+from harness.options import KernelOptions
+from harness.kernel.version import KernelVersion
 from harness.model.buddy import version_rules
 from harness.model.sizing import memory_for_hpool_pages
 from harness.report.schema import problems
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def kernel_6_1(cache_dir):
-    return build(pipeline.build_request(pipeline.KernelOptions(kernel="6.1"), cache_dir, quiet=True))
+    return build(build_request(KernelOptions(kernel="6.1"), cache_dir, quiet=True))
 
 
 def _only_run(runs_dir: Path) -> tuple[Path, dict]:
@@ -60,10 +62,10 @@ def test_inspect_reads_6_1_and_lists_what_does_not_apply(kernel_6_1, tmp_path):
     assert snap["host_s2"]["leaves_by_size"] and snap["host_s2"]["bytes_by_kind"]["hyp-owned"] > 0
 
 
-@pytest.mark.parametrize("kernel, version", [("6.1", (6, 1)), ("6.12", (6, 12))])
-def test_a_1024_page_hpool_has_the_max_order_its_own_rules_predict(kernel_6_1, kernel, version, tmp_path):
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_a_1024_page_hpool_has_the_max_order_its_own_rules_predict(kernel_6_1, kernel, tmp_path):
     """The same pool, 2^10 pages, on both kernels: 6.1 stores max_order 11, 6.12 stores 10."""
-    mem = memory_for_hpool_pages(1024, version)
+    mem = memory_for_hpool_pages(1024, KernelVersion.parse(kernel))
     r = run_cli("inspect", "--kernel", kernel, "--mem", str(mem), "--json", "-q", "--runs-dir", str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     hpool = json.loads(r.stdout)["pools"]["hpool"]
@@ -76,7 +78,7 @@ def test_a_1024_page_hpool_has_the_max_order_its_own_rules_predict(kernel_6_1, k
 def test_the_suites_run_on_6_1_with_every_skip_explained(kernel_6_1, tmp_path):
     run_dir = tmp_path / "suites"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_suites/boot",
-                        "test_suites/allocator", "test_suites/stage2", "--kernel", "6.1", "--run-dir", str(run_dir)],
+                        "test_suites/allocator", "test_suites/stage2", "--pkvm-kernel", "6.1", "--pkvm-run-dir", str(run_dir)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     result = json.loads((run_dir / "result.json").read_text())

@@ -26,7 +26,7 @@ FAILING = "tests/report/failing_suite/failing_on_purpose.py::test_a_trace_missin
 def failing_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("failing") / "suites"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(SUITE.relative_to(ROOT)),
-                        "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--pkvm-run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     return run_dir
 

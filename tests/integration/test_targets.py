@@ -15,14 +15,11 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from harness import pipeline
-from harness.image.initramfs import build_initramfs
 from harness.image.keys import ensure_keys
-from harness.image.payloads import build_payloads, selftest_lines
+from harness.image.payloads import selftest_lines
 from harness.targets.base import TargetError
-from harness.targets.qemu_target import QemuTarget
 from harness.targets.ssh import SshParams, SshTarget
-from tests.integration.conftest import qemu_pids_mentioning
+from tests.integration.conftest import assembled, qemu_pids_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,8 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("transport,cpu", [("console", "max"), ("ssh", "cortex-a72")])
 def test_smoke_suite_runs_unchanged_on_each_transport(kernel, tmp_path, transport, cpu):
     r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "test_suites/smoke"), "-q",
-                        "-p", "no:cacheprovider", "--transport", transport, "--cpu", cpu,
-                        "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+                        "-p", "no:cacheprovider", "--pkvm-transport", transport, "--pkvm-cpu", cpu,
+                        "--pkvm-run-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "10 passed" in r.stdout
     assert (tmp_path / "console.log").is_file()
@@ -39,10 +36,8 @@ def test_smoke_suite_runs_unchanged_on_each_transport(kernel, tmp_path, transpor
 
 
 def _guest(cache_dir, kernel, run_dir: Path, append: list[str] | None = None, no_reboot: bool = True):
-    req = pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True)
-    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
-    spec = pipeline.qemu_spec(pipeline.BootOptions(append=append or []), kernel, initramfs, run_dir)
-    return QemuTarget(replace(spec, no_reboot=no_reboot), run_dir, transport="ssh", keys=ensure_keys(cache_dir))
+    machine = assembled(cache_dir, run_dir, append=append or [])
+    return replace(machine, spec=replace(machine.spec, no_reboot=no_reboot)).start(run_dir, "ssh")
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +77,9 @@ def test_smoke_suite_as_a_board_run(guest, cache_dir, tmp_path):
     kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
     guest.run("rm -rf /tmp/pkvm-harness").check()
     r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "test_suites/smoke"), "-q", "-rs",
-                        "-p", "no:cacheprovider", "--target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
-                        "--ssh-key", str(ensure_keys(cache_dir).client_private), "--ssh-known-hosts", str(kh),
-                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=REPO)
+                        "-p", "no:cacheprovider", "--pkvm-target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
+                        "--pkvm-ssh-key", str(ensure_keys(cache_dir).client_private), "--pkvm-ssh-known-hosts", str(kh),
+                        "--pkvm-run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "8 passed, 2 skipped" in r.stdout                 # needs_qemu and needs_el2 skip on a board
     uploaded = guest.run("ls /tmp/pkvm-harness/bin /tmp/pkvm-harness/bin/kvm-selftests").check().stdout
@@ -108,9 +103,9 @@ def test_nightly_suites_as_a_board_run(guest, cache_dir, tmp_path):
     kh = _known_hosts(tmp_path / "known_hosts", guest.spec.ssh_port, ensure_keys(cache_dir).host_public_line)
     r = subprocess.run([sys.executable, "-m", "pytest", *[str(REPO / "test_suites" / s) for s in
                                                          ("boot", "allocator", "stage2", "kvm_selftests")],
-                        "-q", "-rs", "-p", "no:cacheprovider", "--target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
-                        "--ssh-key", str(ensure_keys(cache_dir).client_private), "--ssh-known-hosts", str(kh),
-                        "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=900, cwd=REPO)
+                        "-q", "-rs", "-p", "no:cacheprovider", "--pkvm-target", f"ssh://root@127.0.0.1:{guest.spec.ssh_port}",
+                        "--pkvm-ssh-key", str(ensure_keys(cache_dir).client_private), "--pkvm-ssh-known-hosts", str(kh),
+                        "--pkvm-run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = r.stdout.strip().splitlines()[-1]
     passed, skipped = (int(re.search(rf"(\d+) {w}", summary).group(1)) for w in ("passed", "skipped"))
@@ -123,7 +118,7 @@ def test_unknown_host_key_is_refused_unless_accepted(guest, cache_dir, tmp_path)
     kh = tmp_path / "known_hosts"
     with pytest.raises(TargetError, match="is not in .*known_hosts") as e:
         SshTarget(_params(guest, cache_dir, known_hosts=kh))
-    assert "--ssh-accept-new-host-key" in e.value.hint
+    assert "--pkvm-ssh-accept-new-host-key" in e.value.hint
     SshTarget(_params(guest, cache_dir, known_hosts=kh, accept_new_host_key=True)).close()
     saved = kh.read_text()
     assert f"[127.0.0.1]:{guest.spec.ssh_port}" in saved
@@ -190,14 +185,11 @@ def test_a_machine_without_pkvm_is_refused(cache_dir, kernel, tmp_path):
 @pytest.mark.parametrize("transport", ["console", "ssh"])
 def test_a_command_that_panics_the_host_names_the_panic(cache_dir, kernel, tmp_path, transport):
     """The host reads the hyp carveout: EL2 BUG()s, the host panics. The command's error must be
-    the panic (exit code 3, its console line), not a bare timeout."""
+    the panic (the panic exit code, its console line), not a bare timeout."""
     from harness.errors import ExitCode
     from harness.targets.base import TargetPanicked
 
-    req = pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True)
-    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
-    spec = replace(pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, tmp_path), no_reboot=True)
-    with QemuTarget(spec, tmp_path, transport=transport, keys=ensure_keys(cache_dir)) as t:
+    with assembled(cache_dir, tmp_path).start(tmp_path, transport) as t:
         base = int(t.run("dmesg | sed -n 's/.*Reserved [0-9]* MiB at \\(0x[0-9a-f]*\\).*/\\1/p'").check().stdout, 16)
         with pytest.raises(TargetPanicked, match=r"nVHE hyp BUG at: arch/arm64/kvm/hyp/nvhe/mem_protect\.c") as e:
             t.run(f"devmem {base:#x} 64", timeout=20)

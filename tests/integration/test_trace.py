@@ -5,25 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import replace
 
-from harness import pipeline
+from harness.commands.trace import trace_command
 from harness.el2.snapshot import El2Reader
 from harness.el2.trace import Tracer
-from harness.image.initramfs import build_initramfs
-from harness.image.payloads import GUEST_DIR, build_payloads
+from harness.image.payloads import GUEST_DIR
+from harness.options import BootOptions, KernelOptions
 from harness.report.schema import problems
-from harness.targets.qemu import socket_path
-from harness.targets.qemu_target import QemuTarget
-from tests.integration.conftest import HARNESS, qemu_pids_mentioning
+from tests.integration.conftest import HARNESS, assembled, qemu_pids_mentioning
 
 LIFECYCLE = f"for i in 1 2 3; do {GUEST_DIR}/pkvm_guest --vms 2 --vcpus 3 --pages 16 || exit 1; done"
 HEAVY = f"for i in 1 2 3; do {GUEST_DIR}/pkvm_guest --vms 8 --vcpus 2 --pages 8 >/dev/null || exit 1; done"
 
 
 def test_vm_lifecycle_under_trace_replays_with_zero_divergences(kernel, cache_dir, tmp_path):
-    out = pipeline.trace_command(pipeline.KernelOptions(), pipeline.BootOptions(), cache_dir, tmp_path,
-                                 LIFECYCLE, quiet=True)
+    out = trace_command(KernelOptions(), BootOptions(), cache_dir, tmp_path, LIFECYCLE, quiet=True)
     result, trace = out.replay, out.trace
     assert result.ok, result.divergence.render() if result.divergence else result.final_mismatches
     assert len(trace.ops) >= 300 and trace.hits_ignored == 0
@@ -43,8 +39,7 @@ def test_eight_vms_at_once_under_trace_replay_exactly(kernel, cache_dir, tmp_pat
     """Heavy traffic: ~4,800 calls, hundreds of gets and puts on single host stage-2 table pages.
     This is where a call recorded twice (a step that did not move, once hidden by an unread PC)
     used to show, as a refcount one too high."""
-    out = pipeline.trace_command(pipeline.KernelOptions(), pipeline.BootOptions(), cache_dir, tmp_path,
-                                 HEAVY, quiet=True)
+    out = trace_command(KernelOptions(), BootOptions(), cache_dir, tmp_path, HEAVY, quiet=True)
     result, trace = out.replay, out.trace
     assert result.ok, result.divergence.render() if result.divergence else result.final_mismatches
     assert len(trace.ops) >= 3000
@@ -72,12 +67,9 @@ def test_trace_and_offline_replay_from_the_cli(kernel, tmp_path):
 
 def test_the_machine_runs_on_after_the_tracer_is_closed_mid_trace(kernel, cache_dir, tmp_path):
     """Always detach: closing without stop() (an error, Ctrl-C) leaves a running machine."""
-    req = pipeline.build_request(pipeline.KernelOptions(), cache_dir, quiet=True)
-    initramfs = build_initramfs(cache_dir, build_payloads(req, kernel))
-    spec = replace(pipeline.qemu_spec(pipeline.BootOptions(), kernel, initramfs, tmp_path),
-                   gdb_socket=socket_path(tmp_path, "gdb.sock"))
-    with QemuTarget(spec, tmp_path) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache_dir) as reader:
-        with Tracer(reader, spec.gdb_socket) as tracer:
+    with assembled(cache_dir, tmp_path, gdb=True).start(tmp_path) as target, \
+            El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader:
+        with Tracer(reader, target.gdb_socket) as tracer:
             tracer.start()
             target.run(f"{GUEST_DIR}/kvm_caps").check()
             assert tracer.ops                                     # it was tracing

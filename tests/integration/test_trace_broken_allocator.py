@@ -10,21 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline
+from harness.commands.trace import trace_command
 from harness.image.payloads import GUEST_DIR
+from harness.options import BootOptions, KernelOptions
 
 PATCH = Path(__file__).resolve().parents[1] / "mutants" / "01-free-list-head-insertion.patch"
 
 
 @pytest.mark.slow
 def test_replay_names_the_first_divergence_on_a_broken_allocator(cache_dir, tmp_path):
-    kopts = pipeline.KernelOptions(patches=[PATCH])
+    kopts = KernelOptions(patches=[PATCH])
     # Many VMs at once: their struct kvm and vCPU pages need hyp stage-1 tables from hpool, freed
     # at teardown in an order that leaves several order-0 blocks listed; the next allocation
     # then shows which end of the list the kernel takes. (A single VM's pool never holds two
     # blocks of one order, so it cannot tell the ends apart.)
     workload = f"for i in 1 2 3; do {GUEST_DIR}/pkvm_guest --vms 8 --vcpus 2 --pages 8 >/dev/null || exit 1; done"
-    out = pipeline.trace_command(kopts, pipeline.BootOptions(), cache_dir, tmp_path, workload, quiet=True)
+    out = trace_command(kopts, BootOptions(), cache_dir, tmp_path, workload, quiet=True)
     d = out.replay.divergence
     assert d is not None, "the replay did not notice head insertion"
     assert d.op.split()[2].startswith("alloc(")                # an allocation got another page

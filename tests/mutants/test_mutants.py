@@ -24,9 +24,9 @@ MUTANTS = catalogue()
 def run_suites(tmp_path: Path, patch: Path | None) -> tuple[int, list, int, str]:
     junit = tmp_path / "junit.xml"
     argv = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-            "--run-dir", str(tmp_path / "run"), "--seed", "1"]
+            "--pkvm-run-dir", str(tmp_path / "run"), "--pkvm-seed", "1"]
     if patch is not None:
-        argv += ["--patch", str(patch)]
+        argv += ["--pkvm-patch", str(patch)]
     r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if not junit.is_file():
         pytest.fail(f"the suites did not run (exit {r.returncode}): {(r.stdout + r.stderr)[-800:]}")

@@ -10,7 +10,7 @@ import pytest
 
 from harness.bisect import git as g
 from harness.bisect.engine import EndsWrong, State, run_bisect
-from harness.bisect.verdict import Outcome, RunResult, classify_pytest, vote
+from harness.bisect.vote import StepOutcome, RunResult, classify_pytest, vote
 from harness.errors import UsageError
 
 
@@ -50,12 +50,12 @@ class FakeRunner:
         self.calls.append(rev)
         if self.flaky_infra:
             self.flaky_infra -= 1
-            return RunResult(Outcome.SKIP, "QEMU did not start", infra=True)
+            return RunResult(StepOutcome.SKIP, "QEMU did not start", infra=True)
         if (tree / "Makefile").read_text() == "broken\n":
-            return RunResult(Outcome.SKIP, "build failed")
+            return RunResult(StepOutcome.SKIP, "build failed")
         if (tree / "page_alloc.c").read_text() == "bug\n":
-            return RunResult(Outcome.BAD, "allocator/test_allocator::test_x: divergence", excerpt="model vs kernel")
-        return RunResult(Outcome.GOOD, "passed")
+            return RunResult(StepOutcome.BAD, "allocator/test_allocator::test_x: divergence", excerpt="model vs kernel")
+        return RunResult(StepOutcome.GOOD, "passed")
 
 
 def _start(repo: Path, revs: list[str], tmp_path: Path, good: int = 0, bad: int = 12) -> tuple[Path, State]:
@@ -119,11 +119,11 @@ def test_a_good_rev_that_is_not_an_ancestor_of_bad_is_refused(history):
 
 
 def test_outcomes_map_to_git_bisect_run_codes_and_the_vote_is_bad_if_any_run_is_bad():
-    assert [o.git_code for o in (Outcome.GOOD, Outcome.BAD, Outcome.SKIP)] == [0, 1, 125]
-    good, bad = RunResult(Outcome.GOOD, "ok"), RunResult(Outcome.BAD, "failed")
-    skip = RunResult(Outcome.SKIP, "infra", infra=True)
-    assert vote([good, bad, good]).outcome is Outcome.BAD
-    assert vote([good, skip]).outcome is Outcome.GOOD and vote([skip, skip]).outcome is Outcome.SKIP
-    assert classify_pytest(0).outcome is Outcome.GOOD and classify_pytest(1, "t: x").outcome is Outcome.BAD
-    assert classify_pytest(0, panic="nVHE hyp panic at").outcome is Outcome.BAD
-    assert classify_pytest(3).infra and classify_pytest(5).outcome is Outcome.SKIP
+    assert [o.git_code for o in (StepOutcome.GOOD, StepOutcome.BAD, StepOutcome.SKIP)] == [0, 1, 125]
+    good, bad = RunResult(StepOutcome.GOOD, "ok"), RunResult(StepOutcome.BAD, "failed")
+    skip = RunResult(StepOutcome.SKIP, "infra", infra=True)
+    assert vote([good, bad, good]).outcome is StepOutcome.BAD
+    assert vote([good, skip]).outcome is StepOutcome.GOOD and vote([skip, skip]).outcome is StepOutcome.SKIP
+    assert classify_pytest(0).outcome is StepOutcome.GOOD and classify_pytest(1, "t: x").outcome is StepOutcome.BAD
+    assert classify_pytest(0, panic="nVHE hyp panic at").outcome is StepOutcome.BAD
+    assert classify_pytest(3).infra and classify_pytest(5).outcome is StepOutcome.SKIP

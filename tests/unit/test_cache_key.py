@@ -35,7 +35,7 @@ def test_git_identity_tracks_commit_diff_and_untracked_files(tmp_path):
     _git(tree, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
     clean = source.resolve(tree, tmp_path / "cache")
     assert clean.identity.startswith("git:") and "+dirty" not in clean.identity
-    assert clean.version == "6.12.117" and clean.version_tuple == (6, 12, 117)
+    assert clean.version == "6.12.117" and clean.kernel_version.tuple == (6, 12, 117)
     index_before = (tree / ".git/index").read_bytes()
 
     (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").write_text("// buddy, patched\n")

@@ -68,9 +68,33 @@ def test_missing_qemu(tmp_path, cmd):
     assert not (tmp_path / "c" / "kernels").exists()
 
 
-def test_argparse_errors_use_the_same_code(tmp_path):
-    r = cli("run", "--smp", "two", cache=tmp_path / "c")
-    assert r.returncode == 2 and "invalid int value" in r.stderr
+def test_argparse_errors_are_one_line_with_the_same_code(tmp_path):
+    line = _one_line_usage_error(cli("run", "--smp", "two", cache=tmp_path / "c"))
+    assert "--smp" in line and "'two' is not a whole number" in line and "pkvm-harness run --help" in line
+    line = _one_line_usage_error(subprocess.run([*HARNESS, "no-such-command"], capture_output=True, text=True))
+    assert "invalid choice: 'no-such-command'" in line
+
+
+@pytest.mark.parametrize("content, says", [
+    ("this is not json\n", "not JSON lines"),
+    ('{"hello": "world"}\n', "is not a saved trace"),
+    ('[1, 2, 3]\n', "is not a saved trace"),
+    ("", "is not a saved trace"),
+])
+def test_replay_of_something_that_is_not_a_trace(tmp_path, content, says):
+    """Non-JSON, JSON of another shape, or a trace whose snapshot is another shape: one line, exit 2."""
+    (tmp_path / "trace.jsonl").write_text(content)
+    (tmp_path / "snapshot-initial.json").write_text('{"pools": {"1": {"name": "hpool"}}}' if not content else "{}")
+    line = _one_line_usage_error(subprocess.run([*HARNESS, "replay", str(tmp_path / "trace.jsonl")],
+                                                capture_output=True, text=True, timeout=60))
+    assert says in line and "trace.jsonl" in line
+
+
+def test_replay_of_a_file_without_its_snapshot(tmp_path):
+    (tmp_path / "trace.jsonl").write_text("")
+    line = _one_line_usage_error(subprocess.run([*HARNESS, "replay", str(tmp_path / "trace.jsonl")],
+                                                capture_output=True, text=True, timeout=60))
+    assert "incomplete trace" in line and "snapshot-initial.json" in line
 
 
 def test_bisect_bad_input_is_one_line_with_exit_2(tmp_path):

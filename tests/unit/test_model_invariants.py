@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from harness.el2.pgtable import Leaf, Walk
-from harness.el2.snapshot import Pool, Snapshot, VmInfo
+from harness.el2.state import Pool, Snapshot, VmInfo
 from harness.model.buddy import HypPool
 from harness.model.invariants import CHECKS, run_checks
 

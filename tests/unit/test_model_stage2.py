@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.kernel.version import KernelVersion
 from harness.model.stage2 import (
     HostAbortError,
     IllegalTransition,
@@ -64,7 +65,7 @@ def test_a_high_mmio_address_6_12_quirk_and_the_fix():
     p = predict_fault(addr, RAM, walk_level=0)
     assert (p.start, p.size, p.granule_level) == (0x80_0000_0000, 512 * GiB, 0)
     assert (p.leaf_level, p.leaves, p.table_pages, p.prot, p.xn) == (1, 512, 1, "RW", True)
-    fixed = predict_fault(addr, RAM, walk_level=0, version=(6, 16))
+    fixed = predict_fault(addr, RAM, walk_level=0, version=KernelVersion(6, 16))
     assert (fixed.start, fixed.size, fixed.leaf_level, fixed.leaves, fixed.table_pages) == \
         (0x80_0000_0000, GiB, 1, 1, 1)
 
@@ -74,9 +75,9 @@ def test_a_page_outside_a_non_page_aligned_memblock():
     quirk = predict_fault(0x4000_0000, ram, walk_level=1)
     assert (quirk.size, quirk.leaf_level) == (4 * KiB, 3)  # 6.12: the loop always ends with a page
     with pytest.raises(HostAbortError) as e:
-        predict_fault(0x4000_0000, ram, walk_level=1, version=(6, 16))
+        predict_fault(0x4000_0000, ram, walk_level=1, version=KernelVersion(6, 16))
     assert e.value.errno == "EINVAL"                       # 6.16: WARN_ON, a hyp panic
-    assert predict_fault(0x4000_0000, ram, walk_level=1, version=(7, 0)).size == 4 * KiB   # 7.0 fallback
+    assert predict_fault(0x4000_0000, ram, walk_level=1, version=KernelVersion(7, 0)).size == 4 * KiB   # 7.0 fallback
 
 
 def test_page_states_share_unshare_donate():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.kernel.version import KernelVersion
 from harness.model.buddy import HypPool, version_rules
 from harness.model.invariants import choose_rules
 from harness.model.sizing import memory_for_hpool_pages
@@ -47,5 +48,5 @@ def test_the_rules_are_chosen_from_the_kernel_and_said_so():
 
 
 def test_memory_sizes_that_make_hpool_exactly_1024_pages():
-    assert memory_for_hpool_pages(1024, (6, 1)) == 1011         # 506 + 1 + 1 + 1 + 515
-    assert memory_for_hpool_pages(1024, (6, 12)) == 1007        # 504 + 1 + 1 + 1 + 1 + 516
+    assert memory_for_hpool_pages(1024, KernelVersion(6, 1)) == 1011         # 506 + 1 + 1 + 1 + 515
+    assert memory_for_hpool_pages(1024, KernelVersion(6, 12)) == 1007        # 504 + 1 + 1 + 1 + 1 + 516

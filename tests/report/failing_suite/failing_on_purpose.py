@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.pipeline import replay_trace
+from harness.replay import replay_trace
 from harness.targets.guests import guest_args, run_guests
 
 

@@ -2,7 +2,8 @@
 
 Outcomes and their `git bisect run` exit codes:
   GOOD  0    every selected test passed
-  BAD   1    a test failed, the model diverged, or the kernel or EL2 panicked
+  BAD   1    a test failed, the model diverged, the kernel or EL2 panicked, or it hung (at boot:
+             a pKVM init that deadlocks is a regression, not a machine that cannot judge)
   SKIP  125  the commit cannot be judged: it does not build, or the machinery failed
 
 Vote over --runs N (each run already retried on infrastructure errors):
@@ -18,24 +19,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from harness.errors import ExitCode
 
-class Outcome(str, Enum):
+
+class StepOutcome(str, Enum):
     GOOD = "good"
     BAD = "bad"
     SKIP = "skip"
 
     @property
     def git_code(self) -> int:
-        return {Outcome.GOOD: 0, Outcome.BAD: 1, Outcome.SKIP: 125}[self]
+        return {StepOutcome.GOOD: 0, StepOutcome.BAD: 1, StepOutcome.SKIP: 125}[self]
 
 
 # pytest's exit codes, as the step's test session reports them.
 PYTEST_OK, PYTEST_FAILED, PYTEST_INTERRUPTED, PYTEST_INTERNAL, PYTEST_USAGE, PYTEST_NO_TESTS = range(6)
+# The harness's own codes a session ends with (harness.errors.ExitCode: 10-13, clear of pytest's).
+# A kernel that panics, or hangs at boot (pKVM init deadlocked), is the regression showing: BAD.
+_BAD_CODES = {int(ExitCode.PANIC): "the kernel or EL2 panicked", int(ExitCode.TIMEOUT): "the target hung"}
 
 
 @dataclass(frozen=True)
 class RunResult:
-    outcome: Outcome
+    outcome: StepOutcome
     reason: str                  # one line: the failing test and its message, or why it was skipped
     infra: bool = False          # SKIP because of the machinery (retried), not the commit
     excerpt: str = ""            # console or model lines behind a BAD verdict
@@ -44,7 +50,7 @@ class RunResult:
 
 @dataclass
 class StepVerdict:
-    outcome: Outcome
+    outcome: StepOutcome
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -57,22 +63,26 @@ def classify_pytest(exit_code: int, failure: str = "", panic: str = "") -> RunRe
     """A step's test session -> outcome. `failure`: the first failing test and its message;
     `panic`: a panic line from the console (a panic is BAD even if pytest reported it as an error)."""
     if panic:
-        return RunResult(Outcome.BAD, f"panic: {panic}")
+        return RunResult(StepOutcome.BAD, f"panic: {panic}")
     if exit_code == PYTEST_OK:
-        return RunResult(Outcome.GOOD, "all selected tests passed")
+        return RunResult(StepOutcome.GOOD, "all selected tests passed")
     if exit_code == PYTEST_FAILED:
-        return RunResult(Outcome.BAD, failure or "a test failed")
+        return RunResult(StepOutcome.BAD, failure or "a test failed")
+    if exit_code in _BAD_CODES:
+        return RunResult(StepOutcome.BAD, f"{_BAD_CODES[exit_code]}: {failure}".rstrip(": "))
+    if exit_code == ExitCode.BUILD_FAILURE:
+        return RunResult(StepOutcome.SKIP, f"the kernel does not build: {failure}".rstrip(": "))
     if exit_code == PYTEST_NO_TESTS:
-        return RunResult(Outcome.SKIP, "the test expression selected no tests", infra=True)
-    return RunResult(Outcome.SKIP, f"the test session broke (pytest exit {exit_code}): {failure}".rstrip(": "),
+        return RunResult(StepOutcome.SKIP, "the test expression selected no tests", infra=True)
+    return RunResult(StepOutcome.SKIP, f"the test session broke (pytest exit {exit_code}): {failure}".rstrip(": "),
                      infra=True)
 
 
 def vote(runs: Iterable[RunResult]) -> StepVerdict:
     runs = list(runs)
     outcomes = {r.outcome for r in runs}
-    if Outcome.BAD in outcomes:
-        return StepVerdict(Outcome.BAD, runs)
-    if Outcome.GOOD in outcomes:
-        return StepVerdict(Outcome.GOOD, runs)
-    return StepVerdict(Outcome.SKIP, runs)
+    if StepOutcome.BAD in outcomes:
+        return StepVerdict(StepOutcome.BAD, runs)
+    if StepOutcome.GOOD in outcomes:
+        return StepVerdict(StepOutcome.GOOD, runs)
+    return StepVerdict(StepOutcome.SKIP, runs)

@@ -1,8 +1,14 @@
-"""`pkvm-harness inspect`: what EL2 holds, as tables a person reads (or JSON, or a picture)."""
+"""`pkvm-harness inspect`: boot (or attach), snapshot EL2, and show what it holds as tables a person
+reads (or JSON, or a picture)."""
 
 from __future__ import annotations
 
-from harness.el2.snapshot import Snapshot
+from pathlib import Path
+
+from harness import rundir
+from harness.el2.state import Snapshot
+from harness.machine import MachineRequest, assemble
+from harness.options import BootOptions, KernelOptions
 
 
 def human(n: int) -> str:
@@ -53,3 +59,17 @@ def render_text(snap: Snapshot) -> str:
     for part, why in snap.unavailable.items():
         lines.append(f"unavailable: {part}: {why}")
     return "\n".join(lines)
+
+
+def inspect_booted(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Path,
+                   before: str | None = None, quiet: bool = False) -> Snapshot:
+    """Boot a QEMU target (with the guest payloads), optionally run a command, snapshot EL2."""
+    from harness.el2.snapshot import El2Reader
+
+    request = MachineRequest.check(kopts, bopts, cache_dir, quiet=quiet)
+    run_dir = rundir.create(runs_dir)
+    with assemble(request, run_dir).start(run_dir) as target:
+        if before:
+            target.run(before, timeout=300).check()
+        with El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader:
+            return reader.snapshot()

@@ -1,0 +1,213 @@
+"""Every fact the harness knows about a kernel version, in one place.
+
+No other module compares version numbers: each asks a named property of `KernelVersion` (what
+changed in which release, and why it matters to the harness). Pure: no I/O, so `model/` uses it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import total_ordering
+from typing import Optional, Union
+
+
+@total_ordering
+@dataclass(frozen=True)
+class KernelVersion:
+    major: int
+    minor: int
+    patch: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelVersion":
+        """"6.12", "6.12.117", "v6.1.192", "6.13.0-rc1+" -> KernelVersion; ValueError if no X.Y in it."""
+        m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+        if not m:
+            raise ValueError(f"cannot parse kernel version {text!r} (expected e.g. '6.12' or '6.12.117')")
+        return cls(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}" if self.patch else f"{self.major}.{self.minor}"
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, KernelVersion):
+            return NotImplemented
+        return self.tuple < other.tuple
+
+    @classmethod
+    def of(cls, value: "KernelVersion | str | tuple[int, ...]") -> "KernelVersion":
+        """The boundary conversion: a KernelVersion as is, a string through `parse` (recorded JSON
+        holds "kernel_version": "6.12.117"), or a legacy (major, minor[, patch]) tuple."""
+        if isinstance(value, KernelVersion):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, tuple) and 2 <= len(value) <= 3 and all(isinstance(x, int) for x in value):
+            return cls(*value)
+        raise ValueError(f"cannot take {value!r} as a kernel version (a KernelVersion, '6.12.117', or (6, 12))")
+
+    @property
+    def tuple(self) -> tuple[int, int, int]:
+        return (self.major, self.minor, self.patch)
+
+    @property
+    def series(self) -> str:
+        """"6.12" for 6.12.117: the name of Debian's linux-source-X.Y and of a pkvm-X.Y.config."""
+        return f"{self.major}.{self.minor}"
+
+    def at_least(self, major: int, minor: int) -> bool:
+        return (self.major, self.minor) >= (major, minor)
+
+    # --- EL2 allocator ----------------------------------------------------------------------
+
+    @property
+    def free_lists_include_max_order(self) -> bool:
+        """6.4 made hyp_pool.max_order inclusive: free_area[max_order] is a list. Before, it is
+        never initialised and must not be walked."""
+        return self.at_least(6, 4)
+
+    # --- VMs at EL2 -------------------------------------------------------------------------
+
+    @property
+    def has_vm_table(self) -> bool:
+        """6.2 brought VMs to EL2 (vm_table, pkvm_hyp_vm with a per-VM pool)."""
+        return self.at_least(6, 2)
+
+    @property
+    def has_host_mmu(self) -> bool:
+        """6.2 renamed the host stage-2 container host_kvm -> host_mmu."""
+        return self.at_least(6, 2)
+
+    # --- boot -------------------------------------------------------------------------------
+
+    @property
+    def has_hvhe(self) -> bool:
+        """hVHE (the arm64_sw.hvhe override) came in 6.6: on a VHE CPU pKVM then runs in hVHE."""
+        return self.at_least(6, 6)
+
+    # --- pKVM as a whole --------------------------------------------------------------------
+
+    @property
+    def has_pkvm(self) -> bool:
+        """pKVM (kvm-arm.mode=protected, the EL2 buddy allocator, kvm_hyp_reserve) came in 5.13:
+        before it there is no hyp memory to size and no allocator to model."""
+        return self.at_least(5, 13)
+
+    # --- EL2 allocator rule sets (harness.model.buddy) ----------------------------------------
+
+    @property
+    def buddy_rules(self) -> str:
+        """The name of the allocator rule set (harness.model.buddy._RULES) this release implements:
+          "5.13"  5.13, the first merge (refcount and order unsigned int, node in struct hyp_page)
+          "5.14"  5.14.0..5.14.14 ('Reduce hyp_vmemmap overhead': unsigned short fields, node in page)
+          "5.15"  5.15, 5.16 and 5.14.15+ stable (hyp_split_page, BUG_ON(!p->refcount))
+          "5.17+" 5.17..6.1 (max_order from get_order((nr_pages + 1) << PAGE_SHIFT))
+          "6.2+"  6.2, 6.3 (non-coalescable 'external' pages, helpers moved to memory.h)
+          "6.4+"  6.4..6.13 (MAX_ORDER inclusive, see free_lists_include_max_order)
+          "6.14+" 6.14 on (u8 order, HYP_NO_ORDER 0xff)
+        Before 5.13 (no pKVM) the 5.13 rules, and after NEWEST_READ the 6.14 rules, each with a
+        `buddy_rules_warning`."""
+        if not self.at_least(5, 14):
+            return "5.13"
+        if (self.major, self.minor) == (5, 14):
+            return "5.15" if self.patch >= 15 else "5.14"
+        if not self.at_least(5, 17):
+            return "5.15"
+        if not self.at_least(6, 2):
+            return "5.17+"
+        if not self.free_lists_include_max_order:
+            return "6.2+"
+        if not self.hyp_page_order_is_u8:
+            return "6.4+"
+        return "6.14+"
+
+    @property
+    def buddy_rules_warning(self) -> Optional[str]:
+        """Why `buddy_rules` is a guess for this release, or None when the rule set was read in
+        this release's own source."""
+        if not self.has_pkvm:
+            return "pKVM (and the EL2 buddy allocator) did not exist before 5.13; using 5.13 rules"
+        if (self.major, self.minor) == (5, 14) and self.patch >= 15:
+            return ("5.14.y stable took hyp_split_page and the BUG_ON(!p->refcount) fix "
+                    "(stable review 'PATCH 5.14 022/169', Oct 2021); the first release "
+                    "carrying them is inferred to be 5.14.15")
+        if not NEWEST_READ.at_least(self.major, self.minor):
+            return (f"{self.series} is newer than the newest tree read ({NEWEST_READ.series}); "
+                    f"assuming the {self.buddy_rules} allocator is unchanged")
+        return None
+
+    @property
+    def hyp_page_order_is_u8(self) -> bool:
+        """6.14 shrank struct hyp_page: order became u8 (HYP_NO_ORDER 0xff) next to a u16
+        refcount, so tail pages of a free block hold 0xff instead of 0xffff."""
+        return self.at_least(6, 14)
+
+    @classmethod
+    def first_with_hyp_page_shape(cls, refcount_bits: Optional[int], order_bits: Optional[int]
+                                  ) -> Optional["KernelVersion"]:
+        """The release whose struct hyp_page layout is (refcount bits, order bits), for shapes
+        that single out one rule set: (32, 32) is 5.13 only (unsigned int fields), (16, 8) is 6.14
+        on (u16 refcount, u8 order). (16, 16) spans 5.14..6.13 and picks nothing. A backported or
+        vendor kernel is judged by its DWARF through this when its version string disagrees."""
+        return _HYP_PAGE_SHAPES.get((refcount_bits, order_bits))   # type: ignore[arg-type]
+
+    # --- kvm_hyp_reserve (harness.model.sizing) ------------------------------------------------
+
+    @property
+    def kvm_pgtable_levels(self) -> int:
+        """How many levels __hyp_pgtable_max_pages() counts: 6.7 (LPA2) made the range
+        KVM_PGTABLE_FIRST_LEVEL..KVM_PGTABLE_LAST_LEVEL -1..3 (5 levels), before it 0..3 (4), so
+        the worst-case page-table reservation grows by one level's worth of pages."""
+        return 5 if self.at_least(6, 7) else 4
+
+    @property
+    def hyp_vmemmap_covers_all_memory(self) -> bool:
+        """6.2 (VMs at EL2) sized hyp_vmemmap for every memblock (hyp_vmemmap_pages(), a struct
+        hyp_page for each page of RAM, since guest pages are tracked at EL2) and added the
+        vm_table to kvm_hyp_reserve(); before, the vmemmap backed only the carveout itself (the
+        fixed point in 6.1's kvm_hyp_reserve loop)."""
+        return self.has_vm_table
+
+    @property
+    def reserves_ffa_proxy(self) -> bool:
+        """Whether kvm_hyp_reserve() counts hyp_ffa_proxy_pages() (FF-A mailboxes and one
+        fragmented descriptor). The sizing model applies it together with the 6.2 changes; only
+        6.1 (without) and 6.12 (with) are checked against a live boot, so 6.2..6.4 (the FF-A
+        proxy may have come later upstream) are unverified."""
+        return self.has_vm_table
+
+    # --- host stage-2 abort path (harness.model.stage2) ----------------------------------------
+
+    @property
+    def stage2_adjust_range_checks_chosen_level(self) -> bool:
+        """6.16 (e728e705802f) fixed host_stage2_adjust_range(): it tests block capability on the
+        level whose granule it is choosing. Before, the test ran on the already incremented
+        level, so a level-0 granule (512 GiB) could be chosen and the level-3 page taken even
+        when it is not inside the memblock/gap range."""
+        return self.at_least(6, 16)
+
+    @property
+    def stage2_falls_back_to_page(self) -> bool:
+        """7.0 (8531d5a83d8e): when no block fits inside the range, host_stage2_adjust_range()
+        falls back to a level-3 page; 6.16..6.x instead WARN and return -EINVAL (a hyp panic)."""
+        return self.at_least(7, 0)
+
+    # --- guest payloads (harness.image.payloads) ------------------------------------------------
+
+    @property
+    def selftests_dir(self) -> str:
+        """Where the tree keeps the arm64 KVM selftests: 6.13 renamed the architecture
+        directories to the kernel's names (aarch64 -> arm64)."""
+        arch = "arm64" if self.at_least(6, 13) else "aarch64"
+        return f"tools/testing/selftests/kvm/{arch}"
+
+
+# The release the models were transcribed from (linux-source-6.12, SUBLEVEL 117; line numbers
+# in harness/model refer to it): the version a model function assumes when given none.
+MODEL_REFERENCE = KernelVersion(6, 12)
+# The newest tree whose allocator was read (buddy_rules_warning past it).
+NEWEST_READ = KernelVersion(6, 17)
+_HYP_PAGE_SHAPES = {(32, 32): KernelVersion(5, 13), (16, 8): KernelVersion(6, 14)}
+
+VersionLike = Union[KernelVersion, str]

@@ -1,0 +1,105 @@
+"""KernelVersion: parsing, ordering, and each version fact at the release where it changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.kernel.version import MODEL_REFERENCE, NEWEST_READ, KernelVersion
+
+V = KernelVersion.parse
+
+
+@pytest.mark.parametrize("text,want", [
+    ("6.12", (6, 12, 0)), ("6.12.117", (6, 12, 117)), ("v6.1.192", (6, 1, 192)),
+    ("6.13.0-rc1+", (6, 13, 0)), ("5.14.21", (5, 14, 21)), (" 7.0 ", (7, 0, 0)),
+])
+def test_parse(text, want):
+    assert V(text).tuple == want
+
+
+@pytest.mark.parametrize("text", ["banana", "", "6", "unknown", "v"])
+def test_garbage_does_not_parse(text):
+    with pytest.raises(ValueError, match="cannot parse kernel version"):
+        V(text)
+
+
+def test_str_series_and_order():
+    assert str(V("6.12")) == "6.12" and str(V("6.12.117")) == "6.12.117" and str(V("v6.1.192")) == "6.1.192"
+    assert V("6.12.117").series == "6.12" and V("6.13.0-rc1+").series == "6.13"
+    assert V("6.9") < V("6.10") < V("6.10.1") < V("7.0") and V("6.12") == KernelVersion(6, 12, 0)
+    assert V("6.4").at_least(6, 4) and not V("6.3.99").at_least(6, 4) and V("7.0").at_least(6, 16)
+    assert sorted([V("6.12"), V("5.15"), V("6.1.192")]) == [V("5.15"), V("6.1.192"), V("6.12")]
+
+
+def test_of_takes_a_version_a_string_or_a_tuple():
+    kv = KernelVersion(6, 12, 117)
+    assert KernelVersion.of(kv) is kv
+    assert KernelVersion.of("6.12.117") == kv and KernelVersion.of((6, 12, 117)) == kv
+    assert KernelVersion.of((6, 12)) == KernelVersion(6, 12)
+    for bad in ("banana", (6,), (6, 1, 2, 3), 6.12, None):
+        with pytest.raises(ValueError):
+            KernelVersion.of(bad)
+
+
+def test_reference_releases():
+    assert MODEL_REFERENCE == KernelVersion(6, 12) and str(MODEL_REFERENCE) == "6.12"
+    assert NEWEST_READ.series == "6.17"
+
+
+# (property, last release without it, first release with it)
+BOOLEAN_FACTS = [
+    ("has_pkvm", "5.12", "5.13"),
+    ("has_vm_table", "6.1.192", "6.2"),
+    ("has_host_mmu", "6.1", "6.2"),
+    ("hyp_vmemmap_covers_all_memory", "6.1", "6.2"),
+    ("reserves_ffa_proxy", "6.1", "6.2"),
+    ("free_lists_include_max_order", "6.3", "6.4"),
+    ("has_hvhe", "6.5", "6.6"),
+    ("hyp_page_order_is_u8", "6.13", "6.14"),
+    ("stage2_adjust_range_checks_chosen_level", "6.15", "6.16"),
+    ("stage2_falls_back_to_page", "6.19", "7.0"),
+]
+
+
+@pytest.mark.parametrize("fact,before,since", BOOLEAN_FACTS)
+def test_each_fact_changes_at_its_release(fact, before, since):
+    assert getattr(V(before), fact) is False
+    assert getattr(V(since), fact) is True
+    assert getattr(V(since + ".5" if since.count(".") == 1 else since), fact) is True
+    assert getattr(V("7.3"), fact) is True
+
+
+def test_kvm_pgtable_levels():
+    assert (V("6.6").kvm_pgtable_levels, V("6.7").kvm_pgtable_levels) == (4, 5)
+    assert V("6.1").kvm_pgtable_levels == 4 and V("6.12.117").kvm_pgtable_levels == 5
+
+
+def test_selftests_dir():
+    assert V("6.12.117").selftests_dir == "tools/testing/selftests/kvm/aarch64"
+    assert V("6.13").selftests_dir == "tools/testing/selftests/kvm/arm64"
+    assert V("6.13.0-rc1+").selftests_dir == "tools/testing/selftests/kvm/arm64"
+    assert V("6.1").selftests_dir.endswith("/aarch64")
+
+
+@pytest.mark.parametrize("version,rules", [
+    ("5.10", "5.13"), ("5.13", "5.13"), ("5.14", "5.14"), ("5.14.14", "5.14"), ("5.14.15", "5.15"),
+    ("5.16", "5.15"), ("5.17", "5.17+"), ("6.1.192", "5.17+"), ("6.2", "6.2+"), ("6.3", "6.2+"),
+    ("6.4", "6.4+"), ("6.13", "6.4+"), ("6.14", "6.14+"), ("6.17.9", "6.14+"), ("6.18", "6.14+"),
+])
+def test_buddy_rules_boundaries(version, rules):
+    assert V(version).buddy_rules == rules
+
+
+def test_buddy_rules_warnings():
+    assert V("5.12").buddy_rules_warning and "did not exist" in V("5.12").buddy_rules_warning
+    assert V("5.13").buddy_rules_warning is None and V("5.14.14").buddy_rules_warning is None
+    assert "5.14.15" in V("5.14.15").buddy_rules_warning
+    assert V("6.12.117").buddy_rules_warning is None and V("6.17.9").buddy_rules_warning is None
+    assert "newer than the newest tree read (6.17)" in V("6.18").buddy_rules_warning
+
+
+def test_hyp_page_shapes():
+    assert KernelVersion.first_with_hyp_page_shape(32, 32) == KernelVersion(5, 13)
+    assert KernelVersion.first_with_hyp_page_shape(16, 8) == KernelVersion(6, 14)
+    assert KernelVersion.first_with_hyp_page_shape(16, 16) is None
+    assert KernelVersion.first_with_hyp_page_shape(None, None) is None
