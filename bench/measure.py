@@ -183,7 +183,7 @@ def warm_run_and_bare(runs: int, command: list[str] | None = None, cwd: Path = R
     marker = re.compile(re.escape(READY_MARKER))
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-run-") as runs_dir:
         _timed([*argv, "--runs-dir", runs_dir], timeout=900, cwd=cwd)
-        (cmd_file,) = Path(runs_dir).glob("*/qemu-cmd.sh")
+        (cmd_file,) = [p for p in Path(runs_dir).glob("*/qemu-cmd.sh") if not p.parent.is_symlink()]  # not latest/
         qemu = shlex.split(cmd_file.read_text().strip().splitlines()[-1])
         old_dir = str(cmd_file.parent.resolve())
     whole, bare = [], []

@@ -25,8 +25,17 @@ COMMITS = [   # (name, file, edit, subject); "break" sits where git bisect looks
      "KVM: arm64: pkvm: put freed pages at the head of the free list"),
     ("doc4", "MAINTAINERS", "append", "MAINTAINERS: spacing"),
     ("doc5", "CREDITS", "append", "CREDITS: spacing"),
+    # A second range (unhead..doc7) whose only bad commit hangs the boot: pKVM init deadlocks at EL2.
+    ("unhead", "arch/arm64/kvm/hyp/nvhe/page_alloc.c", "tail",
+     "Revert \"KVM: arm64: pkvm: put freed pages at the head of the free list\""),
+    ("doc6", "Documentation/virt/kvm/arm/index.rst", "append", "docs: kvm/arm: another newline"),
+    ("deadlock", "arch/arm64/kvm/hyp/nvhe/setup.c", "deadlock",
+     "KVM: arm64: pkvm: take pkvm_pgd_lock early in __pkvm_init"),
+    ("doc7", "CREDITS", "append", "CREDITS: more spacing"),
 ]
 BREAK = "\n#error bisect test: this commit does not build\n"
+LOCK_INIT = "\thyp_spin_lock_init(&pkvm_pgd_lock);\n"
+DEADLOCK = LOCK_INIT + "\thyp_spin_lock(&pkvm_pgd_lock);\n\thyp_spin_lock(&pkvm_pgd_lock);\t/* bisect test: deadlock */\n"
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -37,7 +46,9 @@ def _git(repo: Path, *args: str) -> str:
 def _edit(path: Path, how: str) -> None:
     text = path.read_text()
     new = {"append": text + "\n", "break": text + BREAK, "unbreak": text.replace(BREAK, ""),
-           "head": text.replace("\tlist_add_tail(node, head);", "\tlist_add(node, head);")}[how]
+           "head": text.replace("\tlist_add_tail(node, head);", "\tlist_add(node, head);"),
+           "tail": text.replace("\tlist_add(node, head);", "\tlist_add_tail(node, head);"),
+           "deadlock": text.replace(LOCK_INIT, DEADLOCK, 1)}[how]
     assert new != text, (path, how)
     path.unlink()             # the tree is hard-linked to the cached source: never write through a link
     path.write_text(new)

@@ -43,3 +43,22 @@ def test_bisect_names_the_allocator_regression_on_a_real_history(kernel, cache_d
     assert after == head and status == "" and "refs/bisect" not in subprocess.run(
         ["git", "-C", str(repo), "for-each-ref"], capture_output=True, text=True).stdout
     assert not qemu_pids_mentioning(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_kernel_whose_pkvm_init_deadlocks_is_bad_not_skipped(kernel, cache_dir, tmp_path):
+    """A commit whose boot hangs (pKVM init deadlocks at EL2) is the regression, not a step that
+    cannot be judged: the suite session ends on the harness's timeout code, and bisect calls it bad."""
+    repo, revs = kernel_history(cache_dir)
+    r = subprocess.run([*HARNESS, "bisect", "--repo", str(repo), "--good", revs["unhead"], "--bad", revs["doc7"],
+                        "--suites", "boot", "--boot-timeout", "60", "--runs-dir", str(tmp_path),
+                        "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["first_bad"] == revs["deadlock"], r.stdout[-3000:]
+    hung = [s for s in report["steps"] if s["rev"] in (revs["deadlock"], revs["doc7"])]
+    assert hung and all(s["outcome"] == "bad" for s in hung), report["steps"]
+    # Hung to the deadline, or (a watchdog on the other CPU) called a lockup: either way not "cannot judge".
+    assert report["reason"].startswith(("the target hung", "the kernel or EL2 panicked", "panic:")), report["reason"]
+    assert not qemu_pids_mentioning(str(tmp_path))

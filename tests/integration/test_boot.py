@@ -9,14 +9,14 @@ import signal
 import subprocess
 import time
 
-import pexpect
+import pytest
 
-from harness.boot import boot, panic_regex
-from harness.image.initramfs import READY_MARKER
-from harness.targets.qemu import QemuSpec
+from harness.errors import ExitCode
+from harness.targets.base import TargetPanicked
 from harness.verdict import Outcome
 from tests.integration.conftest import (
     HARNESS,
+    assembled,
     qemu_pids_mentioning,
     run_cli,
     wait_until,
@@ -60,7 +60,7 @@ def test_wrong_expected_mode_is_a_test_failure(kernel, tmp_path):
 def test_missing_init_is_reported_as_a_panic_not_a_hang(kernel, tmp_path):
     r = run_cli("run", "--runs-dir", str(tmp_path), "--append", "rdinit=/no/such/init", "-q",
                 "--boot-timeout", "60", timeout=120)
-    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.returncode == ExitCode.PANIC, r.stdout + r.stderr
     _, result = _result(tmp_path)
     assert result["outcome"] == "panic" and result["events"][0]["kind"] == "kernel-panic"
     assert "Kernel panic - not syncing" in r.stdout           # the excerpt is printed
@@ -77,7 +77,7 @@ def test_protected_mode_overridden_is_reported_as_not_initialized(kernel, tmp_pa
 
 def test_boot_timeout_kills_qemu(kernel, tmp_path):
     r = run_cli("run", "--runs-dir", str(tmp_path), "--boot-timeout", "0.5", "-q")
-    assert r.returncode == 4, r.stdout + r.stderr
+    assert r.returncode == ExitCode.TIMEOUT, r.stdout + r.stderr
     _, result = _result(tmp_path)
     assert result["outcome"] == "timeout" and "before the ready marker" in result["reason"]
     assert not qemu_pids_mentioning(str(tmp_path))
@@ -113,24 +113,22 @@ def test_ctrl_c_stops_qemu_and_exits_130(kernel, tmp_path):
     assert result["outcome"] == "interrupted" and result["exit_code"] == 130
 
 
-def test_host_access_to_hyp_memory_is_an_el2_bug(kernel, initramfs, tmp_path):
+def test_host_access_to_hyp_memory_is_an_el2_bug(cache_dir, tmp_path):
     """Reading the hyp carveout from the host faults at stage 2; EL2 BUG()s in
     handle_host_mem_abort. The harness must call it an EL2 panic and say where."""
-
-    def poke_carveout(machine, console):
-        m = re.search(r"Reserved \d+ MiB at (0x[0-9a-f]+)", console.text())
+    target = assembled(cache_dir, tmp_path, payloads=False).start(tmp_path)
+    try:
+        m = re.search(r"Reserved \d+ MiB at (0x[0-9a-f]+)", target.console_text())
         assert m, "no hyp carveout line in dmesg"
-        console.sendline(f"devmem {m.group(1)} 64")
-        console.expect([re.compile(panic_regex().encode()), pexpect.EOF], time.monotonic() + 30)
-        console.drain(3)
-
-    spec = QemuSpec(kernel=kernel.image, initrd=initramfs.path, qmp_socket=tmp_path / "qmp.sock")
-    result = boot(spec, tmp_path / "console.log", timeout=60, ready_marker=READY_MARKER,
-                  keep_running=poke_carveout)
-    v = result.verdict
+        with pytest.raises(TargetPanicked):
+            target.run(f"devmem {m.group(1)} 64", timeout=30)
+    finally:
+        started = time.monotonic()
+        target.close()
+    v = target.final_verdict()
     assert v.outcome is Outcome.PANIC, v.reason
     assert v.events[0].kind == "el2-bug"
     assert re.search(r"nVHE hyp BUG at: arch/arm64/kvm/hyp/nvhe/mem_protect\.c:\d+!", v.events[0].line)
     assert "devmem" in "\n".join(v.events[0].excerpt)        # the excerpt shows what led to it
-    assert result.seconds_total < 30                          # a hung, panicked host is not waited on
+    assert time.monotonic() - started < 10                    # a hung, panicked host is not waited on
     assert not qemu_pids_mentioning(str(tmp_path))

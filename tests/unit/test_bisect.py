@@ -10,8 +10,8 @@ import pytest
 
 from harness.bisect import git as g
 from harness.bisect.engine import EndsWrong, State, run_bisect
-from harness.bisect.vote import StepOutcome, RunResult, classify_pytest, vote
-from harness.errors import UsageError
+from harness.bisect.vote import RunResult, StepOutcome, classify_pytest, vote
+from harness.errors import ExitCode, UsageError, session_exit_code
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -127,3 +127,21 @@ def test_outcomes_map_to_git_bisect_run_codes_and_the_vote_is_bad_if_any_run_is_
     assert classify_pytest(0).outcome is StepOutcome.GOOD and classify_pytest(1, "t: x").outcome is StepOutcome.BAD
     assert classify_pytest(0, panic="nVHE hyp panic at").outcome is StepOutcome.BAD
     assert classify_pytest(3).infra and classify_pytest(5).outcome is StepOutcome.SKIP
+
+
+@pytest.mark.parametrize("code, outcome, infra", [
+    (ExitCode.PANIC, StepOutcome.BAD, False),        # the kernel or EL2 panicked: the regression showing
+    (ExitCode.TIMEOUT, StepOutcome.BAD, False),      # it hung at boot (pKVM init deadlocked): a regression too
+    (ExitCode.BUILD_FAILURE, StepOutcome.SKIP, False),
+    (ExitCode.INFRA, StepOutcome.SKIP, True),        # the machine failed, not the commit: retried
+    (4, StepOutcome.SKIP, True),                     # pytest's usage error (a bad --pkvm- option)
+    (2, StepOutcome.SKIP, True),                     # pytest interrupted
+])
+def test_a_session_that_ends_on_a_harness_code_is_judged_by_it(code, outcome, infra):
+    r = classify_pytest(int(code), "target not usable: the pKVM host did not come up")
+    assert r.outcome is outcome and r.infra is infra, r
+
+
+def test_the_harness_codes_do_not_collide_with_pytests():
+    assert {int(c) for c in ExitCode} & set(range(2, 6)) == {int(ExitCode.USAGE)}    # 2, as argparse
+    assert session_exit_code(ExitCode.USAGE) == 4 and session_exit_code(ExitCode.PANIC) == ExitCode.PANIC
