@@ -37,7 +37,7 @@ def _common_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def _qemu_command(sub: Any, name: str, helptext: str) -> argparse.ArgumentParser:
+def _qemu_command(sub: Any, name: str, helptext: str) -> Any:
     """A command that builds a kernel, boots it under QEMU and keeps a run directory."""
     p = sub.add_parser(name, help=helptext, epilog=EPILOG)
     options.add_to_argparse(p)
@@ -47,7 +47,7 @@ def _qemu_command(sub: Any, name: str, helptext: str) -> argparse.ArgumentParser
     return p
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> _Parser:
     top = _Parser(prog="pkvm-harness", description="Build, boot and test arm64 protected KVM.", epilog=EPILOG)
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pexpect
+
 from harness import rundir, verdict
 from harness.errors import BuildError, ExitCode, HarnessError
 from harness.machine import MachineRequest, assemble
@@ -48,7 +50,7 @@ def run(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Pat
             try:
                 if interactive:
                     print("pkvm-harness: console attached; Ctrl-] detaches and powers the machine off", flush=True)
-                    assert target.machine is not None and target.machine.child is not None
+                    assert target.machine is not None and isinstance(target.machine.child, pexpect.spawn)
                     target.machine.child.interact(escape_character="\x1d")
             finally:
                 target.close()

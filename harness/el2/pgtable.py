@@ -80,7 +80,7 @@ class Leaf:
 
     def describe(self) -> str:
         if not self.valid:
-            return f"invalid owner={OWNERS.get(self.owner, self.owner)}"
+            return f"invalid owner={OWNERS.get(self.owner, self.owner) if self.owner is not None else None}"
         perms = ("R" if self.readable else "-") + ("W" if self.writable else "-") + ("-" if self.xn else "X")
         return f"{perms} memattr={self.memattr:#x} {self.state}"
 

@@ -46,7 +46,7 @@ def _page_classes(snap: Snapshot, base: int, pages: int) -> np.ndarray:
         out[(lo - base) >> PAGE_SHIFT:(hi - base) >> PAGE_SHIFT] = value
     for pool in snap.pools.values():
         free_code, used_code = {"hpool": (4, 5), "host_s2_pool": (6, 7)}.get(pool.name, (8, 9))
-        free = set()
+        free: set[int] = set()
         for order, blocks in pool.free_lists.items():
             for head in blocks:
                 free.update(range(head, head + (1 << (order + PAGE_SHIFT)), 1 << PAGE_SHIFT))

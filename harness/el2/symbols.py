@@ -16,6 +16,7 @@ from pathlib import Path
 
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from harness.fsutil import atomic_write_text
 from harness.kernel.version import KernelVersion
@@ -130,7 +131,7 @@ def _from_json(d: dict) -> KernelInfo:
 
 def _build_id(elf: ELFFile) -> str:
     for section in elf.iter_sections():
-        if section["sh_type"] == "SHT_NOTE":
+        if isinstance(section, NoteSection):
             for note in section.iter_notes():
                 if note["n_type"] == "NT_GNU_BUILD_ID":
                     return note["n_desc"]
@@ -140,7 +141,10 @@ def _build_id(elf: ELFFile) -> str:
 def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
     symbols: dict[str, int] = {}
     sizes: dict[str, int] = {}
-    for sym in elf.get_section_by_name(".symtab").iter_symbols():
+    symtab = elf.get_section_by_name(".symtab")
+    if not isinstance(symtab, SymbolTableSection):
+        raise Unavailable("vmlinux has no .symtab: build it without stripping")
+    for sym in symtab.iter_symbols():
         if sym.name and sym["st_shndx"] != "SHN_UNDEF":
             symbols.setdefault(sym.name, sym["st_value"])
             if sym.name.startswith("__kvm_nvhe_") and sym["st_info"]["type"] == "STT_FUNC":
@@ -211,7 +215,7 @@ def _type_of(die: DIE) -> DIE | None:
 def _type_name(die: DIE | None) -> str:
     if die is None:
         return "void"
-    tag = die.tag
+    tag = str(die.tag)
     if tag == "DW_TAG_pointer_type":
         return _type_name(_type_of(die)) + " *"
     if tag == "DW_TAG_array_type":

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.el2 import emulate
+from harness.el2 import symbols as ksyms
 from harness.el2.gdbstub import GdbStub, Registers
 from harness.el2.memory import MASK64
 from harness.el2.decode import NVHE, field_value
@@ -91,6 +92,7 @@ class Tracer:
         self._pending: dict[tuple[int | None, int], dict] = {}   # (cpu, sp) -> alloc call awaiting return
         self._return_bps: dict[int, int] = {}                     # return address -> calls waiting on it
         self.initial: Snapshot | None = None
+        self._off = self._vmemmap = self._page_size = 0      # from the initial snapshot, at start()
         self._started = 0.0
 
     # --- addresses ---------------------------------------------------------------------------
@@ -114,6 +116,9 @@ class Tracer:
             # trace's starting point.
             self._quiesce(self._gdb)
             self.initial = self.reader.snapshot()
+            if self.initial.hyp_physvirt_offset is None or self.initial.vmemmap_va is None:
+                raise ksyms.Unavailable("the snapshot lacks hyp_physvirt_offset or the hyp vmemmap: "
+                                        f"{self.initial.unavailable}")
             self._off = self.initial.hyp_physvirt_offset
             hp = self.reader.kernel.struct("hyp_page")
             self._vmemmap, self._page_size = self.initial.vmemmap_va, hp.size

@@ -51,8 +51,8 @@ def ensure_keys(cache_dir: Path) -> GuestKeys:
             subprocess.run(["dropbearkey", "-t", "ed25519", "-f", str(tmp)], check=True, capture_output=True)
             out = subprocess.run(["dropbearkey", "-y", "-f", str(tmp)], check=True, capture_output=True,
                                  text=True).stdout
-            pub = next(line for line in out.splitlines() if line.startswith("ssh-"))
-            atomic_write_bytes(host.with_suffix(".pub"), (" ".join(pub.split()[:2]) + "\n").encode())
+            host_pub = next(line for line in out.splitlines() if line.startswith("ssh-"))
+            atomic_write_bytes(host.with_suffix(".pub"), (" ".join(host_pub.split()[:2]) + "\n").encode())
             tmp.rename(host)
     return GuestKeys(client, client.with_suffix(".pub").read_text().strip(), host,
                      host.with_suffix(".pub").read_text().strip())

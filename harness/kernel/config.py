@@ -100,11 +100,11 @@ def merge(fragments: list[str], kconfig: list[str],
             merged.pop(opt.name, None)  # re-insert so the text keeps the override order
             merged[opt.name] = opt
     for item in kconfig:
-        opt = parse_option(item if item.startswith("CONFIG_") else f"CONFIG_{item}", "--kconfig")
-        if opt is None:
+        given = parse_option(item if item.startswith("CONFIG_") else f"CONFIG_{item}", "--kconfig")
+        if given is None:
             raise ConfigError(f"--kconfig {item!r} is empty", hint="pass CONFIG_NAME=value")
-        merged.pop(opt.name, None)
-        merged[opt.name] = opt
+        merged.pop(given.name, None)
+        merged[given.name] = given
     return merged
 
 

@@ -214,11 +214,13 @@ class HypPool:
                  "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_nx", "_pv", "_heads", "_ninit",
                  "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit", "_node_in_page")
 
+    reserved_pages: int | None
+
     def __init__(self, range_start: int, nr_pages: int, reserved_pages: int = 0,
                  version: VersionLike = MODEL_REFERENCE) -> None:
-        self._setup(version_rules(version), range_start, nr_pages, None)
         if reserved_pages < 0:
             raise ValueError("reserved_pages must be >= 0")
+        self._setup(version_rules(version), range_start, nr_pages, None)
         self.reserved_pages = reserved_pages
         self._init_vmemmap(reserved_pages)
 
@@ -234,7 +236,7 @@ class HypPool:
         self.rules = rules
         self.version = rules.requested
         self.nr_pages = nr_pages
-        self.reserved_pages = None
+        self.reserved_pages = None    # unknown for a pool built from_state
         self.range_start = range_start
         # :236 phys + (nr_pages << PAGE_SHIFT), the shift being 32-bit.
         self.range_end = range_start + rules.range_bytes(nr_pages)
@@ -380,12 +382,14 @@ class HypPool:
 
     def _bug_dec(self, pa: int) -> BuddyBug:
         r = self.rules
+        assert r.dec_check is not None      # only called where the rules have the check
         return BuddyBug(r.dec_check, f"{r.dec_function}() ({r.helpers_file}) via hyp_put_page()",
                         f"hyp_put_page({pa:#x}) on a page whose refcount is already 0 "
                         "(double free, a tail page, or a free page)")
 
     def _bug_inc(self, pa: int) -> BuddyBug:
         r = self.rules
+        assert r.inc_check is not None
         return BuddyBug(r.inc_check, f"hyp_page_ref_inc() ({r.helpers_file}) via hyp_get_page()",
                         f"hyp_get_page({pa:#x}) with refcount already {self._rc_max}")
 

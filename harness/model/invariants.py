@@ -94,7 +94,7 @@ def evaluate(snap: Any, version: VersionLike | None = None, only: Iterable[str] 
     """Every registered check (or `only` those) that applies to `snap`'s kernel (`version`, else
     the snapshot's `kernel_version` string, else the model's reference release), which picks the
     buddy rules; the others are listed with the reason, never skipped silently."""
-    rules = choose_rules(version or getattr(snap, "kernel_version", MODEL_REFERENCE),
+    rules = choose_rules(version or getattr(snap, "kernel_version", None) or MODEL_REFERENCE,
                          getattr(snap, "hyp_page_shape", None))
     result = Evaluation(rules, [], [], {})
     for name, fn in CHECKS.items():

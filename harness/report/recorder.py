@@ -35,7 +35,7 @@ def _message(report: pytest.TestReport) -> str:
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(report.longrepr, "reprcrash", None)
     text = str(crash.message) if crash is not None else report.longreprtext.strip()
-    lines = []
+    lines: list[str] = []
     for line in text.splitlines():            # the assertion's own message, not pytest's re-evaluation
         if lines and re.match(r"\s*(assert |\+\s+where )", line):
             break
@@ -68,16 +68,16 @@ class SuiteRecorder:
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         # A target dies once: the test it died in failed with its panic line; later ones do not run.
-        if self.died is not None and "target" in item.fixturenames:
+        if self.died is not None and isinstance(item, pytest.Function) and "target" in item.fixturenames:
             pytest.skip(f"not run: the target died in {self.died}")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
         """For a test on a live target: watch it, so a failure comes with its evidence."""
-        target = item.funcargs.get("target") if self.run_dir is not None else None   # type: ignore[attr-defined]
-        if target is not None:
-            item.stash[WATCH] = EvidenceWatch(target, item.funcargs.get("el2"),    # type: ignore[attr-defined]
-                                              evidence_dir(self.run_dir, item.nodeid))
+        funcargs = item.funcargs if isinstance(item, pytest.Function) else {}
+        target = funcargs.get("target")
+        if isinstance(target, Target) and self.run_dir is not None:
+            item.stash[WATCH] = EvidenceWatch(target, funcargs.get("el2"), evidence_dir(self.run_dir, item.nodeid))
             item.stash[REPLAYS] = item.stash.get(REPLAYS, [])
         return (yield)
 

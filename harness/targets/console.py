@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,6 +13,7 @@ import pexpect
 
 from harness.targets import framing
 from harness.targets.base import CommandResult, CommandTimeout, TargetDead
+from harness.targets.sockchild import SocketChild
 
 
 class _Tee:
@@ -30,19 +32,20 @@ class _Tee:
 
 
 class Console:
-    def __init__(self, child: pexpect.spawn, log_path: Path) -> None:
+    def __init__(self, child: pexpect.spawn | SocketChild, log_path: Path) -> None:
         self.child = child
         self._log = open(log_path, "wb")
         self._tee = _Tee(self._log)
         child.logfile_read = self._tee
 
-    def expect(self, patterns: list[re.Pattern[bytes] | type], deadline: float) -> int:
+    def expect(self, patterns: Sequence[re.Pattern[bytes] | type[pexpect.EOF] | type[pexpect.TIMEOUT]],
+               deadline: float) -> int:
         """Index of the first pattern seen; pexpect.EOF and pexpect.TIMEOUT may be in the list.
 
         `deadline` is absolute (time.monotonic()); it is never exceeded.
         """
         timeout = max(0.0, deadline - time.monotonic())
-        return self.child.expect(patterns, timeout=timeout)
+        return self.child.expect(list(patterns), timeout=timeout)
 
     def sendline(self, line: str) -> None:
         self.child.sendline(line.encode())
@@ -135,7 +138,7 @@ class ConsoleShell:
             partial = self.console.child.before or b""
             alive = self._recover()
             raise CommandTimeout(cmd, timeout, alive, framing.clean(partial).decode(errors="replace")) from None
-        parsed = framing.parse(self.console.child.before, frame)
+        parsed = framing.parse(self.console.child.before or b"", frame)
         self.kernel_lines += parsed.kernel_lines
         return CommandResult(cmd, parsed.status, parsed.stdout, parsed.stderr, time.monotonic() - start)
 

@@ -4,6 +4,7 @@ background (so EL2 can be inspected while VMs live) with its progress read from 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 import time
 
 from harness.targets.base import CommandResult, Target, TargetError
@@ -18,8 +19,8 @@ def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0, stri
     return out + (f" --hold {hold}" if hold else "")
 
 
-def touch_phys(target: Target, binary: str, addrs: list[int] = (),
-               ranges: list[tuple[int, int, int]] = ()) -> dict[int, str]:
+def touch_phys(target: Target, binary: str, addrs: Sequence[int] = (),
+               ranges: Sequence[tuple[int, int, int]] = ()) -> dict[int, str]:
     """Read each physical address (and each of `ranges`: (first, count, stride)) through /dev/mem
     on the target: {address: "value=0x..." or "error=..."}. The host stage-2 maps what was not
     mapped (the read faults to EL2 first)."""

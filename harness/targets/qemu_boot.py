@@ -69,8 +69,9 @@ def panic_regex() -> str:
 
 def wait_ready(machine: QemuMachine, console: Console, deadline: float) -> ReadyState:
     """Read the console until the spec's ready marker, a crash, QEMU's exit or `deadline`."""
-    patterns = [_compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(machine.spec.ready_marker) + r" "),
-                _compile(panic_regex()), pexpect.EOF, pexpect.TIMEOUT]
+    patterns: list[re.Pattern[bytes] | type[pexpect.EOF] | type[pexpect.TIMEOUT]] = [
+        _compile(verdict.PKVM_UP_RE.pattern), _compile(re.escape(machine.spec.ready_marker) + r" "),
+        _compile(panic_regex()), pexpect.EOF, pexpect.TIMEOUT]
     state = ReadyState()
     while True:
         idx = console.expect(patterns, deadline)

@@ -188,7 +188,9 @@ class SshSession:
             raise TargetDead(f"the SSH connection to {self.p.address} is closed")
         assert self.client is not None
         sftp = self.client.open_sftp()
-        sftp.get_channel().settimeout(120)
+        channel = sftp.get_channel()
+        assert channel is not None
+        channel.settimeout(120)
         try:
             yield sftp
         finally:
