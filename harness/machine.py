@@ -14,10 +14,10 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 
 from harness import rundir
+from harness.errors import UsageError
 from harness.image.initramfs import READY_MARKER, Initramfs, build_initramfs
 from harness.image.keys import ensure_keys
 from harness.image.payloads import Payloads, build_payloads
-from harness.errors import UsageError
 from harness.kernel import config as kconfig
 from harness.kernel import prebuilt
 from harness.kernel import source as ksource
@@ -53,7 +53,7 @@ class MachineRequest:
 
     @classmethod
     def check(cls, kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, quiet: bool = False,
-              qemu: bool = True) -> "MachineRequest":
+              qemu: bool = True) -> MachineRequest:
         if kopts.kernel_build is not None and (kopts.patches or kopts.fragments or kopts.kconfig):
             raise UsageError("--kernel-build uses your kernel as it is: --patch, --config and --kconfig do not apply",
                              hint="build the change into your kernel, or drop --kernel-build to let the harness build")

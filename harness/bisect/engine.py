@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from harness.bisect import git as g
-from harness.bisect.vote import StepOutcome, RunResult, StepVerdict, vote
+from harness.bisect.vote import RunResult, StepOutcome, StepVerdict, vote
 from harness.errors import HarnessError
 from harness.fsutil import atomic_write_text
 
@@ -58,11 +58,11 @@ class State:
         self.path, self.data = path, data
 
     @classmethod
-    def new(cls, path: Path, **params) -> "State":
+    def new(cls, path: Path, **params) -> State:
         return cls(path, {"params": params, "steps": [], "ends": {}, "report": None})
 
     @classmethod
-    def load(cls, path: Path) -> "State":
+    def load(cls, path: Path) -> State:
         return cls(path, json.loads(path.read_text()))
 
     @property

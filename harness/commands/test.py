@@ -33,7 +33,7 @@ def test(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Pa
             "--pkvm-run-dir", str(run_dir), *to_argv(kopts, bopts, cache_dir)]
     if test_expr:
         argv += ["-k", test_expr]
-    import pytest                     # only this command needs it
+    import pytest  # only this command needs it
 
     code = int(pytest.main(argv))
     print(summary(run_dir, code))

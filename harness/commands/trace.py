@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import rundir
-from harness.replay import pool_names, replay_trace
 from harness.commands.run import finish
 from harness.el2.snapshot import El2Reader
 from harness.el2.trace import Trace, Tracer, save
@@ -15,6 +14,7 @@ from harness.errors import ExitCode, HarnessError
 from harness.machine import MachineRequest, assemble
 from harness.model.replay import ReplayResult
 from harness.options import BootOptions, KernelOptions
+from harness.replay import pool_names, replay_trace
 from harness.report.evidence import divergence
 from harness.report.result import BootSummary, KernelSummary, Result
 

@@ -149,7 +149,7 @@ class GdbStub:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("gdbstub did not answer in time") from None
         if not data:
             raise RspError("gdbstub closed the connection")
@@ -273,7 +273,7 @@ class GdbStub:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def __enter__(self) -> "GdbStub":
+    def __enter__(self) -> GdbStub:
         return self
 
     def __exit__(self, *exc: object) -> None:

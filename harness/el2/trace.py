@@ -28,9 +28,9 @@ from pathlib import Path
 
 from harness.el2 import emulate
 from harness.el2 import symbols as ksyms
+from harness.el2.decode import NVHE, field_value
 from harness.el2.gdbstub import GdbStub, Registers
 from harness.el2.memory import MASK64
-from harness.el2.decode import NVHE, field_value
 from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
 
@@ -52,7 +52,7 @@ class Op:
         return json.dumps(asdict(self))
 
     @staticmethod
-    def from_json(line: str) -> "Op":
+    def from_json(line: str) -> Op:
         return Op(**json.loads(line))
 
 
@@ -170,7 +170,7 @@ class Tracer:
             self._gdb.close()
             self._gdb = None
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,19 +21,19 @@ class Entry:
     rdev: tuple[int, int] = (0, 0)
 
     @staticmethod
-    def directory(path: str, perm: int = 0o755) -> "Entry":
+    def directory(path: str, perm: int = 0o755) -> Entry:
         return Entry(path, stat.S_IFDIR | perm)
 
     @staticmethod
-    def file(path: str, data: bytes, perm: int = 0o644) -> "Entry":
+    def file(path: str, data: bytes, perm: int = 0o644) -> Entry:
         return Entry(path, stat.S_IFREG | perm, data)
 
     @staticmethod
-    def symlink(path: str, target: str) -> "Entry":
+    def symlink(path: str, target: str) -> Entry:
         return Entry(path, stat.S_IFLNK | 0o777, target.encode())
 
     @staticmethod
-    def chardev(path: str, major: int, minor: int, perm: int = 0o600) -> "Entry":
+    def chardev(path: str, major: int, minor: int, perm: int = 0o600) -> Entry:
         return Entry(path, stat.S_IFCHR | perm, rdev=(major, minor))
 
 

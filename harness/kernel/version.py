@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import total_ordering
-from typing import Optional, Union
 
 
 @total_ordering
@@ -20,7 +19,7 @@ class KernelVersion:
     patch: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "KernelVersion":
+    def parse(cls, text: str) -> KernelVersion:
         """"6.12", "6.12.117", "v6.1.192", "6.13.0-rc1+" -> KernelVersion; ValueError if no X.Y in it."""
         m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
         if not m:
@@ -36,7 +35,7 @@ class KernelVersion:
         return self.tuple < other.tuple
 
     @classmethod
-    def of(cls, value: "KernelVersion | str | tuple[int, ...]") -> "KernelVersion":
+    def of(cls, value: KernelVersion | str | tuple[int, ...]) -> KernelVersion:
         """The boundary conversion: a KernelVersion as is, a string through `parse` (recorded JSON
         holds "kernel_version": "6.12.117"), or a legacy (major, minor[, patch]) tuple."""
         if isinstance(value, KernelVersion):
@@ -123,7 +122,7 @@ class KernelVersion:
         return "6.14+"
 
     @property
-    def buddy_rules_warning(self) -> Optional[str]:
+    def buddy_rules_warning(self) -> str | None:
         """Why `buddy_rules` is a guess for this release, or None when the rule set was read in
         this release's own source."""
         if not self.has_pkvm:
@@ -144,8 +143,8 @@ class KernelVersion:
         return self.at_least(6, 14)
 
     @classmethod
-    def first_with_hyp_page_shape(cls, refcount_bits: Optional[int], order_bits: Optional[int]
-                                  ) -> Optional["KernelVersion"]:
+    def first_with_hyp_page_shape(cls, refcount_bits: int | None, order_bits: int | None
+                                  ) -> KernelVersion | None:
         """The release whose struct hyp_page layout is (refcount bits, order bits), for shapes
         that single out one rule set: (32, 32) is 5.13 only (unsigned int fields), (16, 8) is 6.14
         on (u16 refcount, u8 order). (16, 16) spans 5.14..6.13 and picks nothing. A backported or
@@ -210,4 +209,4 @@ MODEL_REFERENCE = KernelVersion(6, 12)
 NEWEST_READ = KernelVersion(6, 17)
 _HYP_PAGE_SHAPES = {(32, 32): KernelVersion(5, 13), (16, 8): KernelVersion(6, 14)}
 
-VersionLike = Union[KernelVersion, str]
+VersionLike = KernelVersion | str

@@ -26,8 +26,8 @@ Representation (chosen for speed, see bench/model.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 
@@ -38,7 +38,7 @@ _U64 = (1 << 64) - 1
 _IDX_ALIGN = 1 << 11        # index origin alignment: covers every order <= 10
 _MAX_NR_PAGES = (1 << 31) - 1   # hyp_pool_init's `int i` loop (page_alloc.c:228,240)
 
-PageSource = Union[Mapping[int, "tuple[int, int]"], Callable[[int], "tuple[int, int]"]]
+PageSource = Mapping[int, tuple[int, int]] | Callable[[int], tuple[int, int]]
 
 
 class BuddyBug(Exception):
@@ -81,14 +81,14 @@ class VersionRules:
     availability: str            # how __find_buddy_avail tells a free buddy
     external_pages: bool         # __hyp_attach_page: `goto insert` for phys outside the range (6.2+)
     has_split: bool              # hyp_split_page() exists
-    inc_check: Optional[str]     # check in hyp_page_ref_inc, None = silently wraps
-    dec_check: Optional[str]     # check on the put path, None = silently wraps
+    inc_check: str | None     # check in hyp_page_ref_inc, None = silently wraps
+    dec_check: str | None     # check on the put path, None = silently wraps
     dec_function: str
     set_refcounted_check: str
     helpers_file: str            # where the refcount helpers live
     init_refcounts: bool         # init sets refcount 1 and frees with __hyp_put_page (5.14+)
     node_in_page: bool           # free-list node stored in the free page (5.14+), not in hyp_page
-    warning: Optional[str] = None
+    warning: str | None = None
 
     @property
     def refcount_max(self) -> int:
@@ -227,7 +227,7 @@ class HypPool:
     # ---- construction
 
     def _setup(self, rules: VersionRules, range_start: int, nr_pages: int,
-               max_order: Optional[int]) -> None:
+               max_order: int | None) -> None:
         """The struct hyp_pool fields hyp_pool_init sets (page_alloc.c:231-236), then the arrays."""
         if range_start < 0 or range_start & (PAGE_SIZE - 1):
             raise ValueError(f"range_start {range_start:#x} must be a page-aligned physical address")
@@ -289,8 +289,8 @@ class HypPool:
 
     @classmethod
     def from_state(cls, range_start: int, nr_pages: int, pages: PageSource,
-                   free_lists: Mapping[int, "list[int]"], version: VersionLike = MODEL_REFERENCE,
-                   max_order: Optional[int] = None) -> "HypPool":
+                   free_lists: Mapping[int, list[int]], version: VersionLike = MODEL_REFERENCE,
+                   max_order: int | None = None) -> HypPool:
         """Start from an observed snapshot.
 
         ``pages`` maps (or is called with) each physical page address in
@@ -322,7 +322,7 @@ class HypPool:
             self._rc[i] = rc
             self._ord[i] = order
 
-    def _load_lists(self, free_lists: Mapping[int, "list[int]"]) -> None:
+    def _load_lists(self, free_lists: Mapping[int, list[int]]) -> None:
         for k, addrs in sorted(free_lists.items()):
             if not addrs:
                 continue
@@ -489,7 +489,7 @@ class HypPool:
 
     # ---- hyp_alloc_pages (page_alloc.c:198-221) / __hyp_extract_page (:130-151)
 
-    def alloc(self, order: int) -> Optional[int]:
+    def alloc(self, order: int) -> int | None:
         """hyp_alloc_pages(pool, order): the block's physical address, or None for NULL."""
         if not 0 <= order <= self._order_limit:
             raise ValueError(f"order {order} does not fit {self.rules.order_type}")
@@ -629,7 +629,7 @@ class HypPool:
         rc, ord_ = self._rc, self._ord
         return {self._pa(i): (rc[i], ord_[i]) for i in range(self._lo, self._shi)}
 
-    def buddy_of(self, pa: int, order: int) -> Optional[int]:
+    def buddy_of(self, pa: int, order: int) -> int | None:
         """__find_buddy_nocheck (page_alloc.c:33-49): the buddy's address, or None (NULL)."""
         addr = (pa & ~(PAGE_SIZE - 1)) ^ ((PAGE_SIZE << order) & _U64)
         if addr < self.range_start or addr >= self.range_end:

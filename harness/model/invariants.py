@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 from harness.model.buddy import VersionRules, version_rules
@@ -39,7 +39,7 @@ class Finding:
 
 Check = Callable[[Any, VersionRules], Iterable[Finding]]
 # Why a check does not apply to this snapshot's kernel (None: it applies).
-Applies = Callable[[Any, VersionRules], Optional[str]]
+Applies = Callable[[Any, VersionRules], str | None]
 CHECKS: dict[str, Check] = {}
 APPLIES: dict[str, Applies] = {}
 

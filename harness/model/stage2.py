@@ -204,7 +204,7 @@ class PageStates:
     pins: dict[int, int]
 
     @classmethod
-    def empty(cls) -> "PageStates":
+    def empty(cls) -> PageStates:
         return cls({}, {}, {})
 
     def view(self, pa: int) -> tuple[State, State]:

@@ -149,8 +149,8 @@ class SuiteRecorder:
             counts[t["outcome"]] += 1
         status = self.exitstatus if self.exitstatus is not None else int(ExitCode.INFRA)
         assert self.run_dir is not None
-        result = Result("suites", str(self.run_dir.resolve()), self.started_at, self.started,
-                        outcome={0: "pass", 1: "fail", 2: "interrupted", int(ExitCode.PANIC): "fail"}.get(status, "error"),
+        outcome = {0: "pass", 1: "fail", 2: "interrupted", int(ExitCode.PANIC): "fail"}.get(status, "error")
+        result = Result("suites", str(self.run_dir.resolve()), self.started_at, self.started, outcome=outcome,
                         reason=self.reason or "",
                         kernel=KernelSummary.of(self.kernel) if self.kernel is not None else None)
         result.fields.update(

@@ -25,7 +25,7 @@ class KernelSummary:
     artifacts: str
 
     @classmethod
-    def of(cls, kernel: Any) -> "KernelSummary":
+    def of(cls, kernel: Any) -> KernelSummary:
         """From harness.kernel.build.KernelArtifacts."""
         m = kernel.meta
         return cls(m["version"], m["source"], m.get("origin"), kernel.key, kernel.reused, m.get("build_seconds"),

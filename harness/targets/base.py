@@ -21,7 +21,7 @@ class CommandResult:
     def ok(self) -> bool:
         return self.status == 0
 
-    def check(self) -> "CommandResult":
+    def check(self) -> CommandResult:
         """Raise unless the command exited 0; the message carries its output."""
         if self.status != 0:
             raise CommandFailed(self)

@@ -29,7 +29,7 @@ class Frame:
     marker: str
 
     @classmethod
-    def new(cls) -> "Frame":
+    def new(cls) -> Frame:
         return cls("PKH" + secrets.token_hex(6))
 
     def wrap(self, cmd: str) -> str:

@@ -4,8 +4,8 @@ background (so EL2 can be inspected while VMs live) with its progress read from 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 import time
+from collections.abc import Sequence
 
 from harness.targets.base import CommandResult, Target, TargetError
 

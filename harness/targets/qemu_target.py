@@ -125,7 +125,7 @@ class QemuTarget(ShellHelpers):
         assert self.last_machine is not None
         return qemu_boot.judge(self.last_machine, self.console_text(), expect_mode=self.expect_mode)
 
-    def __enter__(self) -> "QemuTarget":
+    def __enter__(self) -> QemuTarget:
         return self
 
     def __exit__(self, *exc: object) -> None:

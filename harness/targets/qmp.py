@@ -54,7 +54,7 @@ class QmpConnection:
             finally:
                 self._loop.close()
 
-    def __enter__(self) -> "QmpConnection":
+    def __enter__(self) -> QmpConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import select
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +85,7 @@ class SshSession:
                                   hint="install its public half in the board's authorized_keys or pass --pkvm-ssh-key")\
                     from None
             raise TargetError(f"SSH to {self.p.address} failed: {e}", hint="check the host and port") from None
-        except (OSError, socket.timeout) as e:
+        except (TimeoutError, OSError) as e:
             client.close()
             raise TargetError(f"cannot reach {self.p.address}: {e}",
                               hint="check the address, the network and that sshd/dropbear runs") from None

@@ -35,7 +35,8 @@ COMMITS = [   # (name, file, edit, subject); "break" sits where git bisect looks
 ]
 BREAK = "\n#error bisect test: this commit does not build\n"
 LOCK_INIT = "\thyp_spin_lock_init(&pkvm_pgd_lock);\n"
-DEADLOCK = LOCK_INIT + "\thyp_spin_lock(&pkvm_pgd_lock);\n\thyp_spin_lock(&pkvm_pgd_lock);\t/* bisect test: deadlock */\n"
+DEADLOCK = LOCK_INIT + ("\thyp_spin_lock(&pkvm_pgd_lock);\n"
+                        "\thyp_spin_lock(&pkvm_pgd_lock);\t/* bisect test: deadlock */\n")
 
 
 def _git(repo: Path, *args: str) -> str:

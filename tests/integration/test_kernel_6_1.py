@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from harness.kernel.build import build
-from harness.machine import build_request
-from harness.options import KernelOptions
 from harness.kernel.version import KernelVersion
+from harness.machine import build_request
 from harness.model.buddy import version_rules
 from harness.model.sizing import memory_for_hpool_pages
+from harness.options import KernelOptions
 from harness.report.schema import problems
 from tests.integration.conftest import run_cli
 
@@ -78,7 +78,8 @@ def test_a_1024_page_hpool_has_the_max_order_its_own_rules_predict(kernel_6_1, k
 def test_the_suites_run_on_6_1_with_every_skip_explained(kernel_6_1, tmp_path):
     run_dir = tmp_path / "suites"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_suites/boot",
-                        "test_suites/allocator", "test_suites/stage2", "--pkvm-kernel", "6.1", "--pkvm-run-dir", str(run_dir)],
+                        "test_suites/allocator", "test_suites/stage2", "--pkvm-kernel", "6.1",
+                        "--pkvm-run-dir", str(run_dir)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     result = json.loads((run_dir / "result.json").read_text())

@@ -12,6 +12,7 @@ Three kinds of evidence:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -333,7 +334,7 @@ def test_version_rules_warnings_and_fields():
     assert (r.hyp_no_order, r.refcount_bits, r.has_split, r.dec_check) == (0xFFFF_FFFF, 32, False, None)
     with pytest.raises(ValueError):
         version_rules("banana")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.name = "x"                                   # frozen
 
 
