@@ -1,7 +1,8 @@
 """pkvm-harness: one subcommand per user task.
 
-Exit codes (also in the README): 0 pass, 1 test failure, 2 bad usage or missing prerequisite,
-3 kernel or EL2 panic, 4 timeout, 5 infrastructure error, 6 kernel build failure, 130 interrupted.
+Exit codes (harness/errors.py, docs/exit-codes.md): 0 pass, 1 test failure, 2 bad usage or missing
+prerequisite, 10 kernel or EL2 panic, 11 timeout, 12 infrastructure error, 13 kernel build failure,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from harness import __version__, doctor, options
 from harness.errors import ExitCode, HarnessError, UsageError
 from harness.paths import default_runs_dir
 
-EPILOG = ("exit codes: 0 pass, 1 test failure, 2 bad usage/missing prerequisite, 3 kernel or EL2 panic, "
-          "4 timeout, 5 infrastructure error, 6 kernel build failure, 130 interrupted")
+EPILOG = ("exit codes: 0 pass, 1 test failure, 2 bad usage/missing prerequisite, 10 kernel or EL2 panic, "
+          "11 timeout, 12 infrastructure error, 13 kernel build failure, 130 interrupted (docs/exit-codes.md)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -221,7 +222,7 @@ def cmd_run(a: argparse.Namespace) -> int:
               interactive=a.command == "boot" and a.interactive)
     r = out.result
     if a.command == "run" and a.json:
-        print(json.dumps(r, indent=1))
+        print((out.run_dir / "result.json").read_text(), end="")
         return out.exit_code
     k = r.get("kernel", {})
     b = r.get("boot", {})

@@ -126,8 +126,8 @@ BOOT = (
            repeat=True, metavar="ARG"),
     Option("boot-timeout", "boot_timeout", "deadline from QEMU start to the shell (default: %(default)s)",
            type=positive_float, default=120.0, metavar="SECONDS"),
-    Option("expect-mode", "expect_mode", "fail unless pKVM comes up in this mode (nvhe or hvhe; default: "
-           "what the CPU and kernel give)", type=pkvm_mode, metavar="MODE"),
+    Option("expect-mode", "expect_mode", "fail unless pKVM comes up in this mode: nvhe or hvhe (default: any; "
+           "the boot suite then expects what the CPU and kernel give)", type=pkvm_mode, metavar="MODE"),
 )
 
 CACHE = Option("cache-dir", "cache_dir", "kernel sources, builds and images (default: %(default)s; "

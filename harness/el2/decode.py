@@ -15,6 +15,7 @@ harness.kernel.version.KernelVersion, never from version numbers compared here.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 
@@ -236,7 +237,8 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
 def hyp_page_shape(kernel: ksyms.KernelInfo) -> dict[str, int]:
     hp = kernel.struct("hyp_page")
     ref, order = hp.field("refcount"), hp.field("order")
-    return {"size": hp.size, "refcount_bits": ref.bit_size or 8 * ref.size, "order_bits": order.bit_size or 8 * order.size}
+    return {"size": hp.size, "refcount_bits": ref.bit_size or 8 * ref.size,
+            "order_bits": order.bit_size or 8 * order.size}
 
 
 def vmemmap_lookup(read: ReadFn, kernel: ksyms.KernelInfo, hyp_s1: Walk,
@@ -266,7 +268,7 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
     and the others are still decoded. attempts/taken_at/pause_ms are the caller's to report."""
     snap = Snapshot(kernel.version, taken_at, pause_ms, attempts, kimage_voffset)
 
-    def part(name: str, fn: Callable[[], None]) -> None:
+    def part(name: str, fn: Callable[[], object]) -> None:
         try:
             fn()
         except ksyms.NotInThisKernel as e:
@@ -312,7 +314,7 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
     part("hyp_s1", hyp_s1)
     part("host_s2", host_s2)
     for name in ("hpool", "host_s2_pool"):
-        part(f"pool {name}", lambda name=name: pool(name))
+        part(f"pool {name}", functools.partial(pool, name))
     part("vm_table", lambda: decode_vms(read, kernel, kimage_voffset, snap.hyp_physvirt_offset, into=snap))
     part("vmemmap", pages)
     return snap

@@ -83,7 +83,7 @@ class RecordingReader:
         return _slice(self.pages, self._fetch, pa, size)
 
     def image(self, kernel: ksyms.KernelInfo, kimage_voffset: int, snap: Snapshot | None = None,
-              **meta: object) -> "MemoryImage":
+              **meta: object) -> MemoryImage:
         """The recorded pages as an image; with `snap`, the attempts/taken_at/pause_ms it reported
         (so the image decodes to an identical `to_dict()`). The image shares this reader's pages:
         what is read through it later (a live snapshot's lazy `page()` of the vmemmap) is added."""
@@ -149,11 +149,11 @@ class MemoryImage:
 
     # --- changed copies, for tests -------------------------------------------------------------
 
-    def without(self, pa: int) -> "MemoryImage":
+    def without(self, pa: int) -> MemoryImage:
         """A copy lacking the page that holds pa."""
         return dataclasses.replace(self, pages={p: d for p, d in self.pages.items() if p != pa & -PAGE_SIZE})
 
-    def patched(self, pa: int, data: bytes) -> "MemoryImage":
+    def patched(self, pa: int, data: bytes) -> MemoryImage:
         """A copy with `data` written at pa (inside recorded pages)."""
         pages = dict(self.pages)
         for i, byte in enumerate(data):
@@ -175,7 +175,7 @@ class MemoryImage:
         return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "MemoryImage":
+    def from_bytes(cls, blob: bytes) -> MemoryImage:
         try:
             raw = lzma.decompress(blob)
         except lzma.LZMAError as e:
@@ -204,7 +204,7 @@ class MemoryImage:
         return len(blob)
 
     @classmethod
-    def load(cls, path: Path) -> "MemoryImage":
+    def load(cls, path: Path) -> MemoryImage:
         return cls.from_bytes(path.read_bytes())
 
 

@@ -59,7 +59,7 @@ class PhysicalMemory:
             self.qmp.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "PhysicalMemory":
+    def __enter__(self) -> PhysicalMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:

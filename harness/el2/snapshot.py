@@ -44,7 +44,7 @@ class El2Reader:
     def close(self) -> None:
         self.mem.close()
 
-    def __enter__(self) -> "El2Reader":
+    def __enter__(self) -> El2Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:

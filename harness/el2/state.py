@@ -91,7 +91,7 @@ class Snapshot:
             raise KeyError(f"{pa:#x}: this snapshot has no vmemmap ({self.unavailable.get('vmemmap')})")
         return self._vmemmap(pa)
 
-    def diff(self, older: "Snapshot") -> "SnapshotDiff":
+    def diff(self, older: Snapshot) -> SnapshotDiff:
         return SnapshotDiff.between(older, self)
 
     def s2_summary(self) -> dict:
@@ -148,7 +148,7 @@ class SnapshotDiff:
     s2_changed: list[tuple[Leaf, Leaf]]
 
     @classmethod
-    def between(cls, old: Snapshot, new: Snapshot) -> "SnapshotDiff":
+    def between(cls, old: Snapshot, new: Snapshot) -> SnapshotDiff:
         pools = {}
         for name in sorted(set(old.pools) & set(new.pools)):
             a, b = old.pools[name], new.pools[name]

@@ -1,5 +1,6 @@
-"""A kernel the developer built themselves (`--kernel-build DIR`, their O= directory, or an
-in-tree build): used in place, never rebuilt.
+"""A kernel the developer built themselves (`--kernel-build DIR`, their O= directory): used in
+place, never rebuilt. The guest programs (KVM selftests, uapi headers) are still built, from the
+source tree kbuild links as DIR/source, or from --kernel-src.
 
 The directory must hold arch/arm64/boot/Image, vmlinux and .config, and the .config must have
 pKVM's options (kernel_configs/pkvm.config and the version's fragment): otherwise the harness
@@ -25,10 +26,13 @@ FILES = {"Image": "arch/arm64/boot/Image", "vmlinux": "vmlinux", "System.map": "
 
 
 def source_of(build_dir: Path) -> Path:
-    """The source tree of a build directory: kbuild's `source` link in an O= directory, else the
-    directory itself (an in-tree build)."""
+    """The source tree of an O= build directory: kbuild's `source` link in it."""
     link = build_dir / "source"
-    return link.resolve() if link.is_symlink() else build_dir
+    if not link.is_symlink():
+        raise UsageError(f"--kernel-build {build_dir} is not an O= build directory (no `source` link)",
+                         hint="build with `make O=DIR`, or give the clean source tree with --kernel-src "
+                              "(the guest programs are built from it)")
+    return link.resolve()
 
 
 def check_files(build_dir: Path) -> None:

@@ -91,7 +91,7 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
 
 
 def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
-    """VM counts, vCPU counts, memslot layouts and touched pages drawn from `seed`; replay with --seed."""
+    """VM counts, vCPU counts, memslot layouts and touched pages drawn from `seed`; replay with --pkvm-seed."""
     rng = random.Random(seed)
 
     def extra_slots() -> tuple[tuple[int, int, int], ...]:

@@ -25,13 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import pipeline
 from harness.el2.image import snapshot_facts
 from harness.el2.snapshot import El2Reader
-from harness.image.initramfs import build_initramfs
-from harness.image.payloads import GUEST_DIR, build_payloads
-from harness.kernel.build import build
+from harness.image.payloads import GUEST_DIR
 from harness.kernel.version import KernelVersion
+from harness.machine import MachineRequest, assemble
+from harness.options import BootOptions, KernelOptions
 from harness.paths import default_cache_dir
 from harness.targets.qemu_target import QemuTarget
 
@@ -54,14 +53,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cache = default_cache_dir()
-    req = pipeline.build_request(pipeline.KernelOptions(kernel=args.kernel), cache, quiet=True)
-    kernel = build(req)
-    initramfs = build_initramfs(cache, build_payloads(req, kernel))
-    boot = pipeline.BootOptions()
+    request = MachineRequest.check(KernelOptions(kernel=args.kernel), BootOptions(), cache, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        spec = pipeline.qemu_spec(boot, kernel, initramfs, run_dir)
-        with QemuTarget(spec, run_dir) as target, El2Reader(target.qmp_socket, kernel.vmlinux, cache) as reader:
+        machine = assemble(request, run_dir)
+        spec = machine.spec
+        with machine.start(run_dir) as target, El2Reader(target.qmp_socket, machine.kernel.vmlinux, cache) as reader:
             version = KernelVersion.parse(reader.kernel.version)
             out = args.out or HERE / f"el2-image-{version.series}"
             target.run(f"{WORKLOAD} > /tmp/img.log 2>&1 &").check()

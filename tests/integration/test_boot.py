@@ -13,6 +13,7 @@ import pytest
 
 from harness.errors import ExitCode
 from harness.targets.base import TargetPanicked
+from harness.targets.framing import readable
 from harness.verdict import Outcome
 from tests.integration.conftest import (
     HARNESS,
@@ -129,6 +130,34 @@ def test_host_access_to_hyp_memory_is_an_el2_bug(cache_dir, tmp_path):
     assert v.outcome is Outcome.PANIC, v.reason
     assert v.events[0].kind == "el2-bug"
     assert re.search(r"nVHE hyp BUG at: arch/arm64/kvm/hyp/nvhe/mem_protect\.c:\d+!", v.events[0].line)
-    assert "devmem" in "\n".join(v.events[0].excerpt)        # the excerpt shows what led to it
+    # What led to it, as the report shows the console: the command, then the BUG.
+    shown = readable(target.console_text(), target.commands)
+    bug_at = next(i for i, line in enumerate(shown) if "nVHE hyp BUG at" in line)
+    assert any(line.startswith("$ devmem") for line in shown[max(0, bug_at - 5):bug_at]), shown[bug_at - 5:bug_at]
     assert time.monotonic() - started < 10                    # a hung, panicked host is not waited on
+    assert not qemu_pids_mentioning(str(tmp_path))
+
+
+def test_a_kernel_you_built_yourself_is_booted_as_it_is(kernel, cache_dir, tmp_path):
+    """--kernel-build: the cache's own O= directory stands in for a developer's."""
+    from harness.kernel.build import work_dir_for
+    from harness.machine import build_request
+    from harness.options import KernelOptions
+
+    o_dir = work_dir_for(build_request(KernelOptions(), cache_dir, quiet=True))
+    r = run_cli("run", "--kernel-build", str(o_dir), "--runs-dir", str(tmp_path), "--json", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["kernel"]["source"] == f"prebuilt:{o_dir.resolve()}" and result["outcome"] == "pass"
+    assert result["schema_version"] == 1 and result["kernel"]["version"] == kernel.meta["version"]
+
+
+def test_the_developer_loop_builds_boots_runs_and_sums_up(kernel, tmp_path):
+    r = run_cli("test", "--suites", "smoke", "-k", "exit_status or protected_mode or payload_creates",
+                "--runs-dir", str(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = r.stdout.split("pkvm-harness test summary", 1)[1]
+    assert "tests:   3 ran: 3 passed, 0 failed, 0 errors" in summary and "result:  PASS (exit 0)" in summary
+    run_dir, result = _result(tmp_path)
+    assert f"run dir: {run_dir}" in summary and result["summary"]["passed"] == 3
     assert not qemu_pids_mentioning(str(tmp_path))

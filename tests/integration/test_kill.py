@@ -20,8 +20,8 @@ GONE_WITHIN = 5.0
 def _kill_and_check(victim: subprocess.Popen, marker: str) -> None:
     """SIGKILL `victim` and assert that the QEMUs whose command line has `marker` are gone in
     GONE_WITHIN seconds; whatever is left is killed here, by PID, before the test fails."""
-    pids = wait_until(lambda: qemu_pids_mentioning(marker), 180, step=0.02)
-    if not pids:
+    pids = wait_until(lambda: qemu_pids_mentioning(marker) or victim.poll() is not None, 180, step=0.02)
+    if pids is True or not pids:
         victim.kill()
         out = victim.communicate(timeout=30)[0]
         pytest.fail(f"no QEMU mentioning {marker} appeared; the harness said: {out[-2000:]!r}")
@@ -54,11 +54,13 @@ def test_sigkilled_run_leaves_no_qemu(kernel, initramfs, tmp_path):
 
 
 _PTY_PARENT = r"""
-import sys, time
+import dataclasses, sys, time
 from pathlib import Path
+from harness.image.initramfs import READY_MARKER
 from harness.targets.qemu import QemuMachine, QemuSpec
 kernel, initrd, run_dir = map(Path, sys.argv[1:4])
-spec = QemuSpec(kernel=kernel, initrd=initrd, qmp_socket=run_dir / "qmp.sock", console_pty=True)
+extra = {"ready_marker": READY_MARKER} if "ready_marker" in {f.name for f in dataclasses.fields(QemuSpec)} else {}
+spec = QemuSpec(kernel=kernel, initrd=initrd, qmp_socket=run_dir / "qmp.sock", console_pty=True, **extra)
 m = QemuMachine(spec, run_dir / "console.log")
 m.start()
 print(m.pid, flush=True)
