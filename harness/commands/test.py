@@ -29,7 +29,9 @@ def test(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Pa
     request = MachineRequest.check(kopts, bopts, cache_dir, quiet=quiet)
     request.kernel()                  # built here, in the open, so a cold build shows its progress
     run_dir = rundir.create(runs_dir)
+    # The harness is imported already (this process), so pytest cannot rewrite its asserts: expected.
     argv = [*(str(SUITES_DIR / s) for s in suites), "-p", "no:cacheprovider", "-v" if verbose else "-q",
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
             "--pkvm-run-dir", str(run_dir), *to_argv(kopts, bopts, cache_dir)]
     if test_expr:
         argv += ["-k", test_expr]
@@ -49,7 +51,7 @@ def summary(run_dir: Path, code: int) -> str:
     s, target, kernel = r["summary"], r.get("target", {}), r.get("kernel") or {}
     lines = [f"{'=' * 20} pkvm-harness test summary {'=' * 20}"]
     if kernel:
-        lines.append(f"kernel:  Linux {kernel['version']} ({kernel['source']})")
+        lines.append(f"kernel:  Linux {kernel['version']} ({kernel.get('origin') or kernel['source']})")
     lines.append(f"target:  {target.get('name', '?')}" + (f" -cpu {target['cpu']}, pKVM {target.get('pkvm_mode')}"
                                                           if target.get("cpu") else ""))
     lines.append(f"tests:   {s['total']} ran: {s['passed']} passed, {s['failed']} failed, {s['error']} errors, "
