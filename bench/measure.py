@@ -18,14 +18,14 @@ from common import ROOT  # noqa: E402  (also puts the repo on sys.path)
 
 from harness.el2.snapshot import El2Reader  # noqa: E402
 from harness.el2.trace import Tracer  # noqa: E402
-from harness.replay import replay_trace  # noqa: E402
 from harness.image.initramfs import READY_MARKER  # noqa: E402
 from harness.image.payloads import GUEST_DIR  # noqa: E402
-from harness.kernel.version import MODEL_REFERENCE, KernelVersion  # noqa: E402
 from harness.kernel.build import KernelArtifacts, build  # noqa: E402
+from harness.kernel.version import MODEL_REFERENCE, KernelVersion  # noqa: E402
 from harness.machine import Machine, MachineRequest, assemble, build_request  # noqa: E402
 from harness.options import BootOptions, KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
+from harness.replay import replay_trace  # noqa: E402
 from harness.verdict import PKVM_UP_RE  # noqa: E402
 
 HARNESS = [sys.executable, "-m", "harness"]

@@ -34,9 +34,9 @@ from pathlib import Path
 import measure  # noqa: E402
 from common import ROOT, stats  # noqa: E402  (also puts the repo on sys.path)
 
+from harness.kernel.build import build  # noqa: E402
 from harness.machine import build_request  # noqa: E402
 from harness.options import KernelOptions  # noqa: E402
-from harness.kernel.build import build  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 
 SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "bisect", "scaling"]

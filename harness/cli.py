@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness import __version__, doctor, options
+from harness import __version__, options
 from harness.errors import ExitCode, HarnessError, UsageError
 from harness.paths import default_runs_dir
 
@@ -180,6 +180,8 @@ def cmd_bisect(a: argparse.Namespace) -> int:
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
+    from harness import doctor
+
     results = doctor.checks(a.cache_dir)
     print(doctor.render(results))
     return ExitCode.PASS if all(c.ok for c in results) else ExitCode.USAGE

@@ -69,6 +69,6 @@ class BuildError(HarnessError):
     exit_code = ExitCode.BUILD_FAILURE
     stage = "build"
 
-    def __init__(self, message: str, *, log: Path, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, log: Path | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.log = log

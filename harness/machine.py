@@ -16,7 +16,6 @@ from pathlib import Path
 from harness import rundir
 from harness.errors import UsageError
 from harness.image.initramfs import READY_MARKER, Initramfs, build_initramfs
-from harness.image.keys import ensure_keys
 from harness.image.payloads import Payloads, build_payloads
 from harness.kernel import config as kconfig
 from harness.kernel import prebuilt
@@ -88,6 +87,8 @@ class Machine:
         """Boot it (BootFailed or QemuStartError if it does not come up)."""
         login = None
         if transport == "ssh":
+            from harness.image.keys import ensure_keys  # cryptography: only the ssh transport needs it
+
             keys = ensure_keys(self.cache_dir)
             login = GuestLogin(keys.client_private, keys.host_public_line)
         return QemuTarget(self.spec, run_dir, transport=transport, login=login, boot_timeout=self.boot.boot_timeout,

@@ -17,6 +17,7 @@ from harness.junit import failures
 from harness.kernel.build import build
 from harness.machine import build_request
 from harness.options import BootOptions, KernelOptions, to_argv
+from harness.procs import die_with_parent
 
 DEFAULT_SUITES = ("allocator", "stage2")
 
@@ -53,7 +54,9 @@ class SuiteStep:
         if self.test_expr:
             argv += ["-k", self.test_expr]
         try:
-            r = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.timeout)
+            # The step's pytest (and through it, its QEMU) ends with a SIGKILLed bisect.
+            r = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=self.timeout,
+                               preexec_fn=die_with_parent())
         except subprocess.TimeoutExpired:
             return RunResult(StepOutcome.SKIP, f"the test session passed its {self.timeout:.0f}s deadline",
                              infra=True, seconds=time.monotonic() - started)

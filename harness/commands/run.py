@@ -63,7 +63,7 @@ def run(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, runs_dir: Pat
         result.stage = "pass" if v.exit_code == ExitCode.PASS else failed_stage(v)
         code = v.exit_code
     except HarnessError as e:
-        if isinstance(e, BuildError) and e.log.is_file():
+        if isinstance(e, BuildError) and e.log is not None and e.log.is_file():
             shutil.copy2(e.log, run_dir / "build.log")
         result.outcome, result.reason = "error", e.one_line()
         result.stage = e.stage if e.stage != "usage" else result.stage

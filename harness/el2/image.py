@@ -170,7 +170,7 @@ class MemoryImage:
         zero_pages = sorted(p for p, d in self.pages.items() if d == ZERO_PAGE)
         header = {"kernel_version": self.kernel.version, "kimage_voffset": self.kimage_voffset,
                   "page_size": PAGE_SIZE, "pages": _runs(data_pages), "zero_pages": _runs(zero_pages),
-                  "meta": self.meta, "kernel": ksyms._to_json(self.kernel)}
+                  "meta": self.meta, "kernel": ksyms.to_json(self.kernel)}
         raw = MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + b"".join(self.pages[p] for p in data_pages)
         return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
 
@@ -182,17 +182,25 @@ class MemoryImage:
             raise BadImage(f"not an xz stream: {e}") from None
         if not raw.startswith(MAGIC):
             raise BadImage(f"not a memory image (it starts {raw[:len(MAGIC)]!r})")
-        end = raw.index(b"\n", len(MAGIC))
-        header = json.loads(raw[len(MAGIC):end])
+        try:
+            end = raw.index(b"\n", len(MAGIC))
+            header = json.loads(raw[len(MAGIC):end])
+            return cls._from_parts(header, raw[end + 1:])
+        except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, BadImage):
+                raise
+            raise BadImage(f"damaged header: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_parts(cls, header: dict, body: bytes) -> MemoryImage:
         if header.get("page_size") != PAGE_SIZE:
             raise BadImage(f"page size {header.get('page_size')}, expected {PAGE_SIZE}")
         data_pages = _unrun(header["pages"])
-        body = raw[end + 1:]
         if len(body) != len(data_pages) * PAGE_SIZE:
             raise BadImage(f"{len(body)} bytes of page data for {len(data_pages)} pages")
         pages = {p: body[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i, p in enumerate(data_pages)}
         pages.update((p, ZERO_PAGE) for p in _unrun(header["zero_pages"]))
-        kernel = ksyms._from_json(header["kernel"])
+        kernel = ksyms.from_json(header["kernel"])
         if kernel.version != header["kernel_version"]:
             raise BadImage(f"kernel version {header['kernel_version']} but a layout of {kernel.version}")
         return cls(kernel, header["kimage_voffset"], pages, header.get("meta", {}))
@@ -224,6 +232,17 @@ def _leaves(tree) -> dict | None:
             "sha256": _digest([[leaf.addr, leaf.size, leaf.level, leaf.pte] for leaf in tree.leaves])}
 
 
+def _run_length(values: list) -> list[list]:
+    """[a, a, a, b] -> [[3, a], [1, b]]."""
+    out: list[list] = []
+    for v in values:
+        if out and out[-1][1] == v:
+            out[-1][0] += 1
+        else:
+            out.append([1, v])
+    return out
+
+
 def _page_or_none(snap: Snapshot, pa: int) -> list[int] | None:
     """[refcount, order], or None where EL2 maps no vmemmap entry (6.1 backs only the carveout's)."""
     try:
@@ -238,8 +257,8 @@ def snapshot_facts(snap: Snapshot, stride: int = VMEMMAP_SAMPLE_STRIDE) -> dict:
     """The facts of a snapshot that `to_dict()` leaves out, in JSON form: per pool the
     refcount/order of every page (sums, and a hash of the whole map), the vmemmap entry of every
     `stride`-th page of each memblock (read now, through `snap.page`: on a snapshot taken with
-    an image, those reads are recorded; None where EL2 maps no entry), and both page tables'
-    leaves (count, hash)."""
+    an image, those reads are recorded; None where EL2 maps no entry; run-length encoded as
+    [[count, [refcount, order] or None], ...]), and both page tables' leaves (count, hash)."""
     pools = {}
     for name, pool in sorted(snap.pools.items()):
         pages = sorted(pool.pages.items())
@@ -249,8 +268,8 @@ def snapshot_facts(snap: Snapshot, stride: int = VMEMMAP_SAMPLE_STRIDE) -> dict:
                        "sha256": _digest([[pa, ref, order] for pa, (ref, order) in pages])}
     sample = []
     for base, size, _flags in snap.memblocks:
-        sample.append({"base": base, "stride": stride,
-                       "entries": [_page_or_none(snap, pa) for pa in range(base, base + size, stride)]})
+        entries = [_page_or_none(snap, pa) for pa in range(base, base + size, stride)]
+        sample.append({"base": base, "stride": stride, "entries": _run_length(entries)})
     return {"pools": pools, "vmemmap_sample": sample, "host_s2_leaves": _leaves(snap.host_s2),
             "hyp_s1_leaves": _leaves(snap.hyp_s1), "vmemmap_va": snap.vmemmap_va,
             "hyp_page_shape": snap.hyp_page_shape}

@@ -109,21 +109,21 @@ def load(vmlinux: Path, cache_dir: Path | None = None) -> KernelInfo:
         if cached and cached.is_file():
             data = json.loads(cached.read_text())
             if data.get("schema") == CACHE_SCHEMA:
-                return _from_json(data)
+                return from_json(data)
         info = _parse(elf, build_id)
     if cached:
-        atomic_write_text(cached, json.dumps({"schema": CACHE_SCHEMA, **_to_json(info)}))
+        atomic_write_text(cached, json.dumps({"schema": CACHE_SCHEMA, **to_json(info)}))
     return info
 
 
-def _to_json(info: KernelInfo) -> dict:
+def to_json(info: KernelInfo) -> dict:
     return {"build_id": info.build_id, "version": info.version, "symbols": info.symbols, "missing": info.missing,
             "sizes": info.sizes,
             "structs": {n: {"size": s.size, "fields": {p: asdict(f) for p, f in s.fields.items()}}
                         for n, s in info.structs.items()}}
 
 
-def _from_json(d: dict) -> KernelInfo:
+def from_json(d: dict) -> KernelInfo:
     structs = {n: Struct(n, s["size"], {p: Field(**f) for p, f in s["fields"].items()})
                for n, s in d["structs"].items()}
     return KernelInfo(d["build_id"], d["version"], d["symbols"], structs, d["missing"], d.get("sizes", {}))

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness.errors import InfraError, UsageError
 from harness.fsutil import atomic_dir, atomic_write_text, file_lock, sha256_file
 from harness.kernel.version import KernelVersion
+from harness.procs import die_with_parent
 from harness.progress import Progress
 
 # `--kernel X.Y`: Debian's linux-source-X.Y packages (ci/debian-packages.txt installs both).
@@ -218,7 +219,7 @@ def _from_tarball(tarball: Path, cache_dir: Path, *, quiet: bool) -> KernelSourc
             progress.note(f"unpacking {tarball} into {entry} (once)")
             with atomic_dir(entry) as tmp:
                 r = subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp)],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, preexec_fn=die_with_parent())
                 if r.returncode != 0:
                     raise InfraError(f"could not unpack {tarball}: {r.stderr.strip()[:300]}",
                                      hint="check the tarball and free disk space")

@@ -1,6 +1,6 @@
 """The invariants of pkvm-internals.md §7 as named checks (pure: no I/O).
 
-They run on an EL2 `Snapshot` (harness.el2.snapshot) or on any hand-built object with the same
+They run on an EL2 `Snapshot` (harness.el2.state) or on any hand-built object with the same
 attributes: `pools` (name -> range_start, range_end, max_order, free_lists, pages, list_errors),
 `host_s2`/`hyp_s1` walks (`leaves` with addr/size/level/pte/valid/pa/state/owner/memattr/
 readable/writable/xn, and `tables` as (PA, level)), `memblocks`, `carveout`, `vms`. Quiescent

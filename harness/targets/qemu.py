@@ -23,7 +23,6 @@ import pexpect
 from harness.errors import UsageError
 from harness.kernel.version import KernelVersion
 from harness.procs import die_with_parent
-from harness.targets import qmp
 from harness.targets.console import Console
 from harness.targets.sockchild import SocketChild
 
@@ -195,9 +194,11 @@ class QemuMachine:
             return
         # QEMU may close the socket before it answers `quit`, or be gone already: signals follow.
         with contextlib.suppress(Exception):
+            from harness.targets import qmp  # a machine that powers itself off never needs asyncio
+
             qmp.execute(self.spec.qmp_socket, "quit", timeout=2.0)
 
-    def __enter__(self) -> "QemuMachine":
+    def __enter__(self) -> QemuMachine:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import verdict
 from harness.targets import qemu_boot
@@ -14,7 +15,9 @@ from harness.targets.base import CommandResult, CommandTimeout, TargetDead, Targ
 from harness.targets.console import ConsoleShell
 from harness.targets.qemu import QemuMachine, QemuSpec, free_port
 from harness.targets.shell import ShellHelpers
-from harness.targets.ssh import SshParams, SshSession
+
+if TYPE_CHECKING:
+    from harness.targets.ssh import SshSession
 
 TRANSPORTS = ("console", "ssh")
 _CHUNK = 48 * 1024   # bytes per console upload command (base64 lines stay short)
@@ -77,6 +80,8 @@ class QemuTarget(ShellHelpers):
             self.mode = qemu_boot.judge(machine, console.text()).pkvm_mode
             self.shell = ConsoleShell(console)
             if self.transport == "ssh":
+                from harness.targets.ssh import SshParams, SshSession  # paramiko: 0.1 s, only for ssh
+
                 assert self.login is not None and self.spec.ssh_port is not None
                 self.ssh = SshSession(SshParams(host="127.0.0.1", port=self.spec.ssh_port, user="root",
                                                 key=self.login.client_key,

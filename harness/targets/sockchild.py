@@ -66,7 +66,7 @@ class SocketChild(fdpexpect.fdspawn):
     def sendcontrol(self, char: str) -> int:
         return self.send(bytes([ord(char.lower()) & 0x1F]))
 
-    def terminate(self, force: bool = False) -> bool:
+    def terminate(self, force: bool = False) -> bool:  # type: ignore[override]  # as pexpect.spawn's, not fdspawn's
         """SIGTERM, then SIGKILL after a second if `force`; True when the process is gone."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
