@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from harness.errors import UsageError
+from harness.report.schema import problems
 from harness.rundir import RESULT_SCHEMA_VERSION
 
 KERNEL_LINE = re.compile(r"\[ *\d+\.\d{6}\] ")      # printk timestamps
@@ -72,6 +73,10 @@ def load(run_dir: Path) -> Run:
     if version != RESULT_SCHEMA_VERSION:
         raise UsageError(f"{path} has schema_version {version!r}; this harness reads {RESULT_SCHEMA_VERSION}",
                          hint="render it with the harness version that wrote it")
+    wrong = problems(result)
+    if wrong:              # rendering would stop half-way on the first field it needs
+        raise UsageError(f"{path} does not match result.schema.json: {wrong[0]}",
+                         hint="it was edited or cut short; run it again")
     return Run(run_dir, result)
 
 

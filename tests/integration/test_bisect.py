@@ -15,16 +15,22 @@ from tests.integration.conftest import HARNESS, qemu_pids_mentioning
 from tests.integration.kernel_history import kernel_history
 
 
+def _bisect(repo, cache_dir, tmp_path, good: str, bad: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The real CLI's bisect; its exit status must be 0 (a first bad commit found); its report.json."""
+    r = subprocess.run([*HARNESS, "bisect", "--repo", str(repo), "--good", good, "--bad", bad, *args,
+                        "--runs-dir", str(tmp_path), "--cache-dir", str(cache_dir)],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    return r, json.loads((run_dir / "report.json").read_text())
+
+
 @pytest.mark.slow
 def test_bisect_names_the_allocator_regression_on_a_real_history(kernel, cache_dir, tmp_path):
     repo, revs = kernel_history(cache_dir)
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    r = subprocess.run([*HARNESS, "bisect", "--repo", str(repo), "--good", revs["base"], "--bad", revs["doc5"],
-                        "--suites", "allocator", "-k", "lifecycles", "--runs-dir", str(tmp_path),
-                        "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
-    report = json.loads((run_dir / "report.json").read_text())
+    r, report = _bisect(repo, cache_dir, tmp_path, revs["base"], revs["doc5"], "--suites", "allocator",
+                        "-k", "lifecycles")
     assert report["first_bad"] == revs["regression"], r.stdout[-3000:]
     assert report["subject"].startswith("KVM: arm64: pkvm: put freed pages at the head")
     assert "test_vm_lifecycles" in report["reason"] and "first divergence" in report["reason"]
@@ -50,12 +56,8 @@ def test_a_kernel_whose_pkvm_init_deadlocks_is_bad_not_skipped(kernel, cache_dir
     """A commit whose boot hangs (pKVM init deadlocks at EL2) is the regression, not a step that
     cannot be judged: the suite session ends on the harness's timeout code, and bisect calls it bad."""
     repo, revs = kernel_history(cache_dir)
-    r = subprocess.run([*HARNESS, "bisect", "--repo", str(repo), "--good", revs["unhead"], "--bad", revs["doc7"],
-                        "--suites", "boot", "--boot-timeout", "60", "--runs-dir", str(tmp_path),
-                        "--cache-dir", str(cache_dir)], capture_output=True, text=True, timeout=3600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
-    report = json.loads((run_dir / "report.json").read_text())
+    r, report = _bisect(repo, cache_dir, tmp_path, revs["unhead"], revs["doc7"], "--suites", "boot",
+                        "--boot-timeout", "60")
     assert report["first_bad"] == revs["deadlock"], r.stdout[-3000:]
     hung = [s for s in report["steps"] if s["rev"] in (revs["deadlock"], revs["doc7"])]
     assert hung and all(s["outcome"] == "bad" for s in hung), report["steps"]

@@ -94,4 +94,9 @@ def test_report_command_writes_atomically_and_refuses_what_is_not_a_run(tmp_path
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "schema_version 7" in err and err.count("\n") == 1
+    broken = {k: v for k, v in json.loads((GOLDEN / "result.json").read_text()).items() if k != "outcome"}
+    (tmp_path / "result.json").write_text(json.dumps(broken))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match result.schema.json: (top): 'outcome' is a required property" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "result.json"]   # nothing half-written
