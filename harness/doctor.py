@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import REPO_ROOT
-from harness.kernel.source import DEBIAN_TARBALLS
+from harness.kernel import debian
 
 PACKAGES_FILE = REPO_ROOT / "ci" / "debian-packages.txt"
 PYTHON_MODULES = {"pexpect": "pexpect", "elftools": "pyelftools", "paramiko": "paramiko",
@@ -57,9 +57,14 @@ def checks(cache_dir: Path) -> list[Check]:
     for tool in TOOLS:
         path = shutil.which(tool)
         out.append(Check(f"tool {tool}", bool(path), path or "not on PATH", "make setup"))
-    for version, tarball in DEBIAN_TARBALLS.items():
-        out.append(Check(f"kernel source {version}", tarball.is_file(), str(tarball),
-                         f"apt-get install -y linux-source-{version}"))
+    for series, src in debian.SOURCES.items():
+        tarball = src.tarball(cache_dir)
+        if src.suite is None:
+            out.append(Check(f"kernel source {series}", tarball.is_file(), str(tarball),
+                             f"apt-get install -y {src.package}   (or: make setup)"))
+        else:                     # not installed: fetched into the cache on first use
+            out.append(Check(f"kernel source {series}", True, str(tarball) if tarball.is_file() else
+                             f"not fetched yet: --kernel {series} fetches it once from Debian {src.suite}", ""))
     for module, dist in PYTHON_MODULES.items():
         found = importlib.util.find_spec(module.split(".")[0]) is not None
         if found and "." in module:

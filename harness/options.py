@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from harness.kernel.source import DEBIAN_TARBALLS
+from harness.kernel import debian
 from harness.paths import default_cache_dir
 
 PLUGIN_PREFIX = "--pkvm-"
@@ -98,8 +98,9 @@ class Option:
 KERNEL = (
     Option("kernel-src", "kernel_src", "kernel tree (git or plain) or source tarball; default: Debian's "
            "linux-source of --kernel", type=Path, metavar="PATH"),
-    Option("kernel", "kernel", "Debian's linux-source-X.Y: " + ", ".join(DEBIAN_TARBALLS)
-           + f" (default {next(iter(DEBIAN_TARBALLS))})", choices=tuple(DEBIAN_TARBALLS), metavar="X.Y"),
+    Option("kernel", "kernel", "Debian's linux-source-X.Y: " + ", ".join(debian.SOURCES)
+           + f" (default {debian.DEFAULT}; the 7.x ones are fetched once from their Debian suite)",
+           choices=tuple(debian.SOURCES), metavar="X.Y"),
     Option("kernel-build", "kernel_build", "use a kernel you built (its O= directory with Image, vmlinux and "
            ".config) instead of building one; refused if pKVM's options are missing", type=Path, metavar="DIR"),
     Option("config", "fragments", "extra config fragment: a path or a name in kernel_configs/ (repeatable; "
@@ -139,7 +140,7 @@ ALL = (*KERNEL, *BOOT, CACHE)
 @dataclass
 class KernelOptions:
     kernel_src: Path | None = None
-    kernel: str | None = None          # a key of DEBIAN_TARBALLS
+    kernel: str | None = None          # a series of harness.kernel.debian.SOURCES
     kernel_build: Path | None = None   # a developer's own O= directory: used, not built
     fragments: list[str] = field(default_factory=list)
     kconfig: list[str] = field(default_factory=list)

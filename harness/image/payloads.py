@@ -18,6 +18,7 @@ from harness import REPO_ROOT
 from harness.errors import BuildError
 from harness.fsutil import atomic_dir, file_lock
 from harness.kernel.build import BuildRequest, KernelArtifacts, work_dir_for
+from harness.kernel.version import KernelVersion
 from harness.procs import run_group
 
 PAYLOAD_SOURCES = REPO_ROOT / "rootfs" / "payloads"
@@ -54,6 +55,12 @@ def selftest_lines() -> list[tuple[str, str]]:
 
 def selftest_names() -> list[str]:
     return [name for name, _ in selftest_lines()]
+
+
+def tree_path(name: str, version: KernelVersion) -> str:
+    """A kvm-selftests.txt name (spelt arm64/..., as the kernel has since 6.13) as this tree spells it."""
+    arch, sep, rest = name.partition("/")
+    return f"{version.selftests_arch}/{rest}" if sep and arch == "arm64" else name
 
 
 def guest_modes(selftests_dir: Path) -> list[str]:
@@ -108,18 +115,19 @@ def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
                       "-o", str(bin_dir / src.stem), str(src)], log)
             kst = tmp / "kvm-selftests"
             (kst / "tools").mkdir(parents=True)   # the arm64 sysreg header generator wants it to exist
-            names = selftest_names()
+            # Built under the tree's own spelling, baked in under the list's (stable test names).
+            names = {name: tree_path(name, KernelVersion.parse(req.source.version)) for name in selftest_names()}
             # OUTPUT, abs_objdir and TMPOUT keep every object, generated header and probe file
             # out of the source tree.
             _run(["make", "-C", str(req.source.tree / "tools/testing/selftests/kvm"), "ARCH=arm64",
                   f"CROSS_COMPILE={req.cross_compile}", f"OUTPUT={kst}", f"abs_objdir={kst}",
                   f"TMPOUT={kst}/.tmp_probe",
                   f"LINUX_HDR_PATH={headers}/", "EXTRA_CFLAGS=-static", "LDFLAGS=-static -pthread",
-                  f"-j{req.jobs}", *[str(kst / n) for n in names]], log)
-            for name in names:
+                  f"-j{req.jobs}", *[str(kst / n) for n in names.values()]], log)
+            for name, built in names.items():
                 dest = bin_dir / "kvm-selftests" / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                (kst / name).rename(dest)
+                (kst / built).rename(dest)
             modes = guest_modes(req.source.tree / "tools/testing/selftests/kvm")
             (bin_dir / GUEST_MODES).write_text("\n".join(modes) + "\n")
             shutil.rmtree(kst)

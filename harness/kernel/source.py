@@ -17,14 +17,11 @@ from pathlib import Path
 
 from harness.errors import InfraError, UsageError
 from harness.fsutil import atomic_dir, atomic_write_text, file_lock, sha256_file
+from harness.kernel import debian
 from harness.kernel.version import KernelVersion
 from harness.procs import die_with_parent
 from harness.progress import Progress
 
-# `--kernel X.Y`: Debian's linux-source-X.Y packages (ci/debian-packages.txt installs both).
-DEBIAN_TARBALLS = {"6.12": Path("/usr/src/linux-source-6.12.tar.xz"), "6.1": Path("/usr/src/linux-source-6.1.tar.xz")}
-DEFAULT_KERNEL = "6.12"
-DEFAULT_TARBALL = DEBIAN_TARBALLS[DEFAULT_KERNEL]
 TARBALL_SUFFIXES = (".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tgz")
 # A file only pKVM kernels have: its presence says the tree can run protected mode at all.
 PKVM_MARKER = Path("arch/arm64/kvm/hyp/nvhe/page_alloc.c")
@@ -49,20 +46,8 @@ class KernelSource:
 
     @property
     def kernel_version(self) -> KernelVersion:
-        """`version` as a KernelVersion: ask it the version facts (e.g. `.series`, `.selftests_dir`)."""
+        """`version` as a KernelVersion: ask it the version facts (e.g. `.series`, `.selftests_arch`)."""
         return KernelVersion.parse(self.version)
-
-
-def debian_tarball(kernel: str) -> Path:
-    """`--kernel 6.1` -> Debian's linux-source-6.1 tarball; a clear error if unknown or not installed."""
-    if kernel not in DEBIAN_TARBALLS:
-        raise UsageError(f"--kernel {kernel} is not a Debian kernel source the harness knows",
-                         hint=f"use one of {', '.join(DEBIAN_TARBALLS)}, or --kernel-src PATH for any tree")
-    tarball = DEBIAN_TARBALLS[kernel]
-    if not tarball.is_file():
-        raise UsageError(f"the kernel source {tarball} is missing",
-                         hint=f"run `make setup` (installs linux-source-{kernel}) or pass --kernel-src PATH")
-    return tarball
 
 
 def resolve(kernel_src: Path | None, cache_dir: Path, *, quiet: bool = False,
@@ -71,7 +56,7 @@ def resolve(kernel_src: Path | None, cache_dir: Path, *, quiet: bool = False,
     if kernel_src is not None and kernel is not None:
         raise UsageError("--kernel and --kernel-src both name the source", hint="give one of them")
     if kernel_src is None:
-        return _from_tarball(debian_tarball(kernel or DEFAULT_KERNEL), cache_dir, quiet=quiet)
+        return _from_tarball(debian.tarball(kernel or debian.DEFAULT, cache_dir, quiet=quiet), cache_dir, quiet=quiet)
     path = kernel_src.expanduser()
     if not path.exists():
         raise UsageError(f"--kernel-src {kernel_src} does not exist",

@@ -195,11 +195,10 @@ class KernelVersion:
     # --- guest payloads (harness.image.payloads) ------------------------------------------------
 
     @property
-    def selftests_dir(self) -> str:
-        """Where the tree keeps the arm64 KVM selftests: 6.13 renamed the architecture
-        directories to the kernel's names (aarch64 -> arm64)."""
-        arch = "arm64" if self.at_least(6, 13) else "aarch64"
-        return f"tools/testing/selftests/kvm/{arch}"
+    def selftests_arch(self) -> str:
+        """The directory of the arm64 KVM selftests under tools/testing/selftests/kvm: 6.13 renamed
+        the architecture directories to the kernel's names (aarch64 -> arm64)."""
+        return "arm64" if self.at_least(6, 13) else "aarch64"
 
 
 # The release the models were transcribed from (linux-source-6.12, SUBLEVEL 117; line numbers

@@ -74,11 +74,19 @@ def test_kvm_pgtable_levels():
     assert V("6.1").kvm_pgtable_levels == 4 and V("6.12.117").kvm_pgtable_levels == 5
 
 
-def test_selftests_dir():
-    assert V("6.12.117").selftests_dir == "tools/testing/selftests/kvm/aarch64"
-    assert V("6.13").selftests_dir == "tools/testing/selftests/kvm/arm64"
-    assert V("6.13.0-rc1+").selftests_dir == "tools/testing/selftests/kvm/arm64"
-    assert V("6.1").selftests_dir.endswith("/aarch64")
+def test_selftests_arch():
+    assert V("6.12.117").selftests_arch == "aarch64" and V("6.1").selftests_arch == "aarch64"
+    assert V("6.13").selftests_arch == "arm64" and V("6.13.0-rc1+").selftests_arch == "arm64"
+    assert V("7.3.4").selftests_arch == "arm64"
+
+
+def test_selftest_names_are_spelt_as_each_tree_does():
+    from harness.image.payloads import selftest_names, tree_path
+
+    assert tree_path("arm64/hypercalls", V("6.12.117")) == "aarch64/hypercalls"
+    assert tree_path("arm64/hypercalls", V("7.3.4")) == "arm64/hypercalls"
+    assert tree_path("kvm_create_max_vcpus", V("6.1")) == "kvm_create_max_vcpus"
+    assert not [n for n in selftest_names() if n.startswith("aarch64/")]     # the list uses one spelling
 
 
 @pytest.mark.parametrize("version,rules", [
