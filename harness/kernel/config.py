@@ -78,15 +78,17 @@ def find_fragment(name: str) -> Path:
 
 
 def version_fragments(version: KernelVersion | str | None) -> list[str]:
-    """The per-version fragment of a kernel version ("6.1.192" -> pkvm-6.1.config), if there is one."""
+    """The fragments a kernel version adds: the ones its version facts name (an option renamed
+    between releases), then its own series' (pkvm-6.1.config for 6.1.192), if there is one."""
     try:
         kv = KernelVersion.of(version) if version else None
     except ValueError:
         kv = None
     if kv is None:
         return []
+    by_fact = [kv.pkvm_stacktrace_fragment] if kv.pkvm_stacktrace_fragment else []
     name = VERSION_FRAGMENT.format(series=kv.series)
-    return [name] if (FRAGMENTS_DIR / name).is_file() else []
+    return by_fact + ([name] if (FRAGMENTS_DIR / name).is_file() else [])
 
 
 def merge(fragments: list[str], kconfig: list[str],

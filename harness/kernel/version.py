@@ -195,6 +195,17 @@ class KernelVersion:
     # --- guest payloads (harness.image.payloads) ------------------------------------------------
 
     @property
+    def pkvm_stacktrace_fragment(self) -> str | None:
+        """The kernel_configs/ fragment that turns on pKVM's EL2 stack trace on hyp panic.
+        CONFIG_PROTECTED_NVHE_STACKTRACE came with 6.0; by 7.2 it is CONFIG_PKVM_STACKTRACE and
+        depends on a new CONFIG_PKVM_DISABLE_STAGE2_ON_PANIC (read in 7.2.13 and 7.3.4; where
+        between 6.13 and 7.2 the rename landed is not verified: a tree there that has the new
+        name is refused by the config check, naming CONFIG_PKVM_STACKTRACE)."""
+        if self.at_least(7, 2):
+            return "pkvm-stacktrace.config"
+        return "pkvm-stacktrace-nvhe.config" if self.at_least(6, 0) else None
+
+    @property
     def selftests_arch(self) -> str:
         """The directory of the arm64 KVM selftests under tools/testing/selftests/kvm: 6.13 renamed
         the architecture directories to the kernel's names (aarch64 -> arm64)."""

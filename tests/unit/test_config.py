@@ -109,3 +109,15 @@ def test_default_fragment_is_self_consistent():
     values = {o.name: o.value for o in merged.values()}
     kc.check_combinations(values)
     assert values["KVM"] == "y" and values["DEBUG_INFO_DWARF4"] == "y"
+
+
+def test_the_el2_stack_trace_option_is_spelt_as_each_version_does():
+    from harness.kernel.config import merge, version_fragments
+
+    assert version_fragments("6.12.117") == ["pkvm-stacktrace-nvhe.config"]
+    assert version_fragments("7.3.4") == version_fragments("7.2.13") == ["pkvm-stacktrace.config"]
+    assert version_fragments("5.15") == []
+    new, old = merge([], [], version="7.3.4"), merge([], [], version="6.1.192")
+    assert new["PKVM_STACKTRACE"].value == new["PKVM_DISABLE_STAGE2_ON_PANIC"].value == "y"
+    assert "PROTECTED_NVHE_STACKTRACE" not in new and old["PROTECTED_NVHE_STACKTRACE"].value == "y"
+    assert "PKVM_STACKTRACE" not in old
