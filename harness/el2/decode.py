@@ -30,6 +30,8 @@ NVHE = "__kvm_nvhe_"
 MASK64 = (1 << 64) - 1
 VTCR_EL2_DS = 1 << 32
 MAX_VM_SLOTS = PAGE_SIZE // 8          # vm_table is one page of pointers (KVM_MAX_PVMS = 255 used)
+# A slot taken by a VM still being created (RESERVED_ENTRY, nvhe/pkvm.c in 7.x): no VM to read yet.
+VM_SLOT_RESERVED = 0xA110CA7ED
 MAX_MEMBLOCKS = 128
 DECODE_ERRORS = (ksyms.Unavailable, LookupError, OSError, struct.error, ValueError)
 
@@ -220,7 +222,7 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
     st = kernel.struct("pkvm_hyp_vm")
     table = struct.unpack(f"<{MAX_VM_SLOTS}Q", read(h2p(hyp_physvirt_offset, table_va), PAGE_SIZE))
     for i, va in enumerate(table):
-        if not va:
+        if not va or va == VM_SLOT_RESERVED:
             continue
         pa = h2p(hyp_physvirt_offset, va)
         handle = u32(read, pa + st.offset("kvm.arch.pkvm.handle")) if st.has("kvm.arch.pkvm.handle") else None
