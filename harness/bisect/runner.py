@@ -78,5 +78,10 @@ def _panic(console: Path) -> tuple[str, str]:
 
 
 def _tail(text: str) -> str:
+    """The session's last word: the harness's own reason when it stopped the session (pytest
+    frames it as `!!! _pytest.outcomes.Exit: pkvm-harness: ... !!!`), else its last line."""
     lines = text.strip().splitlines()
+    for line in reversed(lines):
+        if "pkvm-harness: " in line:
+            return line[line.index("pkvm-harness: "):].rstrip(" !")[:300]
     return lines[-1][:300] if lines else ""

@@ -145,3 +145,14 @@ def test_a_session_that_ends_on_a_harness_code_is_judged_by_it(code, outcome, in
 def test_the_harness_codes_do_not_collide_with_pytests():
     assert {int(c) for c in ExitCode} & set(range(2, 6)) == {int(ExitCode.USAGE)}    # 2, as argparse
     assert session_exit_code(ExitCode.USAGE) == 4 and session_exit_code(ExitCode.PANIC) == ExitCode.PANIC
+
+
+def test_a_stopped_sessions_reason_is_the_harnesss_own_line():
+    from harness.bisect.runner import _tail
+
+    out = ("collected 3 items\n\n!!!!! _pytest.outcomes.Exit: pkvm-harness: target not usable: the pKVM host did "
+           "not come up: timed out before the ready marker; last console line: [0.3] Freeing initrd !!!!!\n"
+           "no tests ran in 61.2s\n")
+    assert _tail(out) == ("pkvm-harness: target not usable: the pKVM host did not come up: timed out before the "
+                          "ready marker; last console line: [0.3] Freeing initrd")
+    assert _tail("1 failed in 3s\n") == "1 failed in 3s" and _tail("") == ""
