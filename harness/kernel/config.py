@@ -86,9 +86,8 @@ def version_fragments(version: KernelVersion | str | None) -> list[str]:
         kv = None
     if kv is None:
         return []
-    by_fact = [kv.pkvm_stacktrace_fragment] if kv.pkvm_stacktrace_fragment else []
     name = VERSION_FRAGMENT.format(series=kv.series)
-    return by_fact + ([name] if (FRAGMENTS_DIR / name).is_file() else [])
+    return kv.config_fragments + ([name] if (FRAGMENTS_DIR / name).is_file() else [])
 
 
 def merge(fragments: list[str], kconfig: list[str],

@@ -195,6 +195,19 @@ class KernelVersion:
     # --- guest payloads (harness.image.payloads) ------------------------------------------------
 
     @property
+    def config_fragments(self) -> list[str]:
+        """kernel_configs/ fragments this version needs beyond pkvm.config: options that were
+        renamed or removed between releases."""
+        return [f for f in (self.pkvm_stacktrace_fragment, self.pan_fragment) if f]
+
+    @property
+    def pan_fragment(self) -> str | None:
+        """CONFIG_ARM64_PAN (allnoconfig turns it off): an option up to 7.1; 7.2.13 and 7.3.4 have
+        no such option (PAN is always built in). Where between 6.13 and 7.2 it went is not verified:
+        a tree there without it is refused by the config check, naming CONFIG_ARM64_PAN."""
+        return None if self.at_least(7, 2) else "pkvm-pan.config"
+
+    @property
     def pkvm_stacktrace_fragment(self) -> str | None:
         """The kernel_configs/ fragment that turns on pKVM's EL2 stack trace on hyp panic.
         CONFIG_PROTECTED_NVHE_STACKTRACE came with 6.0; by 7.2 it is CONFIG_PKVM_STACKTRACE and

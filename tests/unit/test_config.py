@@ -114,10 +114,11 @@ def test_default_fragment_is_self_consistent():
 def test_the_el2_stack_trace_option_is_spelt_as_each_version_does():
     from harness.kernel.config import merge, version_fragments
 
-    assert version_fragments("6.12.117") == ["pkvm-stacktrace-nvhe.config"]
+    assert version_fragments("6.12.117") == ["pkvm-stacktrace-nvhe.config", "pkvm-pan.config"]
     assert version_fragments("7.3.4") == version_fragments("7.2.13") == ["pkvm-stacktrace.config"]
-    assert version_fragments("5.15") == []
+    assert version_fragments("5.15") == ["pkvm-pan.config"]
     new, old = merge([], [], version="7.3.4"), merge([], [], version="6.1.192")
     assert new["PKVM_STACKTRACE"].value == new["PKVM_DISABLE_STAGE2_ON_PANIC"].value == "y"
     assert "PROTECTED_NVHE_STACKTRACE" not in new and old["PROTECTED_NVHE_STACKTRACE"].value == "y"
     assert "PKVM_STACKTRACE" not in old
+    assert "ARM64_PAN" not in new and old["ARM64_PAN"].value == "y"
