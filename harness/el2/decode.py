@@ -37,13 +37,14 @@ DECODE_ERRORS = (ksyms.Unavailable, LookupError, OSError, struct.error, ValueErr
 
 # What the decoders look up, so a recorded image need only carry these (harness.el2.image).
 KERNEL_SYMBOLS = ("hyp_mem_base", "hyp_mem_size")
+HYP_TEXT_SYMBOLS = ("__hyp_text_start", "__hyp_text_end")     # linker symbols of the kernel image
 NVHE_SYMBOLS = ("hpool", "host_s2_pool", "host_mmu", "host_kvm", "hyp_memory", "hyp_memblock_nr",
                 "hyp_physvirt_offset", "__hyp_vmemmap", "vm_table", "pkvm_pgtable")
 STRUCTS = ("hyp_pool", "hyp_page", "host_mmu", "host_kvm", "kvm_pgtable", "pkvm_hyp_vm", "memblock_region")
 
 
 def used_symbols() -> tuple[str, ...]:
-    return KERNEL_SYMBOLS + tuple(NVHE + n for n in NVHE_SYMBOLS)
+    return KERNEL_SYMBOLS + HYP_TEXT_SYMBOLS + tuple(NVHE + n for n in NVHE_SYMBOLS)
 
 
 def kernel_version(kernel: ksyms.KernelInfo) -> KernelVersion:
@@ -294,7 +295,7 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
     def host_s2() -> None:
         snap.lpa2 = decode_lpa2(read, kernel, kimage_voffset)
         snap.host_s2_root = decode_host_s2_root(read, kernel, kimage_voffset)
-        snap.host_s2 = walk(read, *snap.host_s2_root, snap.lpa2)
+        snap.host_s2 = walk(read, *snap.host_s2_root, snap.lpa2, kernel_version(kernel).typed_invalid_ptes)
 
     def pool(name: str) -> None:
         snap.pools[name] = decode_pool(read, kernel, snap.hyp_physvirt_offset, name,
@@ -310,8 +311,14 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
                 p.pages[pa] = page(pa)
         snap._vmemmap = page
 
+    def hyp_text() -> None:
+        start, end = (kpa(kernel, kimage_voffset, s) for s in HYP_TEXT_SYMBOLS)
+        snap.hyp_text = (start & ~(PAGE_SIZE - 1), (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+
     part("hyp_physvirt_offset", offsets)
     part("carveout", carveout)
+    if kernel_version(kernel).host_maps_hyp_text_read_only:     # only where an invariant needs it
+        part("hyp_text", hyp_text)
     part("memblocks", memblocks)
     part("hyp_s1", hyp_s1)
     part("host_s2", host_s2)

@@ -3,7 +3,8 @@
 Descriptor bits are the architecture's and KVM's constants (arch/arm64/include/asm/kvm_pgtable.h
 in 6.12: KVM_PTE_VALID BIT(0), KVM_PTE_TYPE BIT(1), KVM_PTE_ADDR_MASK(_LPA2), S2 MemAttr 5:2,
 S2AP 7:6, SH 9:8, AF 10, XN 54, SW 58:55; pKVM page states in SW0/SW1 (nvhe/mem_protect.h);
-KVM_INVALID_PTE_OWNER_MASK GENMASK(9, 2)). Pure: tables are read through a callable.
+KVM_INVALID_PTE_OWNER_MASK GENMASK(9, 2); from 7.2 a typed invalid PTE instead, see Leaf.owner).
+Pure: tables are read through a callable.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ PTES_PER_TABLE = 512
 
 STATES = {0: "OWNED", 1: "SHARED_OWNED", 2: "SHARED_BORROWED", 3: "RESERVED"}   # SW1:SW0
 OWNERS = {0: "host", 1: "hyp", 2: "ffa"}                                         # enum pkvm_component_id
+OWNERS_TYPED = {0: "host", 1: "hyp", 2: "guest"}                                 # its 7.x values
+INVALID_TYPES = {1: "LOCKED", 2: "DONATION", 3: "POISONED"}                      # enum kvm_invalid_pte_type
 
 
 def level_shift(level: int) -> int:
@@ -38,6 +41,7 @@ class Leaf:
     level: int
     pte: int
     lpa2: bool
+    typed: bool = False  # invalid PTEs carry a type (KernelVersion.typed_invalid_ptes)
 
     @property
     def valid(self) -> bool:
@@ -53,9 +57,22 @@ class Leaf:
         return STATES[(self.pte >> 55) & 3] if self.valid else None
 
     @property
+    def invalid_type(self) -> str | None:
+        """LOCKED, DONATION or POISONED for a typed invalid leaf; None otherwise."""
+        if self.valid or not self.typed:
+            return None
+        kind = self.pte >> 60
+        return INVALID_TYPES.get(kind, f"type-{kind}")
+
+    @property
     def owner(self) -> int | None:
-        """Owner id annotated in an invalid, non-zero leaf (1 = hyp)."""
-        return None if self.valid or self.pte == 0 else (self.pte >> 2) & 0xFF
+        """Owner id annotated in an invalid, non-zero leaf (1 = hyp): bits 9:2, or a typed
+        donation's bits 3:1."""
+        if self.valid or self.pte == 0:
+            return None
+        if self.typed:
+            return (self.pte >> 1) & 0x7 if self.invalid_type == "DONATION" else None
+        return (self.pte >> 2) & 0xFF
 
     # stage-2 attributes
     @property
@@ -80,7 +97,9 @@ class Leaf:
 
     def describe(self) -> str:
         if not self.valid:
-            return f"invalid owner={OWNERS.get(self.owner, self.owner) if self.owner is not None else None}"
+            names = OWNERS_TYPED if self.typed else OWNERS
+            owner = names.get(self.owner, self.owner) if self.owner is not None else None
+            return f"invalid {self.invalid_type} owner={owner}" if self.typed else f"invalid owner={owner}"
         perms = ("R" if self.readable else "-") + ("W" if self.writable else "-") + ("-" if self.xn else "X")
         return f"{perms} memattr={self.memattr:#x} {self.state}"
 
@@ -111,15 +130,16 @@ class Walk:
 ReadFn = Callable[[int, int], bytes]
 
 
-def walk(read: ReadFn, root_pa: int, ia_bits: int, start_level: int, lpa2: bool) -> Walk:
-    """Every non-zero leaf of a table tree. The root may span several concatenated pages."""
+def walk(read: ReadFn, root_pa: int, ia_bits: int, start_level: int, lpa2: bool, typed: bool = False) -> Walk:
+    """Every non-zero leaf of a table tree. The root may span several concatenated pages.
+    `typed`: the stage-2's invalid PTEs carry a type (KernelVersion.typed_invalid_ptes)."""
     result = Walk([], [], [])
     root_entries = 1 << (ia_bits - level_shift(start_level))
-    _walk_table(read, root_pa, start_level, 0, max(root_entries, 1), lpa2, result, depth=0)
+    _walk_table(read, root_pa, start_level, 0, max(root_entries, 1), lpa2, typed, result, depth=0)
     return result
 
 
-def _walk_table(read: ReadFn, table_pa: int, level: int, base: int, entries: int, lpa2: bool,
+def _walk_table(read: ReadFn, table_pa: int, level: int, base: int, entries: int, lpa2: bool, typed: bool,
                 out: Walk, depth: int) -> None:
     if depth > 4 or level > 3:
         out.errors.append(f"table at {table_pa:#x}: deeper than level 3")
@@ -135,11 +155,11 @@ def _walk_table(read: ReadFn, table_pa: int, level: int, base: int, entries: int
             continue
         addr = base + i * size
         if level < 3 and (pte & 3) == 3:          # valid table descriptor
-            _walk_table(read, pte_to_phys(pte, lpa2), level + 1, addr, PTES_PER_TABLE, lpa2, out, depth + 1)
+            _walk_table(read, pte_to_phys(pte, lpa2), level + 1, addr, PTES_PER_TABLE, lpa2, typed, out, depth + 1)
         elif level == 3 and (pte & 3) == 1:
             out.errors.append(f"reserved descriptor {pte:#x} at level 3, address {addr:#x}")
         else:
-            out.leaves.append(Leaf(addr, size, level, pte, lpa2))
+            out.leaves.append(Leaf(addr, size, level, pte, lpa2, typed))
 
 
 class Translator:

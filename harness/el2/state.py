@@ -68,6 +68,7 @@ class Snapshot:
     kimage_voffset: int
     hyp_physvirt_offset: int | None = None
     carveout: tuple[int, int] | None = None            # (base, size)
+    hyp_text: tuple[int, int] | None = None            # [start, end) PA, where the host maps it read-only
     memblocks: list[tuple[int, int, int]] = field(default_factory=list)   # (base, size, flags)
     pools: dict[str, Pool] = field(default_factory=dict)
     vms: list[VmInfo] = field(default_factory=list)
@@ -127,6 +128,7 @@ class Snapshot:
                         "errors": self.host_s2.errors if self.host_s2 else []},
             "hyp_s1": {"leaves": len(self.hyp_s1.leaves), "tables": len(self.hyp_s1.tables)} if self.hyp_s1 else None,
             "unavailable": self.unavailable, "absent": self.absent,
+            **({"hyp_text": self.hyp_text} if self.hyp_text is not None else {}),
         }
 
 

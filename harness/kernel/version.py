@@ -194,6 +194,31 @@ class KernelVersion:
 
     # --- guest payloads (harness.image.payloads) ------------------------------------------------
 
+    # --- host stage-2 encodings -------------------------------------------------------------
+
+    @property
+    def typed_invalid_ptes(self) -> bool:
+        """An invalid host stage-2 PTE carries a type in bits 63:60 (1 LOCKED, 2 DONATION,
+        3 POISONED) and a donation's new owner in bits 3:1 (KVM_HOST_DONATION_PTE_OWNER_MASK);
+        before, the owner id sat in bits 9:2 (KVM_INVALID_PTE_OWNER_MASK), so a hyp page read
+        0x4. Read in 7.2.13 and 7.3.4; when between 6.13 and 7.2 it changed is not verified."""
+        return self.at_least(7, 2)
+
+    @property
+    def host_s2_memattr_as_s1(self) -> bool:
+        """The host stage-2 is KVM_PGTABLE_S2_AS_S1: every leaf, memory and MMIO alike, leaves the
+        memory type to stage 1: MemAttr 0x7 (MT_S2_FWB_AS_S1) on a CPU with FEAT_S2FWB, 0xF
+        (MT_S2_NORMAL) on one without. Before, memory and MMIO leaves were both MemAttr 0xF.
+        Read in 7.2.13 and 7.3.4 (same caveat as typed_invalid_ptes)."""
+        return self.at_least(7, 2)
+
+    @property
+    def host_maps_hyp_text_read_only(self) -> bool:
+        """The hyp text stays mapped in the host stage-2, read-only and execute-never, "to be
+        inspected on panic" (nvhe/setup.c, fix_host_ownership_walker); before, it was hyp-owned
+        and unmapped like the rest of the hyp image. Read in 7.2.13 and 7.3.4."""
+        return self.at_least(7, 2)
+
     @property
     def config_fragments(self) -> list[str]:
         """kernel_configs/ fragments this version needs beyond pkvm.config: options that were

@@ -24,6 +24,7 @@ from harness.model.buddy import VersionRules, version_rules
 PAGE = 4096
 S2_BLOCK_SIZES = {1: 1 << 30, 2: 2 << 20, 3: PAGE}
 HYP_OWNED_PTE = 0x4            # FIELD_PREP(KVM_INVALID_PTE_OWNER_MASK, PKVM_ID_HYP)
+OWNER_HYP, OWNER_GUEST = 1, 2   # enum pkvm_component_id (GUEST from 6.14)
 
 
 @dataclass(frozen=True)
@@ -264,11 +265,26 @@ def s2_idmap(snap: Any, rules: VersionRules) -> Iterable[Finding]:
             yield Finding("s2-idmap", f"host stage-2 leaf {leaf.addr:#x}", f"output {leaf.addr:#x}", f"{leaf.pa:#x}")
 
 
+def _kv(rules: VersionRules) -> KernelVersion:
+    return KernelVersion.of(rules.requested)
+
+
+# Host stage-2 MemAttr: MT_S2_NORMAL; with KernelVersion.host_s2_memattr_as_s1 also MT_S2_FWB_AS_S1.
+S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1 = 0xF, 0x7
+
+
 @check("s2-leaf-attributes")
 def s2_leaf_attributes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.11: a valid leaf lies in one memblock (RWX) or one gap (RW, XN), MemAttr 0xF, and is a
-    4 KiB page, 2 MiB block or 1 GiB block at its level."""
-    for leaf in snap.host_s2.leaves if snap.host_s2 else []:
+    4 KiB page, 2 MiB block or 1 GiB block at its level. Where the host stage-2 takes stage 1's
+    attributes (7.2+), every leaf has the one MemAttr that means so: 0x7 with FWB, 0xF without;
+    and there the hyp text is mapped read-only (R--) instead of being unmapped."""
+    as_s1 = _kv(rules).host_s2_memattr_as_s1
+    valid = [leaf for leaf in (snap.host_s2.leaves if snap.host_s2 else []) if leaf.valid]
+    want_attr = S2_MEMATTR_NORMAL
+    if as_s1 and valid and valid[0].memattr in (S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1):
+        want_attr = valid[0].memattr            # FWB or not is the CPU's: one value for every leaf
+    for leaf in valid:
         if not leaf.valid:
             continue
         where = f"host stage-2 leaf {leaf.addr:#x}+{leaf.size:#x} (level {leaf.level})"
@@ -278,21 +294,38 @@ def s2_leaf_attributes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
         if memory is None:
             yield Finding("s2-leaf-attributes", where, "inside one memblock or one gap", "straddles a memblock edge")
             continue
+        text = getattr(snap, "hyp_text", None)
+        if _kv(rules).host_maps_hyp_text_read_only and text and text[0] <= leaf.addr < text[1]:
+            # The hyp text, read-only for the host to inspect on a hyp panic: R, not W, XN.
+            if leaf.memattr != want_attr or not leaf.readable or leaf.writable or not leaf.xn \
+                    or leaf.addr + leaf.size > text[1]:
+                yield Finding("s2-leaf-attributes", where, f"MemAttr {want_attr:#x}, R-- (hyp text)",
+                              f"MemAttr {leaf.memattr:#x}, {leaf.describe().split()[0]}")
+            continue
         want_xn = not memory
-        if leaf.memattr != 0xF or not (leaf.readable and leaf.writable) or leaf.xn != want_xn:
+        if leaf.memattr != want_attr or not (leaf.readable and leaf.writable) or leaf.xn != want_xn:
             perms = ("R" if leaf.readable else "-") + ("W" if leaf.writable else "-") + ("-" if leaf.xn else "X")
             yield Finding("s2-leaf-attributes", where,
-                          f"MemAttr 0xf, {'RWX (memory)' if memory else 'RW- (MMIO, execute-never)'}",
+                          f"MemAttr {want_attr:#x}, {'RWX (memory)' if memory else 'RW- (MMIO, execute-never)'}",
                           f"MemAttr {leaf.memattr:#x}, {perms}")
 
 
 @check("s2-invalid-leaves")
 def s2_invalid_leaves(snap: Any, rules: VersionRules) -> Iterable[Finding]:
-    """§7.12: a non-zero invalid leaf is a level-3 hyp-owned annotation (PTE 0x4); never LOCKED."""
+    """§7.12: a non-zero invalid leaf is a level-3 hyp-owned annotation (PTE 0x4); never LOCKED.
+    With typed invalid PTEs (7.2+): a level-3 DONATION to hyp or to a guest, never LOCKED or POISONED."""
+    typed = _kv(rules).typed_invalid_ptes
     for leaf in snap.host_s2.leaves if snap.host_s2 else []:
-        if not leaf.valid and (leaf.level != 3 or leaf.pte != HYP_OWNED_PTE):
+        if leaf.valid:
+            continue
+        if typed:
+            ok = leaf.level == 3 and leaf.invalid_type == "DONATION" and leaf.owner in (OWNER_HYP, OWNER_GUEST)
+            want = "a DONATION to hyp or a guest at level 3"
+        else:
+            ok, want = leaf.level == 3 and leaf.pte == HYP_OWNED_PTE, "PTE 0x4 (owner hyp) at level 3"
+        if not ok:
             yield Finding("s2-invalid-leaves", f"host stage-2 entry {leaf.addr:#x} (level {leaf.level})",
-                          "PTE 0x4 (owner hyp) at level 3", f"PTE {leaf.pte:#x}")
+                          want, f"PTE {leaf.pte:#x}")
 
 
 @check("s2-page-states")

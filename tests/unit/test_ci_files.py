@@ -47,7 +47,8 @@ def test_the_matrix_covers_hvhe_and_nvhe_and_an_optional_git_kernel(workflow):
     assert suites["strategy"]["fail-fast"] is False
     expr = matrix["kernel"]
     assert "inputs.kernel_git_url" in expr
-    assert '\'["debian-6.12", "debian-6.1", "git"]\'' in expr and '\'["debian-6.12", "debian-6.1"]\'' in expr
+    assert '\'["debian-6.12", "debian-6.1", "debian-7.3", "git"]\'' in expr
+    assert '\'["debian-6.12", "debian-6.1", "debian-7.3"]\'' in expr
     assert suites["container"].startswith("debian:12")
 
 
@@ -63,6 +64,7 @@ def test_the_suites_job_sets_up_caches_runs_uploads_and_publishes(workflow):
     restore = next(s for s in suites["steps"] if s.get("uses", "").startswith("actions/cache/restore"))
     assert save["if"] == "always()" and save["with"]["key"] == restore["with"]["key"]
     assert ".cache/pkvm-harness/kernels" in restore["with"]["path"]
+    assert ".cache/pkvm-harness/debian" in restore["with"]["path"]          # the fetched 7.x sources
     upload = next(s for s in suites["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and upload["with"]["path"].startswith("nightly")
     # inputs reach the shell through the environment, never pasted into the script

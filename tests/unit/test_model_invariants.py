@@ -173,3 +173,58 @@ def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
     odd = choose_rules("6.12", {"refcount_bits": 64, "order_bits": 64})
     assert odd.name == "6.4+" and "no known rule set" in odd.warning
     assert "warning" not in str(choose_rules("6.12", None).warning or "")
+
+
+# --- the host stage-2 as 7.2+ encodes it (KernelVersion.typed_invalid_ptes, host_s2_memattr_as_s1,
+# host_maps_hyp_text_read_only): the same invariants, read with that version's encodings ---
+
+DONATION_TO_HYP = (2 << 60) | (1 << 1)               # type DONATION (63:60), owner hyp (3:1)
+AS_S1_FWB = 0x7 << 2                                 # MT_S2_FWB_AS_S1
+HYP_TEXT = (RAM + 0x700000, RAM + 0x710000)
+
+
+def typed_leaf(addr: int, size: int, level: int, pte: int) -> Leaf:
+    return Leaf(addr, size, level, pte | (addr if pte & 1 else 0), lpa2=False, typed=True)
+
+
+def good_7x_state() -> Snapshot:
+    snap = good_state()
+    snap.kernel_version, snap.hyp_text = "7.3.4", HYP_TEXT
+    fwb = ~(0xF << 2)
+    text = [typed_leaf(a, PAGE, 3, (MEM_RWX_4K & fwb & ~0x80) | AS_S1_FWB | (1 << 54))       # R--, XN
+            for a in range(*HYP_TEXT, PAGE)]
+    snap.host_s2 = Walk([typed_leaf(0, 1 << 30, 1, (MMIO_RW_BLOCK & fwb) | AS_S1_FWB),
+                         typed_leaf(RAM, 2 << 20, 2, (MEM_RWX_BLOCK & fwb) | AS_S1_FWB),
+                         *text,
+                         *[typed_leaf(CARVE + i * PAGE, PAGE, 3, DONATION_TO_HYP) for i in range(0x200000 // PAGE)]],
+                        snap.host_s2.tables, [])
+    return snap
+
+
+def test_a_typed_invalid_pte_names_its_type_and_owner():
+    hyp = typed_leaf(CARVE, PAGE, 3, DONATION_TO_HYP)
+    assert (hyp.invalid_type, hyp.owner, hyp.describe()) == ("DONATION", 1, "invalid DONATION owner=hyp")
+    locked = typed_leaf(CARVE, PAGE, 3, 1 << 60)
+    assert (locked.invalid_type, locked.owner) == ("LOCKED", None)
+    assert leaf(CARVE, PAGE, 3, 0x4).owner == 1 and leaf(CARVE, PAGE, 3, 0x4).invalid_type is None   # 6.x layout
+
+
+S2_CHECKS = ("s2-idmap", "s2-leaf-attributes", "s2-invalid-leaves", "s2-page-states", "carveout-hyp-owned")
+
+
+def test_the_7x_host_stage2_is_quiet_and_each_7x_rule_still_bites():
+    # (the pools are 6.12 model pools: only the host stage-2 checks are asked here)
+    assert run_checks(good_7x_state(), only=S2_CHECKS) == []
+    s = good_7x_state()                  # an invalid leaf that is LOCKED, not a donation
+    s.host_s2.leaves[-1] = typed_leaf(s.host_s2.leaves[-1].addr, PAGE, 3, 1 << 60)
+    assert [f.check for f in run_checks(s, only=S2_CHECKS)] == ["s2-invalid-leaves", "carveout-hyp-owned"]
+    s = good_7x_state()                  # the hyp text writable by the host
+    first_text = next(i for i, lf in enumerate(s.host_s2.leaves) if lf.addr == HYP_TEXT[0])
+    s.host_s2.leaves[first_text] = typed_leaf(HYP_TEXT[0], PAGE, 3, (s.host_s2.leaves[first_text].pte | 0x80))
+    assert [f.expected for f in findings(s, "s2-leaf-attributes")] == ["MemAttr 0x7, R-- (hyp text)"]
+    s = good_7x_state()                  # one leaf with another MemAttr than the rest
+    s.host_s2.leaves[1] = typed_leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK)
+    assert len(findings(s, "s2-leaf-attributes")) == 1
+    s = good_7x_state()                  # on 6.12 the same table is wrong everywhere it differs
+    s.kernel_version = "6.12.117"
+    assert findings(s, "s2-invalid-leaves") and findings(s, "s2-leaf-attributes")
