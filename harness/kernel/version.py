@@ -194,6 +194,21 @@ class KernelVersion:
 
     # --- guest payloads (harness.image.payloads) ------------------------------------------------
 
+    # --- EL2 and guests -----------------------------------------------------------------------
+
+    @property
+    def el2_manages_guest_stage2(self) -> bool:
+        """6.14: EL2 manages the stage-2 of normal (non-protected) VMs. Their table pages come
+        from the VM's pool and, once it runs dry, from the host's memcache: pages outside any
+        pool that then take hyp_get_page/hyp_put_page calls."""
+        return self.at_least(6, 14)
+
+    @property
+    def host_page_state_in_vmemmap(self) -> bool:
+        """6.14: the host's page state (owned, shared, borrowed) lives in the hyp vmemmap
+        (struct hyp_page __host_state), not in the host stage-2 PTEs' software bits."""
+        return self.at_least(6, 14)
+
     # --- host stage-2 encodings -------------------------------------------------------------
 
     @property

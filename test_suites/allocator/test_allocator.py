@@ -37,6 +37,11 @@ def _hpool_free(snap) -> dict[int, int]:
     return snap.pools["hpool"].free_per_order()
 
 
+# Where EL2 manages normal VMs' stage-2 (6.14+), their table pages come from the host's memcache
+# once the VM's pool runs dry; the replay model does not follow such pages into a pool yet.
+MEMCACHE_GAP = "the replay model does not follow host memcache pages into a VM's pool (6.14+)"
+
+
 @pytest.fixture(scope="module")
 def warmed(target, payload):
     """One VM lifecycle first: the host's first VM maps hyp structures that stay (per-CPU data,
@@ -44,19 +49,22 @@ def warmed(target, payload):
     run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=8))
 
 
-def test_every_invariant_holds_after_boot(el2):
+def test_every_invariant_holds_after_boot(el2, harness_gap):
     snap = el2.snapshot()
     assert snap.unavailable == {}
     checked = evaluate(snap)
     print(checked.summary())                 # which rules, and each invariant that does not apply, and why
-    assert checked.rules.name == KernelVersion.of(snap.kernel_version).buddy_rules and checked.rules.warning is None
     assert set(checked.ran) | set(checked.not_applicable) == set(CHECKS)
     assert set(checked.not_applicable) == ({"vm-table"} if "vm_table" in snap.absent else set())
     assert checked.findings == [], _render(checked.findings)
+    version = KernelVersion.of(snap.kernel_version)
+    harness_gap(version.buddy_rules_warning is not None, f"no buddy rules read for {version} yet")
+    assert checked.rules.name == version.buddy_rules and checked.rules.warning is None
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
-def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, warmed, vcpus):
+def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, warmed, vcpus, harness_gap):
+    harness_gap(el2.kernel.kernel_version.el2_manages_guest_stage2, MEMCACHE_GAP)
     before = el2.snapshot()
     with el2_trace() as box:
         for _ in range(2):
@@ -90,8 +98,9 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
     assert _hpool_free(after) == _hpool_free(before), "hpool free pages per order not back to the baseline"
 
 
-def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
+def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed, harness_gap):
     """VM counts, vCPU counts, memslot layouts and touched pages drawn from `seed`; replay with --pkvm-seed."""
+    harness_gap(el2.kernel.kernel_version.el2_manages_guest_stage2, MEMCACHE_GAP)
     rng = random.Random(seed)
 
     def extra_slots() -> tuple[tuple[int, int, int], ...]:
