@@ -4,7 +4,7 @@
 # reports (report.md, report.html). GitHub Actions calls it (.github/workflows/nightly.yml); any
 # other CI can call it the same way.
 #
-# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel 6.12|6.1 | --kernel-src PATH |
+# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel 6.12|6.1|7.3|7.2 | --kernel-src PATH |
 #                      --kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
 #   --cpu         QEMU -cpu (max: hVHE on 6.12, nVHE on 6.1; cortex-a72: nVHE); default max
 #   --kernel      Debian's linux-source-X.Y; default 6.12
