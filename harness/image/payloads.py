@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import REPO_ROOT
-from harness.errors import BuildError
+from harness.errors import BuildError, UsageError
 from harness.fsutil import atomic_dir, file_lock
 from harness.kernel.build import BuildRequest, KernelArtifacts, work_dir_for
 from harness.kernel.version import KernelVersion
@@ -43,18 +43,39 @@ class Payloads:
         return self.dir / name
 
 
-def selftest_lines() -> list[tuple[str, str]]:
-    """(path, arguments) per line of rootfs/kvm-selftests.txt."""
+@dataclass(frozen=True)
+class Selftest:
+    name: str                   # path under tools/testing/selftests/kvm, spelt arm64/...
+    args: str
+    kernels: str | None = None  # "7.3+" and the like: only kernels in that range run it
+
+    def runs_on(self, version: KernelVersion) -> bool:
+        return self.kernels is None or version.in_series_range(self.kernels)
+
+
+def selftest_lines() -> list[Selftest]:
+    """One Selftest per line of rootfs/kvm-selftests.txt: `[RANGE:] path [arguments]`."""
     out = []
-    for line in SELFTESTS_FILE.read_text().splitlines():
-        words = line.split("#", 1)[0].split(None, 1)
-        if words:
-            out.append((words[0], words[1].strip() if len(words) > 1 else ""))
+    for lineno, line in enumerate(SELFTESTS_FILE.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        kernels = None
+        first = text.split(None, 1)[0]
+        if first.endswith(":"):
+            kernels, text = first[:-1], text[len(first):].strip()
+            try:
+                KernelVersion(6, 12).in_series_range(kernels)
+            except ValueError as e:
+                raise UsageError(f"{SELFTESTS_FILE.name}:{lineno}: {e}", hint="write e.g. `7.3+: arm64/x`") from None
+        words = text.split(None, 1)
+        out.append(Selftest(words[0], words[1].strip() if len(words) > 1 else "", kernels))
     return out
 
 
-def selftest_names() -> list[str]:
-    return [name for name, _ in selftest_lines()]
+def selftest_names(version: KernelVersion | None = None) -> list[str]:
+    """The list's names; with `version`, only those that kernel runs."""
+    return [t.name for t in selftest_lines() if version is None or t.runs_on(version)]
 
 
 def tree_path(name: str, version: KernelVersion) -> str:
@@ -116,7 +137,8 @@ def build_payloads(req: BuildRequest, kernel: KernelArtifacts) -> Payloads:
             kst = tmp / "kvm-selftests"
             (kst / "tools").mkdir(parents=True)   # the arm64 sysreg header generator wants it to exist
             # Built under the tree's own spelling, baked in under the list's (stable test names).
-            names = {name: tree_path(name, KernelVersion.parse(req.source.version)) for name in selftest_names()}
+            version = KernelVersion.parse(req.source.version)
+            names = {name: tree_path(name, version) for name in selftest_names(version)}
             # OUTPUT, abs_objdir and TMPOUT keep every object, generated header and probe file
             # out of the source tree.
             _run(["make", "-C", str(req.source.tree / "tools/testing/selftests/kvm"), "ARCH=arm64",

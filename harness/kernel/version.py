@@ -58,6 +58,23 @@ class KernelVersion:
     def at_least(self, major: int, minor: int) -> bool:
         return (self.major, self.minor) >= (major, minor)
 
+    def in_series_range(self, spec: str) -> bool:
+        """Whether this kernel's series is in `spec`: "7.3+" (7.3 and later), "-6.12" (up to 6.12),
+        "6.2-7.1" (both ends included) or "6.12" (that series). Data files (e.g. the KVM
+        selftests list) name ranges; the comparison stays here. ValueError for anything else."""
+        def series(text: str) -> tuple[int, int]:
+            v = KernelVersion.parse(text)
+            if str(v) != text.strip() or v.patch:
+                raise ValueError(f"kernel range {spec!r}: {text!r} is not a series like 6.12")
+            return (v.major, v.minor)
+        mine = (self.major, self.minor)
+        if spec.endswith("+"):
+            return mine >= series(spec[:-1])
+        lo, sep, hi = spec.partition("-")
+        if not sep:
+            return mine == series(spec)
+        return (not lo or mine >= series(lo)) and (not hi or mine <= series(hi))
+
     # --- EL2 allocator ----------------------------------------------------------------------
 
     @property

@@ -8,6 +8,7 @@ import pytest
 
 from harness import ktap
 from harness.image.payloads import GUEST_MODES, resolve_guest_modes, selftest_lines
+from harness.kernel.version import KernelVersion
 
 SELFTESTS = selftest_lines()
 
@@ -22,9 +23,17 @@ def guest_modes(target, payload) -> list[str]:
     return target.run(f"cat {payload(GUEST_MODES)}").check().stdout.split()
 
 
-@pytest.mark.parametrize("name,args", SELFTESTS, ids=[name for name, _ in SELFTESTS])
-def test_kvm_selftest(target, payload, subtests, guest_modes, name, args):
-    args = resolve_guest_modes(args, guest_modes)
+@pytest.fixture(scope="module")
+def kernel_version(target) -> KernelVersion:
+    """The running kernel's version (uname -r): on a board as on QEMU."""
+    return KernelVersion.parse(target.run("uname -r").check().stdout)
+
+
+@pytest.mark.parametrize("test", SELFTESTS, ids=[t.name for t in SELFTESTS])
+def test_kvm_selftest(target, payload, subtests, guest_modes, kernel_version, test):
+    if not test.runs_on(kernel_version):
+        pytest.skip(f"not run on Linux {kernel_version}: rootfs/kvm-selftests.txt lists it for {test.kernels}")
+    name, args = test.name, resolve_guest_modes(test.args, guest_modes)
     r = target.run(f"{payload('kvm-selftests/' + name)} {args} 2>&1", timeout=600)
     report = ktap.parse(r.stdout)
     if not report.is_tap:

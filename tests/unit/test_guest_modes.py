@@ -41,4 +41,4 @@ def test_names_resolve_per_kernel_and_an_unknown_mode_is_an_error():
 
 
 def test_the_selftest_list_names_its_modes():
-    assert all("-m " not in args or "-m P" in args for _, args in selftest_lines())
+    assert all("-m " not in t.args or "-m P" in t.args for t in selftest_lines())

@@ -111,3 +111,21 @@ def test_hyp_page_shapes():
     assert KernelVersion.first_with_hyp_page_shape(16, 8) == KernelVersion(6, 14)
     assert KernelVersion.first_with_hyp_page_shape(16, 16) is None
     assert KernelVersion.first_with_hyp_page_shape(None, None) is None
+
+
+def test_series_ranges_as_data_files_write_them():
+    assert V("7.3.4").in_series_range("7.3+") and not V("6.12.117").in_series_range("7.3+")
+    assert V("6.12.117").in_series_range("-6.12") and not V("6.13").in_series_range("-6.12")
+    assert V("6.14").in_series_range("6.2-7.1") and not V("7.2").in_series_range("6.2-7.1")
+    assert V("6.1.192").in_series_range("6.1") and not V("6.12").in_series_range("6.1")
+    for bad in ("banana+", "7.3.1+", "6.x-7"):
+        with pytest.raises(ValueError):
+            V("7.3").in_series_range(bad)
+
+
+def test_a_selftest_listed_for_a_range_runs_only_there():
+    from harness.image.payloads import selftest_lines, selftest_names
+
+    (set_id_regs,) = [t for t in selftest_lines() if t.name == "arm64/set_id_regs"]
+    assert set_id_regs.kernels == "7.3+" and set_id_regs.runs_on(V("7.3.4")) and not set_id_regs.runs_on(V("6.12.117"))
+    assert "arm64/set_id_regs" not in selftest_names(V("6.12.117")) and "arm64/set_id_regs" in selftest_names(V("7.3"))
