@@ -19,11 +19,19 @@ EXAMPLES = 8            # s2 leaves / pages quoted per list; the counts are alwa
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def console_excerpt(lines: list[str], source: str, max_lines: int = CONSOLE_LINES) -> dict[str, Any]:
-    """The last `max_lines` non-empty lines, control characters removed."""
+# Lines kept before a panic line when the excerpt is centred on it: what led to it.
+LEAD_LINES = 10
+
+
+def console_excerpt(lines: list[str], source: str, max_lines: int = CONSOLE_LINES,
+                    focus: str | None = None) -> dict[str, Any]:
+    """The last `max_lines` non-empty lines, control characters removed; with `focus` (a panic
+    line), the `max_lines` from a few lines before its first appearance: a panic's own trace
+    can be longer than the excerpt, and the panic line is what the reader needs."""
     lines = [_CONTROL.sub("", line).rstrip() for line in lines]
     lines = [line for line in lines if line]
-    kept = lines[-max_lines:]
+    at = next((i for i, line in enumerate(lines) if focus and focus in line), None)
+    kept = lines[-max_lines:] if at is None else lines[max(0, at - LEAD_LINES):][:max_lines]
     return {"source": source, "lines": kept, "omitted": len(lines) - len(kept)}
 
 

@@ -22,7 +22,7 @@ from harness.report import evidence
 from harness.report.result import KernelSummary, Result
 from harness.targets.base import ConsoleLog, Target
 from harness.targets.framing import readable
-from harness.verdict import PANIC_KINDS
+from harness.verdict import PANIC_KINDS, panics
 
 PLUGIN_NAME = "pkvm-suite-recorder"
 REPLAYS = pytest.StashKey[list]()          # item -> ReplayResult holders (objects with .result)
@@ -185,7 +185,7 @@ class EvidenceWatch:
 
     def collect(self, replays: list[Any], alive: bool = True) -> dict[str, Any]:
         found: dict[str, Any] = {}
-        found["console"] = self._console()
+        found["console"] = self._console(None if alive else self._first_panic())
         if not alive:                    # its memory is gone with it: the console says what happened
             self.el2 = None
             self.unavailable["el2_diff"] = "the target died during the test"
@@ -201,11 +201,17 @@ class EvidenceWatch:
         found["unavailable"] = self.unavailable
         return found
 
-    def _console(self) -> dict[str, Any] | None:
+    def _first_panic(self) -> str | None:
+        if not isinstance(self.target, ConsoleLog):
+            return None
+        found = panics(self.target.console_text()[self.console_from or 0:])
+        return found[0].line if found else None
+
+    def _console(self, focus: str | None = None) -> dict[str, Any] | None:
         commands = self.target.commands[self.commands_from:]
         if isinstance(self.target, ConsoleLog) and self.console_from is not None:
             return evidence.console_excerpt(readable(self.target.console_text()[self.console_from:], commands),
-                                            "console")
+                                            "console", focus=focus)
         try:                             # a board: the commands the test ran, then its kernel log
             return evidence.console_excerpt([f"$ {c}" for c in commands]
                                             + self.target.run("dmesg", timeout=30).stdout.splitlines(), "dmesg")

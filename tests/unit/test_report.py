@@ -100,3 +100,16 @@ def test_report_command_writes_atomically_and_refuses_what_is_not_a_run(tmp_path
     err = capsys.readouterr().err
     assert "does not match result.schema.json: (top): 'outcome' is a required property" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "result.json"]   # nothing half-written
+
+
+def test_a_console_excerpt_of_a_death_starts_just_before_its_panic_line():
+    from harness.report.evidence import LEAD_LINES, console_excerpt
+
+    lines = [f"line {i}" for i in range(30)] + ["kvm: nVHE hyp BUG at: mem_protect.c:546!"] + \
+            [f"trace {i}" for i in range(100)]
+    tail = console_excerpt(lines, "console", max_lines=60)
+    assert tail["lines"][0] == "trace 40" and tail["omitted"] == 71        # by default: the last lines
+    centred = console_excerpt(lines, "console", max_lines=60, focus="nVHE hyp BUG at: mem_protect.c:546!")
+    assert centred["lines"][LEAD_LINES] == "kvm: nVHE hyp BUG at: mem_protect.c:546!"
+    assert centred["lines"][0] == f"line {30 - LEAD_LINES}" and len(centred["lines"]) == 60
+    assert console_excerpt(lines, "console", max_lines=60, focus="not there") == tail
