@@ -222,7 +222,7 @@ def to_argv(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, prefix: s
         if o.flag:
             argv += [f"{prefix}{o.name}"] if value else []
         elif o.repeat:
-            argv += [a for v in value for a in (f"{prefix}{o.name}={v}",)]
+            argv += [f"{prefix}{o.name}={v}" for v in value]
         elif value is not None and value != o.default:
             shown = next((k for k, v in PKVM_MODES.items() if v == value), value) if o.dest == "expect_mode" \
                 else value

@@ -66,7 +66,7 @@ def tarball(series: str, cache_dir: Path, *, quiet: bool = False) -> Path:
     return fetch(src, cache_dir, quiet=quiet)
 
 
-def _apt(src: DebianSource, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _apt(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     options = ["-q", "-o", f"Dir::Etc::sourcelist={state / 'sources.list'}", "-o", "Dir::Etc::sourceparts=-",
                "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
                "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
@@ -91,7 +91,7 @@ def fetch(src: DebianSource, cache_dir: Path, *, quiet: bool = False) -> Path:
             (state / "cache" / "archives" / "partial").mkdir(parents=True)
             (state / "sources.list").write_text(f"deb [signed-by={KEYRING}] {MIRROR} {src.suite} main\n")
             for step in (("update",), ("download", src.package)):
-                r = _apt(src, state, *step)
+                r = _apt(state, *step)
                 if r.returncode != 0:
                     said = (r.stderr.strip().splitlines() or ["no output"])[-1]
                     raise InfraError(f"apt-get {step[0]} for {src.package} ({src.suite}) failed: {said[:300]}",

@@ -22,7 +22,7 @@ from harness.report import evidence
 from harness.report.result import KernelSummary, Result
 from harness.targets.base import ConsoleLog, Target
 from harness.targets.framing import readable
-from harness.verdict import PANIC_KINDS, panics
+from harness.verdict import panics
 
 PLUGIN_NAME = "pkvm-suite-recorder"
 REPLAYS = pytest.StashKey[list]()          # item -> ReplayResult holders (objects with .result)
@@ -58,7 +58,8 @@ class SuiteRecorder:
         self.tests: dict[str, dict[str, Any]] = {}
         self.exitstatus: int | None = None
         self.reason: str | None = None           # why the session stopped early, when it did
-        self.died: str | None = None             # "<test>: <panic line>" once the target died
+        self.died: str | None = None             # "<test>: <why>" once the target died
+        self.panic_line: str | None = None       # the console's first panic line, when that is why
 
     def attach(self, run_dir: Path) -> None:
         """The session is about to boot or connect a target: a suite run, reported in run_dir."""
@@ -88,11 +89,15 @@ class SuiteRecorder:
             death = self.target.death()
             if death is not None and self.died is None:
                 self.died = f"{item.nodeid.split('::')[-1]}: {death}"
+                if isinstance(self.target, ConsoleLog):
+                    found = panics(self.target.console_text())
+                    self.panic_line = found[0].line if found else None
                 report.sections.append(("pkvm-harness", f"the target died during this test: {death}"))
                 report.pkvm_death = death
             watch = item.stash.get(WATCH, None)
             if watch is not None:
-                self.add_evidence(item.nodeid, watch.collect(item.stash.get(REPLAYS, []), alive=death is None))
+                self.add_evidence(item.nodeid, watch.collect(item.stash.get(REPLAYS, []), alive=death is None,
+                                                             panic_line=self.panic_line))
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -127,8 +132,7 @@ class SuiteRecorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.exitstatus = int(exitstatus)
         # A session whose target panicked ends with the harness's panic code, not a test failure's 1.
-        panicked = self.died is not None and self.died.split(": ", 2)[1] in PANIC_KINDS
-        if panicked and self.exitstatus == ExitCode.TEST_FAILURE:
+        if self.panic_line is not None and self.exitstatus == ExitCode.TEST_FAILURE:
             session.exitstatus = self.exitstatus = int(ExitCode.PANIC)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
@@ -183,9 +187,10 @@ class EvidenceWatch:
             self.unavailable[part] = f"snapshot failed: {type(e).__name__}: {e}"
             return None
 
-    def collect(self, replays: list[Any], alive: bool = True) -> dict[str, Any]:
+    def collect(self, replays: list[Any], alive: bool = True, panic_line: str | None = None) -> dict[str, Any]:
+        """The evidence of a failed test; a target that died is shown from just before `panic_line`."""
         found: dict[str, Any] = {}
-        found["console"] = self._console(None if alive else self._first_panic())
+        found["console"] = self._console(None if alive else panic_line)
         if not alive:                    # its memory is gone with it: the console says what happened
             self.el2 = None
             self.unavailable["el2_diff"] = "the target died during the test"
@@ -200,12 +205,6 @@ class EvidenceWatch:
             found["occupancy"] = {"pools": evidence.occupancy(after), "picture": self._picture(after)}
         found["unavailable"] = self.unavailable
         return found
-
-    def _first_panic(self) -> str | None:
-        if not isinstance(self.target, ConsoleLog):
-            return None
-        found = panics(self.target.console_text()[self.console_from or 0:])
-        return found[0].line if found else None
 
     def _console(self, focus: str | None = None) -> dict[str, Any] | None:
         commands = self.target.commands[self.commands_from:]
