@@ -109,10 +109,6 @@ def socket_path(run_dir: Path, name: str = "qmp.sock") -> Path:
     return Path(tempfile.mkdtemp(prefix="pkvm-sock-")) / name
 
 
-def qmp_socket_path(run_dir: Path) -> Path:
-    return socket_path(run_dir, "qmp.sock")
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (QEMU binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
