@@ -208,9 +208,10 @@ def decode_pool(read: ReadFn, kernel: ksyms.KernelInfo, hyp_physvirt_offset: int
 
 
 def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_physvirt_offset: int | None,
-               into: Snapshot | None = None) -> list[VmInfo]:
-    """Every VM in vm_table, each with its pool. With `into`, VMs and pools are added to that
-    snapshot one by one (so a VM decoded before an error is kept)."""
+               into: Snapshot | None = None, lpa2: bool = False) -> list[VmInfo]:
+    """Every VM in vm_table, each with its pool and, where EL2 manages it (6.14+), its stage-2.
+    With `into`, VMs and pools are added to that snapshot one by one (so a VM decoded before an
+    error is kept)."""
     if NVHE + "vm_table" not in kernel.symbols:
         if not kernel_version(kernel).has_vm_table:
             raise ksyms.NotInThisKernel(f"Linux {kernel.version} has no vm_table: pKVM tracks VMs at "
@@ -233,8 +234,51 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
                            pa + st.offset("pool"))
         if into is not None:
             into.pools[pool.name] = pool
-        vms.append(VmInfo(i, handle, va, pa, nr, pgd, pool))
+        vm = VmInfo(i, handle, va, pa, nr, pgd, pool)
+        vms.append(vm)
+        if pgd and kernel_version(kernel).el2_manages_guest_stage2:
+            ia_bits, start = u32(read, pa + st.offset("pgt.ia_bits")), s8(read, pa + st.offset("pgt.start_level"))
+            vm.s2 = walk(read, pgd, ia_bits, start, lpa2, kernel_version(kernel).typed_invalid_ptes)
     return vms
+
+
+# struct hyp_page's page-state bitfields (6.14+) and PKVM_PAGE_STATE_VMEMMAP_MASK: the hyp state
+# is stored as its complement, so that a zeroed vmemmap entry reads PKVM_NOPAGE for the hyp.
+PAGE_STATE_FIELDS = ("__host_state", "__hyp_state_comp", "host_share_guest_count")
+VMEMMAP_STATE_MASK = 0x3
+
+
+def decode_page_states(read: ReadFn, kernel: ksyms.KernelInfo, hyp_s1: Walk, vmemmap_va: int,
+                       memblocks: list[tuple[int, int, int]]) -> dict[int, tuple[int, int, int]]:
+    """pa -> (host state, hyp state, host_share_guest_count) of every memory page whose vmemmap
+    entry holds anything but the zeroed default (host OWNED, hyp NOPAGE, count 0). The bitfields'
+    offsets and widths come from the DWARF; the vmemmap is found through the hyp stage-1."""
+    hp = kernel.struct("hyp_page")
+    if not hp.has(PAGE_STATE_FIELDS[0]):
+        if not kernel_version(kernel).host_page_state_in_vmemmap:
+            raise ksyms.NotInThisKernel(f"Linux {kernel.version} keeps the host's page state in the host "
+                                        "stage-2's software bits: the vmemmap holds it from 6.14")
+        raise ksyms.Unavailable("struct hyp_page has no __host_state in this vmlinux's DWARF")
+    host_f, comp_f, count_f = (hp.field(name) for name in PAGE_STATE_FIELDS)
+    size, tr = hp.size, Translator(hyp_s1.leaves)
+    states: dict[int, tuple[int, int, int]] = {}
+    for base, length, _ in memblocks:
+        pa, end = base, base + length
+        while pa < end:
+            va = vmemmap_va + (pa >> PAGE_SHIFT) * size
+            backing = tr.pa(va)
+            if backing is None:
+                raise LookupError(f"vmemmap entry of {pa:#x} (VA {va:#x}) is not mapped at EL2")
+            n = min((PAGE_SIZE - (va & (PAGE_SIZE - 1))) // size, (end - pa) >> PAGE_SHIFT)
+            raw = read(backing, n * size)
+            if raw.count(0) != len(raw):            # most of the host's pages: all zero
+                for i in range(n):
+                    entry = raw[i * size:(i + 1) * size]
+                    host, comp, count = (field_value(entry, f) for f in (host_f, comp_f, count_f))
+                    if host or comp or count:
+                        states[pa + (i << PAGE_SHIFT)] = (host, comp ^ VMEMMAP_STATE_MASK, count)
+            pa += max(n, 1) << PAGE_SHIFT
+    return states
 
 
 def hyp_page_shape(kernel: ksyms.KernelInfo) -> dict[str, int]:
@@ -309,7 +353,16 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
         for p in snap.pools.values():
             for pa in range(p.range_start, p.range_end, PAGE_SIZE):
                 p.pages[pa] = page(pa)
+            for blocks in p.free_lists.values():     # 'external' pages freed into the pool (6.2+)
+                for pa in blocks:
+                    if not p.range_start <= pa < p.range_end:
+                        p.pages[pa] = page(pa)
         snap._vmemmap = page
+
+    def page_states() -> None:
+        if snap.hyp_s1 is None or snap.vmemmap_va is None:
+            raise ksyms.Unavailable("the hyp stage-1 walk is needed to find the vmemmap")
+        snap.page_states = decode_page_states(read, kernel, snap.hyp_s1, snap.vmemmap_va, snap.memblocks)
 
     def hyp_text() -> None:
         start, end = (kpa(kernel, kimage_voffset, s) for s in HYP_TEXT_SYMBOLS)
@@ -324,6 +377,8 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
     part("host_s2", host_s2)
     for name in ("hpool", "host_s2_pool"):
         part(f"pool {name}", functools.partial(pool, name))
-    part("vm_table", lambda: decode_vms(read, kernel, kimage_voffset, snap.hyp_physvirt_offset, into=snap))
+    part("vm_table", lambda: decode_vms(read, kernel, kimage_voffset, snap.hyp_physvirt_offset, into=snap,
+                                        lpa2=snap.lpa2))
     part("vmemmap", pages)
+    part("page_states", page_states)
     return snap

@@ -21,6 +21,7 @@ PTES_PER_TABLE = 512
 STATES = {0: "OWNED", 1: "SHARED_OWNED", 2: "SHARED_BORROWED", 3: "RESERVED"}   # SW1:SW0
 OWNERS = {0: "host", 1: "hyp", 2: "ffa"}                                         # enum pkvm_component_id
 OWNERS_TYPED = {0: "host", 1: "hyp", 2: "guest"}                                 # its 7.x values
+OWNER_GUEST = 2
 INVALID_TYPES = {1: "LOCKED", 2: "DONATION", 3: "POISONED"}                      # enum kvm_invalid_pte_type
 
 
@@ -75,6 +76,15 @@ class Leaf:
         return (self.pte >> 2) & 0xFF
 
     # stage-2 attributes
+    @property
+    def donated_to(self) -> tuple[int, int] | None:
+        """(VM handle, guest frame number) of a typed DONATION to a guest: the annotation's
+        bits 59:4 hold handle (15:0) and gfn (55:16), host_stage2_encode_gfn_meta in 7.x."""
+        if self.invalid_type != "DONATION" or self.owner != OWNER_GUEST:
+            return None
+        meta = (self.pte >> 4) & ((1 << 56) - 1)
+        return meta & 0xFFFF, meta >> 16
+
     @property
     def memattr(self) -> int:
         return (self.pte >> 2) & 0xF

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from harness.el2.pgtable import PAGE_SHIFT, Leaf, Walk, merge_ranges
+from harness.el2.pgtable import PAGE_SHIFT, PAGE_SIZE, Leaf, Walk, merge_ranges
+from harness.model.stage2 import DEFAULT_VMEMMAP_STATE, state_name
 
 
 @dataclass
@@ -57,6 +58,7 @@ class VmInfo:
     nr_vcpus: int | None
     pgd_phys: int | None
     pool: Pool | None
+    s2: Walk | None = None      # the VM's stage-2 as EL2 manages it (6.14+)
 
 
 @dataclass
@@ -78,6 +80,9 @@ class Snapshot:
     lpa2: bool = False
     vmemmap_va: int | None = None
     hyp_page_shape: dict[str, int] | None = None      # {"size", "refcount_bits", "order_bits"} from DWARF
+    # pa -> (host state, hyp state, host_share_guest_count) from the vmemmap (6.14+), for every
+    # page whose entry is not the zeroed default; page_state() fills in the default
+    page_states: dict[int, tuple[int, int, int]] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)   # parts that could not be read: why
     absent: dict[str, str] = field(default_factory=dict)        # parts this kernel version lacks: why
 
@@ -92,6 +97,14 @@ class Snapshot:
             raise KeyError(f"{pa:#x}: this snapshot has no vmemmap ({self.unavailable.get('vmemmap')})")
         return self._vmemmap(pa)
 
+    def page_state(self, pa: int) -> tuple[int, int, int]:
+        """(host state, hyp state, host_share_guest_count) of a memory page, as stored codes
+        (harness.model.stage2.STATE_CODES)."""
+        if self.page_states is None:
+            why = self.absent.get("page_states") or self.unavailable.get("page_states")
+            raise KeyError(f"this snapshot has no page states ({why})")
+        return self.page_states.get(pa & ~(PAGE_SIZE - 1), DEFAULT_VMEMMAP_STATE)
+
     def diff(self, older: Snapshot) -> SnapshotDiff:
         return SnapshotDiff.between(older, self)
 
@@ -104,6 +117,16 @@ class Snapshot:
             kinds[kind] = kinds.get(kind, 0) + leaf.size
             sizes[leaf.size] = sizes.get(leaf.size, 0) + 1
         return {"bytes_by_kind": kinds, "leaves_by_size": dict(sorted(sizes.items()))}
+
+    def page_state_summary(self) -> dict[str, int]:
+        """How many pages are in each (host, hyp) state pair; pages shared with guests."""
+        out: dict[str, int] = {}
+        for host, hyp, count in (self.page_states or {}).values():
+            key = f"host {state_name(host)} / hyp {state_name(hyp)}"
+            out[key] = out.get(key, 0) + 1
+            if count:
+                out["shared with guests"] = out.get("shared with guests", 0) + 1
+        return dict(sorted(out.items()))
 
     def classify(self, leaf: Leaf) -> str:
         if not leaf.valid:
@@ -121,7 +144,10 @@ class Snapshot:
             "memblocks": self.memblocks, "lpa2": self.lpa2,
             "pools": {n: p.to_dict() for n, p in self.pools.items()},
             "vms": [{"index": v.index, "handle": v.handle, "pa": v.pa, "nr_vcpus": v.nr_vcpus,
-                     "pgd_phys": v.pgd_phys, "pool": v.pool.name if v.pool else None} for v in self.vms],
+                     "pgd_phys": v.pgd_phys, "pool": v.pool.name if v.pool else None,
+                     **({"s2_leaves": len(v.s2.leaves), "s2_tables": len(v.s2.tables)} if v.s2 else {})}
+                    for v in self.vms],
+            **({"page_states": self.page_state_summary()} if self.page_states is not None else {}),
             "host_s2": {"root": self.host_s2_root, **self.s2_summary(),
                         "ranges": [{"start": r.start, "end": r.end, "kind": r.kind}
                                    for r in merge_ranges(self.host_s2.leaves)] if self.host_s2 else [],

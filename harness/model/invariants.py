@@ -7,9 +7,12 @@ readable/writable/xn, and `tables` as (PA, level)), `memblocks`, `carveout`, `vm
 snapshots only (no CPU inside EL2), which is what El2Reader.snapshot() guarantees.
 
 Each Finding names the check, the pool/page/entry, what was expected and what was seen.
+Page states (6.14+, where the vmemmap holds them): the host's and the hyp's states agree with
+each other, with the host stage-2 and with the hyp stage-1; each page's host_share_guest_count
+with the guests' stage-2 mappings at EL2; each VM's stage-2 maps only what was shared with or
+donated to it. An input the kernel has but the reader lost is a finding, not a pass.
 Not checked (documented): §7.5 zeroed free blocks (needs page contents, a snapshot keeps only
-metadata), §7.9 table refcounts, §7.15-18 host/hyp cross-consistency (the hyp stage-1 leaves are
-decoded, the linear/private split is not).
+metadata), §7.9 table refcounts, hyp stage-1 permissions (W+X, text read-only).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 from harness.model.buddy import VersionRules, version_rules
+from harness.model.stage2 import DEFAULT_VMEMMAP_STATE, STATE_CODES, STATE_OF_CODE, State, state_name
 
 PAGE = 4096
 S2_BLOCK_SIZES = {1: 1 << 30, 2: 2 << 20, 3: PAGE}
@@ -36,6 +40,10 @@ class Finding:
 
     def __str__(self) -> str:
         return f"[{self.check}] {self.where}: expected {self.expected}, saw {self.seen}"
+
+
+class MissingInput(Exception):
+    """A check's input is missing from the snapshot although the kernel has it (unavailable)."""
 
 
 Check = Callable[[Any, VersionRules], Iterable[Finding]]
@@ -106,7 +114,10 @@ def evaluate(snap: Any, version: VersionLike | None = None, only: Iterable[str] 
             result.not_applicable[name] = why
             continue
         result.ran.append(name)
-        result.findings.extend(fn(snap, rules))
+        try:
+            result.findings.extend(fn(snap, rules))
+        except MissingInput as e:           # an input this kernel has but the reader lost: not a pass
+            result.findings.append(Finding(name, "the snapshot", "its input", str(e)))
     return result
 
 
@@ -163,6 +174,13 @@ def free_block_shape(snap: Any, rules: VersionRules) -> Iterable[Finding]:
         for order, head in _blocks(p):
             where = f"{name} free_area[{order}] block {head:#x}"
             size = PAGE << order
+            if rules.external_pages and not p.range_start <= head < p.range_end:
+                # A page from outside the pool freed into it (6.2+: host memcache pages in a VM's
+                # pool): never coalesced, so it is alone in its block.
+                if p.pages.get(head) != (0, order):
+                    yield Finding("free-block-shape", f"{where} (external)", f"(refcount 0, order {order})",
+                                  f"{p.pages.get(head)}")
+                continue
             if head % size or head < p.range_start or head + size > p.range_end:
                 yield Finding("free-block-shape", where, f"aligned to {size:#x} and inside the pool",
                               "outside or unaligned")
@@ -201,7 +219,8 @@ def page_accounting(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.6-7.7: every refcount-0 page is in exactly one listed block; allocated pages have an
     order; free + allocated == nr_pages."""
     for name, p in snap.pools.items():
-        in_blocks = {pa for order, head in _blocks(p) for pa in range(head, head + (PAGE << order), PAGE)}
+        in_blocks = {pa for order, head in _blocks(p) for pa in range(head, head + (PAGE << order), PAGE)
+                     if p.range_start <= pa < p.range_end}
         allocated = 0
         for pa in range(p.range_start, p.range_end, PAGE):
             ref, order = p.pages.get(pa, (None, None))
@@ -240,9 +259,11 @@ def pool_ownership(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     for vm in getattr(snap, "vms", []):
         if vm.pool is None or vm.pgd_phys is None:
             continue
-        if vm.pool.free_pages != 0:
-            yield Finding("pool-ownership", f"VM {vm.handle:#x} pool", "empty (all pages are the PGD)",
-                          f"{vm.pool.free_pages} free pages")
+        in_range = sum(1 << order for order, head in _blocks(vm.pool)
+                       if vm.pool.range_start <= head < vm.pool.range_end)
+        if in_range:
+            yield Finding("pool-ownership", f"VM {vm.handle:#x} pool", "no free page of its own (all are the PGD)",
+                          f"{in_range} free pages")
 
 
 # --- host stage-2: §7.10-7.14, 7.19 ----------------------------------------------------------
@@ -360,3 +381,174 @@ def vm_table(snap: Any, rules: VersionRules) -> Iterable[Finding]:
         if vm.pool is not None and vm.pgd_phys is not None and vm.pgd_phys != vm.pool.range_start:
             yield Finding("vm-table", f"vm_table[{vm.index}]", f"PGD at its pool start {vm.pool.range_start:#x}",
                           f"{vm.pgd_phys:#x}")
+
+
+# --- page states in the hyp vmemmap, and each VM's stage-2 at EL2 (6.14+) ---------------------
+OWNED, SHARED_OWNED, SHARED_BORROWED, NOPAGE = (STATE_CODES[s] for s in State)
+GUEST_S2_STATES = {"OWNED": "donated", "SHARED_OWNED": "shared back with the host",
+                   "SHARED_BORROWED": "shared by the host"}
+
+
+def _page_states_apply(snap: Any, rules: VersionRules) -> str | None:
+    """Where the page states are not in the vmemmap (before 6.14), or a hand-built snapshot
+    carries none. One that could not be read is not excused: see _states."""
+    absent = getattr(snap, "absent", {}).get("page_states")
+    if absent or getattr(snap, "page_states", None) is not None or "page_states" in getattr(snap, "unavailable", {}):
+        return absent
+    return "the snapshot carries no page states"
+
+
+def _states(snap: Any) -> dict[int, tuple[int, int, int]]:
+    if snap.page_states is None:
+        raise MissingInput(f"the page states could not be read: {snap.unavailable.get('page_states')}")
+    return snap.page_states
+
+
+def _state(snap: Any, pa: int) -> tuple[int, int, int]:
+    return _states(snap).get(pa, DEFAULT_VMEMMAP_STATE)
+
+
+_name = state_name
+
+
+def _pages(leaf: Any) -> Iterable[tuple[int, int]]:
+    """(input address, PA) of every page of a valid leaf."""
+    for off in range(0, leaf.size, PAGE):
+        yield leaf.addr + off, leaf.pa + off
+
+
+def _guest_mappings(snap: Any) -> Iterable[tuple[Any, int, int, str]]:
+    """(VM, IPA, PA, state) of every page every VM's stage-2 at EL2 maps."""
+    for vm in getattr(snap, "vms", []):
+        for leaf in vm.s2.leaves if getattr(vm, "s2", None) else []:
+            if leaf.valid:
+                for ipa, pa in _pages(leaf):
+                    yield vm, ipa, pa, leaf.state
+
+
+def _in_text(snap: Any, pa: int) -> bool:
+    text = getattr(snap, "hyp_text", None)
+    return bool(text and text[0] <= pa < text[1])
+
+
+@check("page-state-pairs", applies=_page_states_apply)
+def page_state_pairs(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """Every vmemmap entry encodes a possible state, for the host and (through its complement)
+    for the hyp, and the two agree: what one owns and shares the other borrows; a page the hyp
+    owns the host has not; a page the host shares with guests counts them."""
+    shared_back = {pa for _, _, pa, state in _guest_mappings(snap) if state == "SHARED_OWNED"}
+    for pa, (host, hyp, count) in sorted(_states(snap).items()):
+        where = f"page {pa:#x} (host {_name(host)}, hyp {_name(hyp)}, guests {count})"
+        if host not in STATE_OF_CODE or hyp not in STATE_OF_CODE:
+            yield Finding("page-state-pairs", where, "host and hyp states each OWNED, SHARED_OWNED, "
+                          "SHARED_BORROWED or NOPAGE", "an encoding no transition writes")
+            continue
+        want = {OWNED: {NOPAGE}, SHARED_OWNED: {SHARED_BORROWED}, SHARED_BORROWED: {SHARED_OWNED}}.get(hyp)
+        if want is not None and host not in want:
+            yield Finding("page-state-pairs", where, f"host {_name(next(iter(want)))} when the hyp is {_name(hyp)}",
+                          f"host {_name(host)}")
+        if host == SHARED_OWNED and hyp != SHARED_BORROWED and not count:
+            yield Finding("page-state-pairs", where, "a host-shared page borrowed by the hyp or shared with a guest",
+                          "borrowed by nobody")
+        if count and host != SHARED_OWNED:
+            yield Finding("page-state-pairs", where, "host SHARED_OWNED for a page shared with guests",
+                          f"host {_name(host)}")
+        if host == SHARED_BORROWED and hyp != SHARED_OWNED and pa not in shared_back:
+            yield Finding("page-state-pairs", where, "a page the host borrows is shared by the hyp or by a guest",
+                          "shared by nobody")
+
+
+@check("page-state-host-s2", applies=_page_states_apply)
+def page_state_host_s2(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """The host's vmemmap state agrees with the host stage-2: a page donated away (annotated
+    invalid) is NOPAGE for the host; a NOPAGE page is annotated (an empty entry would let the
+    host's next fault map it), or is the hyp text the host maps read-only."""
+    if not snap.host_s2:
+        return
+    for leaf in snap.host_s2.leaves:
+        if not leaf.valid and leaf.owner is not None:
+            for pa in range(leaf.addr, leaf.addr + leaf.size, PAGE):
+                host = _state(snap, pa)[0]
+                if host != NOPAGE:
+                    yield Finding("page-state-host-s2", f"page {pa:#x}", "host NOPAGE where the host stage-2 "
+                                  f"annotates it ({leaf.describe()})", f"host {_name(host)}")
+    for pa, (host, _, _) in sorted(_states(snap).items()):
+        if host != NOPAGE:
+            continue
+        leaf = snap.host_s2.leaf_at(pa)
+        if leaf is None:
+            yield Finding("page-state-host-s2", f"page {pa:#x} (host NOPAGE)", "annotated in the host stage-2",
+                          "an empty entry: the host's next access would map it")
+        elif leaf.valid and not (_kv(rules).host_maps_hyp_text_read_only and _in_text(snap, pa)):
+            yield Finding("page-state-host-s2", f"page {pa:#x} (host NOPAGE)", "not mapped for the host",
+                          f"mapped by leaf {leaf.addr:#x}+{leaf.size:#x} {leaf.describe()}")
+
+
+@check("page-state-hyp-s1", applies=_page_states_apply)
+def page_state_hyp_s1(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """The hyp's vmemmap state agrees with its stage-1: every memory page the hyp maps (in its
+    linear map or its private range: stacks, the vmemmap) it owns, shares or borrows; every page
+    it owns is mapped."""
+    if not snap.hyp_s1:
+        return
+    mapped: dict[int, int] = {}         # PA -> a hyp VA mapping it
+    for leaf in snap.hyp_s1.leaves:
+        if leaf.valid and _in_memblock(snap, leaf.pa, leaf.pa + leaf.size):
+            for va, pa in _pages(leaf):
+                mapped.setdefault(pa, va)
+    states = _states(snap)
+    for pa in sorted(mapped):
+        hyp = _state(snap, pa)[1]
+        if hyp == NOPAGE:
+            yield Finding("page-state-hyp-s1", f"page {pa:#x} (hyp VA {mapped[pa]:#x})",
+                          "hyp OWNED, SHARED_OWNED or SHARED_BORROWED where the hyp maps it", "hyp NOPAGE")
+    for pa, (_, hyp, _) in sorted(states.items()):
+        if hyp == OWNED and pa not in mapped:
+            yield Finding("page-state-hyp-s1", f"page {pa:#x} (hyp OWNED)", "mapped in the hyp stage-1", "not mapped")
+
+
+@check("guest-share-count", applies=_page_states_apply)
+def guest_share_count(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """A page's host_share_guest_count is the number of guest stage-2 mappings of it that the
+    host shared (SHARED_BORROWED in the guest's stage-2 at EL2)."""
+    mapped: dict[int, list[str]] = {}
+    for vm, ipa, pa, state in _guest_mappings(snap):
+        if state == "SHARED_BORROWED":
+            mapped.setdefault(pa, []).append(f"VM {vm.handle:#x} IPA {ipa:#x}")
+    counted = {pa for pa, (_, _, count) in _states(snap).items() if count}
+    for pa in sorted(counted | set(mapped)):
+        count, where = _state(snap, pa)[2], mapped.get(pa, [])
+        if count != len(where):
+            yield Finding("guest-share-count", f"page {pa:#x}", f"host_share_guest_count {len(where)} "
+                          f"({', '.join(where) or 'no guest maps it'})", f"{count}")
+
+
+@check("vm-s2-pages", applies=_page_states_apply)
+def vm_s2_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """Each VM's stage-2 at EL2 maps only memory the host shared with or donated to that VM
+    (a donation is annotated in the host stage-2 with the VM's handle and the page's gfn), and
+    its table pages belong to the hyp."""
+    for vm, ipa, pa, state in _guest_mappings(snap):
+        where = f"VM {vm.handle:#x} IPA {ipa:#x} -> {pa:#x} ({GUEST_S2_STATES.get(state, state)})"
+        host = _state(snap, pa)[0]
+        if not _in_memblock(snap, pa, pa + PAGE):
+            yield Finding("vm-s2-pages", where, "a page of memory", "not memory")
+        elif state == "SHARED_BORROWED" and host != SHARED_OWNED:
+            yield Finding("vm-s2-pages", where, "host SHARED_OWNED", f"host {_name(host)}")
+        elif state == "SHARED_OWNED" and host != SHARED_BORROWED:
+            yield Finding("vm-s2-pages", where, "host SHARED_BORROWED", f"host {_name(host)}")
+        elif state == "OWNED":
+            leaf = snap.host_s2.leaf_at(pa) if snap.host_s2 else None
+            donated = leaf.donated_to if leaf is not None else None
+            if host != NOPAGE or donated != (vm.handle, ipa // PAGE):
+                yield Finding("vm-s2-pages", where, f"host NOPAGE, annotated as donated to VM {vm.handle:#x} "
+                              f"gfn {ipa // PAGE:#x}", f"host {_name(host)}, host stage-2 "
+                              f"{leaf.describe() if leaf is not None else 'empty'}")
+        elif state not in GUEST_S2_STATES:
+            yield Finding("vm-s2-pages", where, "OWNED, SHARED_OWNED or SHARED_BORROWED", f"{state}")
+    for vm in getattr(snap, "vms", []):
+        for table, _ in vm.s2.tables if getattr(vm, "s2", None) else []:
+            host, hyp, _ = _state(snap, table)
+            if (host, hyp) != (NOPAGE, OWNED):
+                yield Finding("vm-s2-pages", f"VM {vm.handle:#x} stage-2 table page {table:#x}",
+                              "hyp OWNED, host NOPAGE", f"hyp {_name(hyp)}, host {_name(host)}")

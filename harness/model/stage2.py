@@ -182,6 +182,18 @@ class State(str, Enum):
     NOPAGE = "NOPAGE"
 
 
+# enum pkvm_page_state's values, as struct hyp_page stores the host's state and the complement
+# of the hyp's (nvhe/memory.h, 6.14+); a zeroed entry is host OWNED, hyp NOPAGE, no guest shares.
+STATE_CODES = {State.OWNED: 0, State.SHARED_OWNED: 1, State.SHARED_BORROWED: 2, State.NOPAGE: 3}
+STATE_OF_CODE = {code: state for state, code in STATE_CODES.items()}
+DEFAULT_VMEMMAP_STATE = (STATE_CODES[State.OWNED], STATE_CODES[State.NOPAGE], 0)
+
+
+def state_name(code: int) -> str:
+    """The name of a stored state code, or what is wrong with it."""
+    return STATE_OF_CODE[code].value if code in STATE_OF_CODE else f"impossible state {code:#x}"
+
+
 class IllegalTransition(Exception):
     pass
 

@@ -264,3 +264,14 @@ def test_before_free_lists_include_max_order_the_last_list_is_not_walked():
     assert sorted(pool.free_lists) == list(range(10)) and pool.list_errors == []
     assert decode.decode_pool(img.read, _hand_made_kernel(), OFF, "p", POOL_PA).list_errors == [
         "free_area[10] was never initialised (next is NULL)"]
+
+
+def test_page_states_and_guest_stage2_decode_as_the_live_reader_saw(series):
+    """6.14+: the vmemmap's page-state bitfields and each VM's stage-2 at EL2; absent before."""
+    live, snap = golden(series, "snapshot.json"), decoded(series)
+    if not KernelVersion.parse(snap.kernel_version).host_page_state_in_vmemmap:
+        assert "page_states" in snap.absent and snap.page_states is None
+        return
+    assert snap.to_dict()["page_states"] == live["page_states"]
+    assert live["page_states"]["host NOPAGE / hyp OWNED"] > 1000        # the carveout, at least
+    assert [vm.get("s2_leaves") for vm in live["vms"]] == [len(vm.s2.leaves) for vm in snap.vms if vm.s2]

@@ -6,16 +6,20 @@ built by hand with the decoder's own Leaf type, the PTE values written out in fu
 from __future__ import annotations
 
 import copy
+import functools
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from harness.el2.image import MemoryImage
 from harness.el2.pgtable import Leaf, Walk
 from harness.el2.state import Pool, Snapshot, VmInfo
 from harness.model.buddy import HypPool
-from harness.model.invariants import CHECKS, run_checks
+from harness.model.invariants import CHECKS, evaluate, run_checks
 
 PAGE = 4096
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 RAM = 0x4000_0000
 CARVE = 0x7F40_0000
 
@@ -119,6 +123,95 @@ def _corrupt_vm_table(s):
     s.vms[0].handle = 0x1001
 
 
+# --- page states in the vmemmap and each VM's stage-2 at EL2 (6.14+): corrupted copies of a real
+# 7.3 snapshot (tests/golden/el2-image-7.3: one live VM that touched 4 pages) ---
+
+def live_73() -> Snapshot:
+    return copy.deepcopy(_decoded_73())
+
+
+@functools.cache
+def _decoded_73() -> Snapshot:
+    return MemoryImage.load(GOLDEN / "el2-image-7.3" / "image.el2img").decode()
+
+
+def _with_state(s, want):
+    return next(pa for pa, state in sorted(s.page_states.items()) if state == want)
+
+
+def _corrupt_page_state_pairs(s):
+    s.page_states[_with_state(s, (3, 0, 0))] = (3, 0b0100 ^ 3, 0)     # __hyp_state_comp bit 2 set
+
+
+def _corrupt_page_state_host_s2(s):
+    pa = _with_state(s, (3, 0, 0))
+    s.host_s2.leaves.remove(s.host_s2.leaf_at(pa))                    # a hyp page left unannotated
+
+
+def _corrupt_page_state_hyp_s1(s):
+    s.page_states[_with_state(s, (3, 0, 0))] = (3, 3, 0)              # mapped at EL2, hyp NOPAGE
+
+
+def _corrupt_guest_share_count(s):
+    pa = _with_state(s, (1, 3, 1))
+    s.page_states[pa] = (1, 3, 2)                                     # a share counted twice
+
+
+def _corrupt_vm_s2_pages(s):
+    leaf = next(leaf for leaf in s.vms[0].s2.leaves if leaf.valid)
+    s.page_states.pop(leaf.pa)                                        # the guest maps a host-owned page
+    s.page_states[leaf.pa + PAGE] = (1, 3, 1)                         # (keeps the share count whole)
+
+
+PAGE_STATE_CORRUPTIONS = {
+    "page-state-pairs": _corrupt_page_state_pairs, "page-state-host-s2": _corrupt_page_state_host_s2,
+    "page-state-hyp-s1": _corrupt_page_state_hyp_s1, "guest-share-count": _corrupt_guest_share_count,
+    "vm-s2-pages": _corrupt_vm_s2_pages,
+}
+
+
+def test_the_live_7_3_snapshot_is_quiet_and_has_what_the_checks_need():
+    s = live_73()
+    checked = evaluate(s)
+    assert checked.findings == [] and set(PAGE_STATE_CORRUPTIONS) <= set(checked.ran)
+    assert s.vms and s.vms[0].s2 and sum(1 for leaf in s.vms[0].s2.leaves if leaf.valid) == 4
+    assert sum(count for _, _, count in s.page_states.values()) == 4
+
+
+@pytest.mark.parametrize("name", sorted(PAGE_STATE_CORRUPTIONS))
+def test_each_page_state_check_fires_on_its_corruption(name):
+    s = live_73()
+    PAGE_STATE_CORRUPTIONS[name](s)
+    fired = findings(s, name)
+    assert fired, f"{name} stayed quiet on a corrupted state"
+    assert fired[0].expected != fired[0].seen and name in str(fired[0])
+
+
+def test_page_state_checks_do_not_apply_before_6_14_and_fail_when_the_states_were_lost():
+    old = good_state()
+    old.absent["page_states"] = "Linux 6.12 keeps the host's page state in the host stage-2"
+    assert set(PAGE_STATE_CORRUPTIONS) <= set(evaluate(old).not_applicable)
+    lost = live_73()
+    lost.page_states, lost.unavailable["page_states"] = None, "LookupError: vmemmap not mapped"
+    fired = {f.check for f in run_checks(lost) if "could not be read" in f.seen}
+    assert fired == set(PAGE_STATE_CORRUPTIONS)
+
+
+def test_a_guest_donation_is_checked_against_the_host_annotation():
+    s = live_73()
+    vm, leaf = s.vms[0], next(leaf for leaf in s.vms[0].s2.leaves if leaf.valid)
+    donated = Leaf(leaf.addr, leaf.size, leaf.level, leaf.pte & ~(3 << 55), leaf.lpa2, leaf.typed)   # OWNED
+    vm.s2.leaves[vm.s2.leaves.index(leaf)] = donated
+    annotation = (2 << 60) | (2 << 1) | ((vm.handle | (leaf.addr // PAGE) << 16) << 4)
+    s.host_s2.leaves.append(Leaf(leaf.pa, PAGE, 3, annotation, False, typed=True))
+    s.host_s2.leaves.sort(key=lambda x: x.addr)
+    s.page_states[leaf.pa] = (3, 3, 0)
+    assert findings(s, "vm-s2-pages") == []
+    s.host_s2.leaves[s.host_s2.leaves.index(s.host_s2.leaf_at(leaf.pa))] = Leaf(
+        leaf.pa, PAGE, 3, annotation + (1 << 20), False, typed=True)          # donated to the next gfn
+    assert [f.check for f in findings(s, "vm-s2-pages")] == ["vm-s2-pages"]
+
+
 CORRUPTIONS = {
     "pool-range": _corrupt_pool_range, "free-list-links": _corrupt_links,
     "free-block-shape": _corrupt_block_shape, "maximal-coalescing": _corrupt_coalescing,
@@ -130,7 +223,7 @@ CORRUPTIONS = {
 
 
 def test_every_check_has_a_corruption_test():
-    assert set(CORRUPTIONS) == set(CHECKS)
+    assert set(CORRUPTIONS) | set(PAGE_STATE_CORRUPTIONS) == set(CHECKS)
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
