@@ -35,7 +35,7 @@ def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> 
         src = prebuilt.source_of(opts.kernel_build)
     source = ksource.with_patches(ksource.resolve(src, cache_dir, quiet=quiet, kernel=opts.kernel),
                                   [Path(p) for p in opts.patches], cache_dir, quiet=quiet)
-    requested = kconfig.merge(opts.fragments, opts.kconfig, version=source.version)
+    requested = kconfig.merge(opts.fragments, opts.kconfig, version=source.version, el2_debug=opts.el2_debug == "on")
     return BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
                         cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,
                         **({"jobs": opts.jobs} if opts.jobs else {}))
@@ -53,8 +53,10 @@ class MachineRequest:
     @classmethod
     def check(cls, kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, quiet: bool = False,
               qemu: bool = True) -> MachineRequest:
-        if kopts.kernel_build is not None and (kopts.patches or kopts.fragments or kopts.kconfig):
-            raise UsageError("--kernel-build uses your kernel as it is: --patch, --config and --kconfig do not apply",
+        if kopts.kernel_build is not None and (kopts.patches or kopts.fragments or kopts.kconfig
+                                               or kopts.el2_debug != "on"):
+            raise UsageError("--kernel-build uses your kernel as it is: --patch, --config, --kconfig and "
+                             "--el2-debug do not apply",
                              hint="build the change into your kernel, or drop --kernel-build to let the harness build")
         if kopts.kernel_build is not None:
             prebuilt.check_files(kopts.kernel_build)

@@ -105,6 +105,9 @@ KERNEL = (
            ".config) instead of building one; refused if pKVM's options are missing", type=Path, metavar="DIR"),
     Option("config", "fragments", "extra config fragment: a path or a name in kernel_configs/ (repeatable; "
            "pkvm.config is always applied first)", repeat=True, metavar="FRAGMENT"),
+    Option("el2-debug", "el2_debug", "pKVM's EL2 debugging (NVHE_EL2_DEBUG: EL2 BUG lines, stack trace, and on "
+           "7.x the ownership selftest and trace remote): on, as the suites expect, or off, as kernels ship "
+           "(default: %(default)s)", choices=("on", "off"), default="on"),
     Option("kconfig", "kconfig", "one extra config option, applied last (repeatable)", repeat=True,
            metavar="CONFIG_X=y"),
     Option("patch", "patches", "apply a patch (-p1) to a copy of the kernel source before building (repeatable)",
@@ -143,6 +146,7 @@ class KernelOptions:
     kernel: str | None = None          # a series of harness.kernel.debian.SOURCES
     kernel_build: Path | None = None   # a developer's own O= directory: used, not built
     fragments: list[str] = field(default_factory=list)
+    el2_debug: str = "on"              # "off": kernel_configs/pkvm-el2-nodebug.config
     kconfig: list[str] = field(default_factory=list)
     patches: list[Path] = field(default_factory=list)
     cross_compile: str = "aarch64-linux-gnu-"

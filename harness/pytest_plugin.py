@@ -11,7 +11,8 @@ dies is reported once, on the test it died in; later tests are not run.
 
 Fixtures: `target` (session; booted once, closed at the end), `payload` (path of a guest program
 on the target, uploaded to a board on first use), `el2` (an El2Reader, on targets with EL2 memory
-access; skips elsewhere), `el2_trace`, `expected_pkvm_mode`, `seed`. Markers: needs_el2, needs_qemu.
+access; skips elsewhere), `el2_trace`, `expected_pkvm_mode`, `kernel_version`, `kernel_config`, `seed`.
+Markers: needs_el2, needs_qemu.
 """
 
 from __future__ import annotations
@@ -194,6 +195,26 @@ def el2(target: Target, request: pytest.FixtureRequest) -> Iterator[Any]:
     yield reader
     with contextlib.suppress(Exception):     # a dead target's QMP is gone: it was reported where it died
         reader.close()
+
+
+@pytest.fixture(scope="session")
+def kernel_version(target: Target) -> Any:
+    """The running kernel's version (uname -r): on a board as on QEMU."""
+    from harness.kernel.version import KernelVersion
+
+    return KernelVersion.parse(target.run("uname -r").check().stdout)
+
+
+@pytest.fixture(scope="session")
+def kernel_config(target: Target, pkvm_machine: Any) -> dict[str, str] | None:
+    """The running kernel's .config as {NAME: value}: the build's on QEMU, /proc/config.gz on a
+    board that has it, else None."""
+    from harness.kernel.config import parse_dotconfig
+
+    if pkvm_machine is not None:
+        return parse_dotconfig(pkvm_machine.kernel.config.read_text())
+    r = target.run("zcat /proc/config.gz 2>/dev/null")
+    return parse_dotconfig(r.stdout) if r.ok and r.stdout.strip() else None
 
 
 @pytest.fixture(scope="session")

@@ -105,6 +105,27 @@ class Snapshot:
             raise KeyError(f"this snapshot has no page states ({why})")
         return self.page_states.get(pa & ~(PAGE_SIZE - 1), DEFAULT_VMEMMAP_STATE)
 
+    def host_state(self, pa: int) -> str:
+        """The host's state of a memory page, on any version: from the vmemmap (6.14+), else from
+        the host stage-2 (a valid leaf's software bits; annotated invalid: NOPAGE; never faulted
+        in: OWNED)."""
+        if self.page_states is not None:
+            return state_name(self.page_state(pa)[0])
+        leaf = self.host_s2.leaf_at(pa) if self.host_s2 else None
+        if leaf is None:
+            return "OWNED"
+        return leaf.state or "OWNED" if leaf.valid else "NOPAGE"
+
+    def hyp_state(self, pa: int) -> str:
+        """The hyp's state of a memory page: from the vmemmap (6.14+), else from the software bits
+        of its mapping in the hyp's linear map (none: NOPAGE)."""
+        if self.page_states is not None:
+            return state_name(self.page_state(pa)[1])
+        if self.hyp_s1 is None or self.hyp_physvirt_offset is None:
+            raise KeyError("this snapshot has no hyp stage-1 to read the hyp's page states from")
+        leaf = self.hyp_s1.leaf_at((pa - self.hyp_physvirt_offset) & ((1 << 64) - 1))
+        return leaf.state or "NOPAGE" if leaf is not None and leaf.valid else "NOPAGE"
+
     def diff(self, older: Snapshot) -> SnapshotDiff:
         return SnapshotDiff.between(older, self)
 

@@ -19,6 +19,8 @@ from harness.kernel.version import KernelVersion
 
 FRAGMENTS_DIR = REPO_ROOT / "kernel_configs"
 DEFAULT_FRAGMENTS = ("pkvm.config",)
+# --el2-debug off: turns pkvm.config's NVHE_EL2_DEBUG back off, as kernels ship.
+NO_EL2_DEBUG_FRAGMENT = "pkvm-el2-nodebug.config"
 # Applied after pkvm.config when the source is that version: pkvm-<series>.config (pkvm-6.1.config).
 VERSION_FRAGMENT = "pkvm-{series}.config"
 
@@ -77,9 +79,10 @@ def find_fragment(name: str) -> Path:
                      hint=f"pass a file path or one of kernel_configs/: {known}")
 
 
-def version_fragments(version: KernelVersion | str | None) -> list[str]:
+def version_fragments(version: KernelVersion | str | None, el2_debug: bool = True) -> list[str]:
     """The fragments a kernel version adds: the ones its version facts name (an option renamed
-    between releases), then its own series' (pkvm-6.1.config for 6.1.192), if there is one."""
+    between releases; with EL2 debugging, what hangs off it), then its own series'
+    (pkvm-6.1.config for 6.1.192), if there is one."""
     try:
         kv = KernelVersion.of(version) if version else None
     except ValueError:
@@ -87,15 +90,16 @@ def version_fragments(version: KernelVersion | str | None) -> list[str]:
     if kv is None:
         return []
     name = VERSION_FRAGMENT.format(series=kv.series)
-    return kv.config_fragments + ([name] if (FRAGMENTS_DIR / name).is_file() else [])
+    return kv.config_fragments(el2_debug) + ([name] if (FRAGMENTS_DIR / name).is_file() else [])
 
 
 def merge(fragments: list[str], kconfig: list[str],
-          version: KernelVersion | str | None = None) -> dict[str, ConfigOption]:
-    """Default fragments, the source version's own, then --config fragments, then --kconfig
-    options; later ones win."""
+          version: KernelVersion | str | None = None, el2_debug: bool = True) -> dict[str, ConfigOption]:
+    """Default fragments, the source version's own, the --el2-debug off one, then --config
+    fragments, then --kconfig options; later ones win."""
     merged: dict[str, ConfigOption] = {}
-    for name in [*DEFAULT_FRAGMENTS, *version_fragments(version), *fragments]:
+    nodebug = [] if el2_debug else [NO_EL2_DEBUG_FRAGMENT]
+    for name in [*DEFAULT_FRAGMENTS, *version_fragments(version, el2_debug), *nodebug, *fragments]:
         path = find_fragment(name)
         for opt in parse_fragment(path.read_text(), path.name):
             merged.pop(opt.name, None)  # re-insert so the text keeps the override order

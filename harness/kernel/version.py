@@ -121,9 +121,11 @@ class KernelVersion:
           "5.17+" 5.17..6.1 (max_order from get_order((nr_pages + 1) << PAGE_SHIFT))
           "6.2+"  6.2, 6.3 (non-coalescable 'external' pages, helpers moved to memory.h)
           "6.4+"  6.4..6.13 (MAX_ORDER inclusive, see free_lists_include_max_order)
-          "6.14+" 6.14 on (u8 order, HYP_NO_ORDER 0xff)
-        Before 5.13 (no pKVM) the 5.13 rules, and after NEWEST_READ the 6.14 rules, each with a
-        `buddy_rules_warning`."""
+          "6.14+" 6.14 .. 7.1 (u8 order, HYP_NO_ORDER 0xff)
+          "7.2+"  7.2 on (an 'external' page is freed at order 0 whatever its stale p->order;
+                  hyp_pool_init sets p->order = 0 on every page of the range)
+        Before 5.13 (no pKVM) the 5.13 rules, the unread 6.18 .. 7.1 the 6.14 rules, and after
+        NEWEST_READ the 7.2 rules, each with a `buddy_rules_warning`."""
         if not self.at_least(5, 14):
             return "5.13"
         if (self.major, self.minor) == (5, 14):
@@ -136,7 +138,9 @@ class KernelVersion:
             return "6.2+"
         if not self.hyp_page_order_is_u8:
             return "6.4+"
-        return "6.14+"
+        if not self.external_pages_freed_at_order_0:
+            return "6.14+"
+        return "7.2+"
 
     @property
     def buddy_rules_warning(self) -> str | None:
@@ -151,7 +155,21 @@ class KernelVersion:
         if not NEWEST_READ.at_least(self.major, self.minor):
             return (f"{self.series} is newer than the newest tree read ({NEWEST_READ.series}); "
                     f"assuming the {self.buddy_rules} allocator is unchanged")
+        if _READ_BEFORE_GAP < KernelVersion(self.major, self.minor) < _READ_AFTER_GAP:
+            return (f"{self.series} was not read (no tree between {_READ_BEFORE_GAP} and "
+                    f"{_READ_AFTER_GAP}); assuming the {self.buddy_rules} rules: the order-0 "
+                    f"'external' page fix is known in {_READ_AFTER_GAP} and absent in {_READ_BEFORE_GAP}")
         return None
+
+    @property
+    def external_pages_freed_at_order_0(self) -> bool:
+        """7.2: __hyp_attach_page() frees a page outside [range_start, range_end) (a memcache
+        page of a VM's pool) at order 0 without coalescing, ignoring its p->order, untrusted
+        since the page bypassed hyp_pool_init(); 6.2 .. 7.1 inserted it at p->order. The same
+        change made hyp_pool_init() set p->order = 0 on every page of the range. Read in 7.2.13
+        and 7.3.4 (page_alloc.c:101-108, :251) and absent in 6.17; 6.18 .. 7.1 were not read and
+        are assumed without it (see buddy_rules_warning)."""
+        return self.at_least(7, 2)
 
     @property
     def hyp_page_order_is_u8(self) -> bool:
@@ -221,6 +239,13 @@ class KernelVersion:
         return self.at_least(6, 14)
 
     @property
+    def has_protected_vm_type(self) -> bool:
+        """The host can create a protected VM: KVM_CREATE_VM with KVM_VM_TYPE_ARM_PROTECTED
+        (uapi/linux/kvm.h), whose memory is donated to the guest page by page as it faults.
+        Read in 7.2.13 and 7.3.4; 6.12 has no such type; in between not verified."""
+        return self.at_least(7, 2)
+
+    @property
     def host_page_state_in_vmemmap(self) -> bool:
         """6.14: the host's page state (owned, shared, borrowed) lives in the hyp vmemmap
         (struct hyp_page __host_state), not in the host stage-2 PTEs' software bits."""
@@ -251,11 +276,32 @@ class KernelVersion:
         and unmapped like the rest of the hyp image. Read in 7.2.13 and 7.3.4."""
         return self.at_least(7, 2)
 
-    @property
-    def config_fragments(self) -> list[str]:
+    def config_fragments(self, el2_debug: bool = True) -> list[str]:
         """kernel_configs/ fragments this version needs beyond pkvm.config: options that were
-        renamed or removed between releases."""
-        return [f for f in (self.pkvm_stacktrace_fragment, self.pan_fragment) if f]
+        renamed or removed between releases, and with EL2 debugging (--el2-debug on, the
+        default) what hangs off NVHE_EL2_DEBUG: the EL2 stack trace, the trace remote."""
+        debug = [self.pkvm_stacktrace_fragment, self.hyp_trace_fragment] if el2_debug else []
+        return [f for f in (*debug, self.pan_fragment) if f]
+
+    @property
+    def hyp_trace_fragment(self) -> str | None:
+        """The hypervisor's trace remote in tracefs (CONFIG_NVHE_EL2_TRACING, under
+        NVHE_EL2_DEBUG, needs CONFIG_FTRACE): read in 7.2.13 and 7.3.4; 6.12 has no trace remote."""
+        return "pkvm-el2-trace.config" if self.has_hyp_trace_remote else None
+
+    @property
+    def has_hyp_trace_remote(self) -> bool:
+        """The hypervisor writes events (hyp_enter, hyp_exit, selftest) into a ring buffer the host
+        reads at /sys/kernel/tracing/remotes/hypervisor/, with NVHE_EL2_DEBUG. Read in 7.2.13 and
+        7.3.4; 6.12 has none; in between not verified."""
+        return self.at_least(7, 2)
+
+    @property
+    def has_ownership_selftest(self) -> bool:
+        """With NVHE_EL2_DEBUG, EL2 init runs pkvm_ownership_selftest (nvhe/mem_protect.c): every
+        page-ownership transition on one page, each result and state asserted (a failure is a hyp
+        panic at boot). Read in 7.2.13 and 7.3.4; 6.12 has none; in between not verified."""
+        return self.at_least(7, 2)
 
     @property
     def pan_fragment(self) -> str | None:
@@ -286,7 +332,11 @@ class KernelVersion:
 # in harness/model refer to it): the version a model function assumes when given none.
 MODEL_REFERENCE = KernelVersion(6, 12)
 # The newest tree whose allocator was read (buddy_rules_warning past it).
-NEWEST_READ = KernelVersion(6, 17)
+NEWEST_READ = KernelVersion(7, 3)
+# Every series up to 6.17 was read, then 7.2 and 7.3: the allocator of the series strictly
+# between these two (6.18 .. 7.1) was not read (buddy_rules_warning).
+_READ_BEFORE_GAP = KernelVersion(6, 17)
+_READ_AFTER_GAP = KernelVersion(7, 2)
 _HYP_PAGE_SHAPES = {(32, 32): KernelVersion(5, 13), (16, 8): KernelVersion(6, 14)}
 
 VersionLike = KernelVersion | str

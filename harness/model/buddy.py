@@ -22,11 +22,16 @@ Representation (chosen for speed, see bench/model.py):
     used as an ordered set looks O(1) too, but CPython must skip the holes
     left by deletions at its front, so ``next(iter(d))`` on a FIFO degrades
     to O(list length).)
+  * 'external' pages (6.2+: pages outside [range_start, range_end) freed into
+    the pool, such as a VM pool's pages from the host's memcache) enter by
+    ``admit()`` and take the indices after the list heads, ``_xbase`` on, in
+    the same four arrays; ``_ext`` maps their PFN to that index.  The hot paths
+    only look them up once an index falls outside the pool's own pages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
@@ -65,7 +70,7 @@ class BuddyBug(Exception):
 class VersionRules:
     """One rule set of the allocator, as a kernel release range implements it."""
 
-    name: str                    # "5.13", "5.14", "5.15", "5.17+", "6.2+", "6.4+", "6.14+"
+    name: str                    # "5.13", "5.14", "5.15", "5.17+", "6.2+", "6.4+", "6.14+", "7.2+"
     requested: str               # the version string asked for
     covers: str                  # which releases this rule set describes
     max_order_formula: str       # C expression from hyp_pool_init
@@ -88,6 +93,8 @@ class VersionRules:
     helpers_file: str            # where the refcount helpers live
     init_refcounts: bool         # init sets refcount 1 and frees with __hyp_put_page (5.14+)
     node_in_page: bool           # free-list node stored in the free page (5.14+), not in hyp_page
+    external_order_zero: bool = False   # __hyp_attach_page frees an external page at order 0 (7.2+)
+    init_resets_order: bool = False     # hyp_pool_init sets p->order = 0 on every page (7.2+)
     warning: str | None = None
 
     @property
@@ -131,7 +138,7 @@ def _base_rules() -> dict[str, dict]:
     pre617 = "min(MAX_ORDER, get_order(nr_pages << PAGE_SHIFT))"
     p1 = "min(MAX_ORDER, get_order((nr_pages + 1) << PAGE_SHIFT))"
     incl = "min(MAX_PAGE_ORDER, get_order(nr_pages << PAGE_SHIFT))"
-    return {
+    rules: dict[str, dict] = {
         "5.13": dict(
             covers="5.13 (first merge, 'KVM: arm64: Introduce a Hyp buddy page allocator')",
             max_order_formula=pre617, plus_one=False, **excl,
@@ -174,7 +181,7 @@ def _base_rules() -> dict[str, dict]:
             dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
             helpers_file="nvhe/memory.h", init_refcounts=True, node_in_page=True),
         "6.14+": dict(
-            covers="6.14 .. 6.17 read (u8 order, HYP_NO_ORDER 0xff)",
+            covers="6.14 .. 6.17 read, 6.18 .. 7.1 assumed (u8 order, HYP_NO_ORDER 0xff)",
             max_order_formula=incl, plus_one=False, inclusive=True, arch_max_order=10,
             nr_free_areas=11, order_type="u8", order_bits=8, hyp_no_order=0xFF,
             refcount_type="u16", refcount_bits=16,
@@ -183,6 +190,11 @@ def _base_rules() -> dict[str, dict]:
             dec_function="hyp_page_ref_dec", set_refcounted_check=setrc,
             helpers_file="nvhe/memory.h", init_refcounts=True, node_in_page=True),
     }
+    # 7.2 (read in 7.2.13 and 7.3.4): 7.3 page_alloc.c:101-108 forces an external page to order 0
+    # (`order = 0; coalesce = false`) and :249-252 sets p[i].order = 0 in hyp_pool_init.
+    rules["7.2+"] = dict(rules["6.14+"], covers="7.2, 7.3 read (external pages freed at order 0, "
+                         "hyp_pool_init resets p->order)", external_order_zero=True, init_resets_order=True)
+    return rules
 
 
 _RULES = _base_rules()
@@ -206,13 +218,15 @@ class HypPool:
     (range_end and max_order include the 32-bit truncation, see NOTES.md).
     The model tracks the ``nr_pages`` pages hyp_pool_init initialised,
     ``[range_start, span_end)``; ``span_end == range_end`` unless the pool is
-    >= 4 GiB.
+    >= 4 GiB. Under rules with external pages (6.2+) it also tracks the pages
+    ``admit()`` brought in from outside the allocator.
     """
 
     __slots__ = ("rules", "version", "range_start", "range_end", "span_end", "nr_pages",
                  "reserved_pages", "max_order", "top_order",
                  "_org", "_lo", "_rhi", "_shi", "_rc", "_ord", "_nx", "_pv", "_heads", "_ninit",
-                 "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit", "_node_in_page")
+                 "_no_order", "_rc_max", "_list_avail", "_external", "_order_limit", "_node_in_page",
+                 "_ext_zero", "_xbase", "_ext", "_ext_pfn")
 
     reserved_pages: int | None
 
@@ -251,6 +265,7 @@ class HypPool:
         self._rc_max = rules.refcount_max
         self._list_avail = rules.availability.find("list_empty") >= 0
         self._external = rules.external_pages
+        self._ext_zero = rules.external_order_zero
         self._order_limit = (1 << rules.order_bits) - 1
         self._node_in_page = rules.node_in_page
         self._setup_arrays()
@@ -262,16 +277,26 @@ class HypPool:
         self._org = base - self._lo
         self._rhi = self._lo + ((self.range_end - self.range_start) >> PAGE_SHIFT)
         self._shi = size = self._lo + self.nr_pages
-        self._rc = [0] * size
-        self._ord = [0] * size
-        # list nodes: pages first, then one self-linked head per free_area[] entry
+        # list nodes: pages first, then one self-linked head per free_area[] entry, then the
+        # admitted external pages; _rc/_ord entries at the heads' indices are unused padding.
         self._heads = size
-        heads = range(size, size + self.rules.nr_free_areas)
+        self._xbase = xbase = size + self.rules.nr_free_areas
+        self._rc = [0] * xbase
+        self._ord = [0] * xbase
+        heads = range(size, xbase)
         self._nx = [-1] * size + list(heads)
         self._pv = [-1] * size + list(heads)
+        self._ext: dict[int, int] = {}          # admitted external page: pfn -> index
+        self._ext_pfn: list[int] = []           # index - _xbase -> pfn
 
     def _init_vmemmap(self, reserved: int) -> None:
-        """hyp_pool_init's page loops (page_alloc.c:238-245), ascending, through the attach path."""
+        """hyp_pool_init's page loops (page_alloc.c:238-245), ascending, through the attach path.
+
+        The model's vmemmap starts zeroed, so every page's order is 0 when attached. 7.2+
+        (init_resets_order) makes sure of it: 7.3 page_alloc.c:249-252 sets p[i].order = 0. Before,
+        hyp_pool_init attaches each page at whatever order its hyp_page held (stale for pages
+        that were in another pool), which the model does not represent.
+        """
         lo, shi = self._lo, self._shi
         first_free = min(lo + reserved, shi)
         rc, attach = self._rc, self._attach
@@ -290,25 +315,31 @@ class HypPool:
     @classmethod
     def from_state(cls, range_start: int, nr_pages: int, pages: PageSource,
                    free_lists: Mapping[int, list[int]], version: VersionLike = MODEL_REFERENCE,
-                   max_order: int | None = None) -> HypPool:
+                   max_order: int | None = None, external: Iterable[int] = ()) -> HypPool:
         """Start from an observed snapshot.
 
         ``pages`` maps (or is called with) each physical page address in
         ``[range_start, range_start + nr_pages*4096)`` to (refcount, order).
         ``free_lists`` maps order -> addresses in list order (index 0 == .next).
+        Under rules with external pages (6.2+), a list entry outside those pages
+        is an 'external' page: it is admitted with its (refcount, order) from
+        ``pages``, as are the pages in ``external`` (admitted pages on no list,
+        which snapshot() names).
         The snapshot may be inconsistent (that is what a checker wants to feed
         in); only what the model cannot represent is rejected: list entries
-        outside the tracked pages, duplicated entries, or lists the kernel
-        never initialised.
+        outside the tracked pages before 6.2, duplicated entries, or lists the
+        kernel never initialised.
         """
         self = cls.__new__(cls)
         self._setup(version_rules(version), range_start, nr_pages, max_order)
-        self._load_pages(pages)
-        self._load_lists(free_lists)
+        lookup = pages if callable(pages) else pages.__getitem__
+        self._load_pages(lookup)
+        for pa in external:
+            self._admit_from(lookup, pa)
+        self._load_lists(lookup, free_lists)
         return self
 
-    def _load_pages(self, pages: PageSource) -> None:
-        lookup = pages if callable(pages) else pages.__getitem__
+    def _load_pages(self, lookup: Callable[[int], tuple[int, int]]) -> None:
         rc_max, ord_max = self._rc_max, self._order_limit
         for i in range(self._lo, self._shi):
             pa = self._pa(i)
@@ -322,7 +353,15 @@ class HypPool:
             self._rc[i] = rc
             self._ord[i] = order
 
-    def _load_lists(self, free_lists: Mapping[int, list[int]]) -> None:
+    def _admit_from(self, lookup: Callable[[int], tuple[int, int]], pa: int) -> int:
+        try:
+            rc, order = lookup(pa)
+        except KeyError:
+            raise ValueError(f"from_state: no (refcount, order) for external page {pa:#x}") from None
+        return self._admit(pa, rc, order, "from_state")
+
+    def _load_lists(self, lookup: Callable[[int], tuple[int, int]],
+                    free_lists: Mapping[int, list[int]]) -> None:
         for k, addrs in sorted(free_lists.items()):
             if not addrs:
                 continue
@@ -330,21 +369,88 @@ class HypPool:
                 raise ValueError(f"from_state: free_area[{k}] is not initialised for max_order "
                                  f"{self.max_order} ({self.rules.name})")
             for pa in addrs:
-                i = self._index(pa)
-                if pa & (PAGE_SIZE - 1) or not self._lo <= i < self._shi:
-                    raise ValueError(f"from_state: free_area[{k}] entry {pa:#x} is not a page of "
-                                     f"the pool (external pages outside the pool are not modelled)")
+                if pa < 0 or pa & (PAGE_SIZE - 1):
+                    raise ValueError(f"from_state: free_area[{k}] entry {pa:#x} is not a page address")
+                i = self._lookup(pa)
+                if i is None:
+                    if not self._external:
+                        raise ValueError(f"from_state: free_area[{k}] entry {pa:#x} is not a page of the "
+                                         f"pool (rules {self.rules.name} have no external pages)")
+                    i = self._admit_from(lookup, pa)
                 if self._nx[i] >= 0:
                     raise ValueError(f"from_state: page {pa:#x} listed twice")
                 self._link_tail(i, k)
 
+    # ---- external pages (6.2+)
+
+    def admit(self, pa: int, refcount: int, order: int) -> None:
+        """An 'external' page enters this pool's accounting from outside the allocator, with the
+        refcount and order its struct hyp_page holds.
+
+        guest_s2_zalloc_page(): once the VM's pool is empty, a page popped from the host's
+        memcache gets p->refcount = 1 by hand (6.12 mem_protect.c:189-207 zeroes its hyp_page
+        first; 7.3 :204-222 does not, so p->order may be stale); guest_s2_get_page() and
+        guest_s2_put_page() then call hyp_get_page()/hyp_put_page() on the VM's pool with it,
+        and at refcount 0 __hyp_attach_page() frees it into the pool without coalescing, where
+        hyp_alloc_pages() may hand it out again. Only for rules with external pages (6.2+); ValueError otherwise,
+        for a page this pool already tracks (one of its own, or admitted before), or for values
+        that do not fit struct hyp_page.
+        """
+        self._admit(pa, refcount, order, "admit")
+
+    def _admit(self, pa: int, rc: int, order: int, caller: str) -> int:
+        if not self._external:
+            raise ValueError(f"{caller}: rules {self.rules.name} have no external pages (before 6.2 "
+                             "__hyp_attach_page() treats every page as one of the pool's)")
+        if pa < 0 or pa & (PAGE_SIZE - 1):
+            raise ValueError(f"{caller}: {pa:#x} is not a page address")
+        pfn = pa >> PAGE_SHIFT
+        if self._lo <= pfn - self._org < self._shi:
+            raise ValueError(f"{caller}: {pa:#x} is a page of the pool [{self.range_start:#x}, "
+                             f"{self.span_end:#x}), not an external page")
+        if pfn in self._ext:
+            raise ValueError(f"{caller}: external page {pa:#x} is already admitted")
+        if not (0 <= rc <= self._rc_max and 0 <= order <= self._order_limit):
+            raise ValueError(f"{caller}: page {pa:#x} ({rc}, {order}) does not fit "
+                             f"{self.rules.refcount_type}/{self.rules.order_type}")
+        i = self._xbase + len(self._ext_pfn)
+        self._ext[pfn] = i
+        self._ext_pfn.append(pfn)
+        self._rc.append(rc)
+        self._ord.append(order)
+        self._nx.append(-1)
+        self._pv.append(-1)
+        return i
+
+    def _ext_index(self, pa: int, function: str) -> int:
+        """The index of an admitted external page (the hot paths' fallback), or the BuddyBug."""
+        i = self._ext.get(pa >> PAGE_SHIFT)
+        if i is None:
+            raise self._untracked(function, pa)
+        return i
+
+    def is_tracked(self, pa: int) -> bool:
+        """Whether the model holds a struct hyp_page for the page at ``pa``: one of the pool's
+        pages ``[range_start, span_end)``, or an admitted external page."""
+        return self._lookup(pa) is not None
+
+    def external_pages(self) -> list[int]:
+        """The admitted external pages' addresses, in the order they were admitted."""
+        return [pfn << PAGE_SHIFT for pfn in self._ext_pfn]
+
     # ---- address helpers
 
-    def _index(self, pa: int) -> int:
-        return (pa >> PAGE_SHIFT) - self._org
+    def _lookup(self, pa: int) -> int | None:
+        """The index of the tracked page holding ``pa`` (the pool's or an admitted one), or None."""
+        i = (pa >> PAGE_SHIFT) - self._org
+        if self._lo <= i < self._shi:
+            return i
+        return self._ext.get(pa >> PAGE_SHIFT)
 
     def _pa(self, i: int) -> int:
-        return (i + self._org) << PAGE_SHIFT
+        if i < self._heads:
+            return (i + self._org) << PAGE_SHIFT
+        return self._ext_pfn[i - self._xbase] << PAGE_SHIFT
 
     # ---- struct list_head (only used off the hot paths; those inline the same four stores)
 
@@ -360,17 +466,21 @@ class HypPool:
 
     def _list_of(self, i: int) -> int:
         """The free_area[] index whose list holds page i's node (walks to the head)."""
-        seen, j = 0, self._nx[i]
-        while j < self._heads and seen <= self._heads:
-            j, seen = self._nx[j], seen + 1
-        return j - self._heads
+        nx, heads, hend = self._nx, self._heads, self._xbase
+        seen, j = 0, nx[i]
+        while not heads <= j < hend and seen <= len(nx):
+            j, seen = nx[j], seen + 1
+        return j - heads
 
     def _untracked(self, function: str, pa: int) -> BuddyBug:
+        hint = ("" if not self._external else
+                " (a page from outside the allocator, e.g. the host's memcache, must be admit()ted)")
         return BuddyBug(
             "no kernel check (hyp_virt_to_page() indexes hyp_vmemmap blindly, memory.h:33)",
             function,
-            f"{pa:#x} is outside the pool's pages [{self.range_start:#x}, {self.span_end:#x}); "
-            "the kernel would operate on whatever hyp_page that is, the model has no state for it")
+            f"{pa:#x} is outside the pool's pages [{self.range_start:#x}, {self.span_end:#x}) and "
+            "was not admitted; the kernel would operate on whatever hyp_page that is, the model "
+            f"has no state for it{hint}")
 
     # ---- kernel BUGs (messages quote the source)
 
@@ -421,12 +531,16 @@ class HypPool:
         ord_ = self._ord
         k = ord_[p]
         rlo, rhi = self._lo, self._rhi
+        # page_alloc.c:103-104 (6.2+): 'external' pages skip coalescing entirely (admitted pages
+        # have indices past the heads, so they fail the range test too).
+        coalesce = rlo <= p < rhi or not self._external
+        if not coalesce and self._ext_zero:     # 7.2+ (7.3 page_alloc.c:105-108): order = 0
+            k = 0
         if k >= self.rules.nr_free_areas:       # memset(PAGE_SIZE << order) and free_area[order]
             raise self._bug_bad_insert(k, "__hyp_attach_page()")
         if self._node_in_page and (k or self._nx[p] >= 0):
             self._check_memset(p, k)
-        # page_alloc.c:103-104 (6.2+): 'external' pages skip coalescing entirely.
-        if rlo <= p < rhi or not self._external:
+        if coalesce:
             ord_[p] = self._no_order            # page_alloc.c:112: p may stop being the head
             top = self.top_order                # (order + 1) <= max_order, or < for pre-6.4
             if k < top:
@@ -454,12 +568,24 @@ class HypPool:
         has its node wiped while its neighbours still point at it: the list is corrupt.
         """
         nx = self._nx
-        if nx[p] >= 0 or (k and max(nx[p + 1:min(p + (1 << k), self._shi)], default=-1) >= 0):
-            linked = next(i for i in range(p, min(p + (1 << k), self._shi)) if nx[i] >= 0)
-            raise BuddyBug(
-                "no kernel check: list corruption (memset() at page_alloc.c:100 zeroes the list "
-                "node of a page that is still on a free list)", "__hyp_attach_page()",
-                f"page {self._pa(linked):#x} is linked on free_area[{self._list_of(linked)}]")
+        end = p + (1 << k)
+        if p < self._heads and end <= self._shi:
+            if not (nx[p] >= 0 or (k and max(nx[p + 1:end], default=-1) >= 0)):
+                return
+            linked = next(i for i in range(p, end) if nx[i] >= 0)
+        else:
+            # An external page, or a block reaching past the pool's pages: walk the 2**k pages by
+            # address; those the model does not track hold no node it knows of.
+            base = self._pa(p)
+            found = (self._lookup(base + (j << PAGE_SHIFT)) for j in range(1 << k))
+            hit = next((i for i in found if i is not None and nx[i] >= 0), None)
+            if hit is None:
+                return
+            linked = hit
+        raise BuddyBug(
+            "no kernel check: list corruption (memset() at page_alloc.c:100 zeroes the list "
+            "node of a page that is still on a free list)", "__hyp_attach_page()",
+            f"page {self._pa(linked):#x} is linked on free_area[{self._list_of(linked)}]")
 
     def _coalesce(self, p: int, k: int, top: int, rlo: int, rhi: int) -> tuple[int, int]:
         """The loop at page_alloc.c:113-122; returns (final order, final head)."""
@@ -515,7 +641,9 @@ class HypPool:
         if k > order:
             self._split_off(p, k, order)
         rc[p] = 1
-        return (p + self._org) << PAGE_SHIFT
+        if p < self._heads:
+            return (p + self._org) << PAGE_SHIFT
+        return self._ext_pfn[p - self._xbase] << PAGE_SHIFT
 
     def _split_off(self, p: int, k: int, order: int) -> None:
         """__hyp_extract_page's loop (:137-148): keep the lower half, append the upper halves."""
@@ -523,6 +651,9 @@ class HypPool:
             raise BuddyBug("no kernel check: undefined behaviour", "__hyp_extract_page()",
                            f"page {self._pa(p):#x} has order {k}: PAGE_SIZE << {k - 1} and "
                            f"free_area[{k - 1}] are out of range")
+        if p >= self._heads:
+            self._split_off_external(p, k, order)
+            return
         ord_, nx, pv, heads = self._ord, self._nx, self._pv, self._heads
         rlo, rhi = self._lo, self._rhi
         while k > order:
@@ -543,13 +674,32 @@ class HypPool:
             pv[h] = b
         ord_[p] = k                             # :144 p->order-- ends at `order`
 
+    def _split_off_external(self, p: int, k: int, order: int) -> None:
+        """The same loop on an external block (6.2 .. 7.1 free one at its stale p->order): each
+        buddy comes from __find_buddy_nocheck by address, NULL unless inside the range."""
+        ord_, nx = self._ord, self._nx
+        pa = self._pa(p)
+        while k > order:
+            k -= 1
+            bpa = pa ^ (PAGE_SIZE << k)         # :145
+            b = self._lookup(bpa) if self.range_start <= bpa < self.range_end else None
+            if b is None:
+                raise BuddyBug("no kernel check: NULL dereference", "__hyp_extract_page()",
+                               f"__find_buddy_nocheck({pa:#x}, {k}) returned NULL (external page "
+                               "of a block not inside the pool range) and :146 writes buddy->order")
+            if nx[b] >= 0:
+                raise self._bug_list_add(b, "__hyp_extract_page()")
+            ord_[b] = k                         # :146-147
+            self._link_tail(b, k)
+        ord_[p] = k
+
     # ---- refcounts: hyp_put_page (:166-173), hyp_get_page (:175-182)
 
     def put(self, pa: int) -> None:
         """hyp_put_page(pool, pa): refcount--, and __hyp_attach_page when it reaches 0."""
         p = (pa >> PAGE_SHIFT) - self._org
         if p < self._lo or p >= self._shi:
-            raise self._untracked("hyp_put_page()", pa)
+            p = self._ext_index(pa, "hyp_put_page()")
         rc = self._rc
         c = rc[p]
         if not c:
@@ -566,7 +716,7 @@ class HypPool:
         """hyp_get_page(pool, pa): hyp_page_ref_inc (memory.h:52-56 in 6.12)."""
         p = (pa >> PAGE_SHIFT) - self._org
         if p < self._lo or p >= self._shi:
-            raise self._untracked("hyp_get_page()", pa)
+            p = self._ext_index(pa, "hyp_get_page()")
         rc = self._rc
         c = rc[p]
         if c == self._rc_max:
@@ -584,15 +734,16 @@ class HypPool:
             raise NotImplementedError(f"hyp_split_page() does not exist in {self.rules.name}")
         p = (pa >> PAGE_SHIFT) - self._org
         if p < self._lo or p >= self._shi:
-            raise self._untracked("hyp_split_page()", pa)
+            p = self._ext_index(pa, "hyp_split_page()")
         k = self._ord[p]
         if k >= 31:                             # `1 << order` on int (:190)
             raise BuddyBug("no kernel check: undefined behaviour", "hyp_split_page()",
                            f"page {pa:#x} has order {k} (HYP_NO_ORDER is {self._no_order}): "
                            "`1 << order` overflows int")
         end = p + (1 << k)
-        if end > self._shi:
-            raise self._untracked("hyp_split_page()", self._pa(self._shi))
+        if p >= self._heads or end > self._shi:
+            self._split_by_address(p, k)
+            return
         rc, ord_ = self._rc, self._ord
         if any(rc[p + 1:end]):                  # :194 BUG_ON(tail->refcount), checked up front
             t = next(t for t in range(p + 1, end) if rc[t])
@@ -602,32 +753,54 @@ class HypPool:
         ord_[p + 1:end] = [0] * n
         rc[p + 1:end] = [1] * n
 
+    def _split_by_address(self, p: int, k: int) -> None:
+        """hyp_split_page() where the tails are not all the pool's pages (an external head, or a
+        block reaching past span_end): `tail = p + i` (:191) is the hyp_page of the next
+        physical page, so tails are found by address, admitted external pages included."""
+        rc, ord_ = self._rc, self._ord
+        base = self._pa(p)
+        tails = []
+        for j in range(1, 1 << k):              # :194, in the kernel's order, before any change
+            t = self._lookup(base + (j << PAGE_SHIFT))
+            if t is None:
+                raise self._untracked("hyp_split_page()", base + (j << PAGE_SHIFT))
+            if rc[t]:
+                raise self._bug_set_refcounted(t, "hyp_split_page")
+            tails.append(t)
+        ord_[p] = 0                             # :189
+        for t in tails:                         # :193-194
+            ord_[t] = 0
+            rc[t] = 1
+
     # ---- observation
 
     def free_lists(self) -> dict[int, list[int]]:
         """order -> block addresses in list order, for every initialised free_area[order]."""
-        org, nx = self._org, self._nx
+        org, nx, heads, xbase, xpfn = self._org, self._nx, self._heads, self._xbase, self._ext_pfn
         out: dict[int, list[int]] = {}
         for k in range(self._ninit):
-            h = self._heads + k
+            h = heads + k
             blocks, i = [], nx[h]
             while i != h:
-                blocks.append((i + org) << PAGE_SHIFT)
+                blocks.append((i + org if i < heads else xpfn[i - xbase]) << PAGE_SHIFT)
                 i = nx[i]
             out[k] = blocks
         return out
 
     def page(self, pa: int) -> tuple[int, int]:
-        """(refcount, order) exactly as struct hyp_page holds them."""
-        i = self._index(pa)
-        if not self._lo <= i < self._shi:
-            raise ValueError(f"{pa:#x} is not a page of this pool")
+        """(refcount, order) exactly as struct hyp_page holds them (admitted external pages too)."""
+        i = self._lookup(pa)
+        if i is None:
+            raise ValueError(f"{pa:#x} is not a page of this pool nor an admitted external page")
         return self._rc[i], self._ord[i]
 
     def pages(self) -> dict[int, tuple[int, int]]:
-        """Every tracked page: address -> (refcount, order)."""
-        rc, ord_ = self._rc, self._ord
-        return {self._pa(i): (rc[i], ord_[i]) for i in range(self._lo, self._shi)}
+        """Every tracked page, the pool's then the admitted external ones: address -> (refcount, order)."""
+        rc, ord_, org = self._rc, self._ord, self._org
+        out = {(i + org) << PAGE_SHIFT: (rc[i], ord_[i]) for i in range(self._lo, self._shi)}
+        for pfn, i in self._ext.items():
+            out[pfn << PAGE_SHIFT] = (rc[i], ord_[i])
+        return out
 
     def buddy_of(self, pa: int, order: int) -> int | None:
         """__find_buddy_nocheck (page_alloc.c:33-49): the buddy's address, or None (NULL)."""
@@ -637,14 +810,16 @@ class HypPool:
         return addr
 
     def is_external(self, pa: int) -> bool:
-        """True for a tracked page the kernel treats as outside the pool (phys >= range_end)."""
+        """True for a tracked page the kernel treats as outside the pool (phys >= range_end, or
+        an admitted page)."""
         return not self.range_start <= pa < self.range_end
 
     def snapshot(self) -> dict:
-        """Everything from_state() needs to rebuild this pool."""
+        """Everything from_state() needs to rebuild this pool (its keyword arguments)."""
         return {"range_start": self.range_start, "nr_pages": self.nr_pages,
                 "pages": self.pages(), "free_lists": self.free_lists(),
-                "version": self.version, "max_order": self.max_order}
+                "version": self.version, "max_order": self.max_order,
+                "external": self.external_pages()}
 
     def __repr__(self) -> str:
         nfree = sum(len(v) << k for k, v in self.free_lists().items())

@@ -23,7 +23,15 @@ from typing import Any
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 from harness.model.buddy import VersionRules, version_rules
-from harness.model.stage2 import DEFAULT_VMEMMAP_STATE, STATE_CODES, STATE_OF_CODE, State, state_name
+from harness.model.stage2 import (
+    DEFAULT_VMEMMAP_STATE,
+    MEMATTR_FWB_AS_S1,
+    MEMATTR_NORMAL,
+    STATE_CODES,
+    STATE_OF_CODE,
+    State,
+    state_name,
+)
 
 PAGE = 4096
 S2_BLOCK_SIZES = {1: 1 << 30, 2: 2 << 20, 3: PAGE}
@@ -119,6 +127,11 @@ def evaluate(snap: Any, version: VersionLike | None = None, only: Iterable[str] 
         except MissingInput as e:           # an input this kernel has but the reader lost: not a pass
             result.findings.append(Finding(name, "the snapshot", "its input", str(e)))
     return result
+
+
+def render(findings: Iterable[Finding]) -> str:
+    """Findings one per line, as a failing test's message shows them."""
+    return "\n".join(str(f) for f in findings)
 
 
 def run_checks(snap: Any, version: VersionLike | None = None, only: Iterable[str] | None = None) -> list[Finding]:
@@ -291,7 +304,7 @@ def _kv(rules: VersionRules) -> KernelVersion:
 
 
 # Host stage-2 MemAttr: MT_S2_NORMAL; with KernelVersion.host_s2_memattr_as_s1 also MT_S2_FWB_AS_S1.
-S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1 = 0xF, 0x7
+S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1 = MEMATTR_NORMAL, MEMATTR_FWB_AS_S1
 
 
 @check("s2-leaf-attributes")

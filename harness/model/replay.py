@@ -7,16 +7,30 @@ kernel order and every page's refcount and order). Then each recorded call, in o
   put / get -> on the page holding the address (host stage-2 code passes PTE addresses); the
            page's refcount in the model must first equal what the kernel held at the call
            (`seen`), so a slipped refcount, or a call missing from the trace, shows at once
-  split -> on the pool whose range holds the page (hyp_split_page takes no pool)
+  split -> on the pool whose range holds the page, or that admitted it (hyp_split_page takes no
+           pool)
 A call the model refuses (BuddyBug) is a divergence too: the kernel did something the model says
 must BUG. End: each pool still present must match a fresh snapshot exactly.
 
-Pages that leave the allocator outside its API: on VM teardown, reclaim_guest_pages()
-(mem_protect.c:269-287) takes every page from the VM's pool with hyp_alloc_pages (traced), then
-zeroes its hyp_page and donates it to the host, and the pkvm_hyp_vm holding the pool is donated
-back as well. Such a pool is absent from the final snapshot; its model is dropped there (listed in
-`dropped`), which is where the replay resynchronises with the kernel. The same pages may come back
-as a later VM's pool: a model whose range a new hyp_pool_init overlaps is retired at that init.
+Pages that enter or leave the allocator outside its API (6.2+ rules, 'external' pages):
+  * memcache pages: once a VM's pool is empty, guest_s2_zalloc_page() pops a page from the host's
+    memcache and sets its refcount to 1 by hand, untraced (6.12 mem_protect.c:189-207 zeroes its
+    hyp_page first; 7.3 :204-222 does not, so its order may be stale). Its guest_s2_get_page() /
+    guest_s2_put_page() (7.3 :224-232) are traced hyp_get_page()/hyp_put_page() on the VM's
+    pool; at refcount 0 __hyp_attach_page() frees it into that pool without coalescing (at order
+    0 from 7.2, at its p->order before), and hyp_alloc_pages may hand it out again. The first
+    get/put of such a page admits it into the pool's model with the record's `seen` ([refcount,
+    order], the kernel's hyp_page at the call); a get/put of an unknown page without `seen` is a
+    divergence. Final snapshots list the external pages found on a pool's free lists, and those
+    the model admitted are compared too.
+  * on VM teardown, reclaim_guest_pages() (6.12 mem_protect.c:269-287; reclaim_pgtable_pages(),
+    7.3 :323-340) drains the VM's pool with hyp_alloc_pages(pool, 0) (traced), then zeroes each
+    page's hyp_page (7.3: its refcount) by hand and gives it back to the host; the pkvm_hyp_vm
+    holding the pool is donated back as well. Such a pool is absent from the final snapshot; its
+    model is dropped there (listed in `dropped`), which is where the replay resynchronises with
+    the kernel. The same pages may come back as a later VM's pool (a model whose range a new
+    hyp_pool_init overlaps is retired at that init) or, through the memcache, as another pool's
+    external pages.
 """
 
 from __future__ import annotations
@@ -121,6 +135,8 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
         if kind == "split":
             page = args["addr"]
             pa = next((p for p, m in models.items() if m.range_start <= page < m.range_end), None)
+            if pa is None:                      # an admitted memcache page (split after alloc)
+                pa = next((p for p, m in models.items() if m.is_tracked(page)), None)
             if pa is None:
                 return diverge(op, -1, f"split of {page:#x}, which lies in no traced pool", [])
         if kind == "init":
@@ -152,8 +168,13 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
             elif kind in ("put", "get"):
                 page = args["addr"] & ~(PAGE - 1)
                 seen = _get(op, "seen")
-                if seen is not None and model.range_start <= page < model.range_end \
-                        and model.page(page)[0] != seen[0]:
+                if model.rules.external_pages and not model.is_tracked(page):
+                    if seen is None:
+                        return diverge(op, pa, f"page {page:#x} is outside the pool and not admitted, and "
+                                               "the record has no `seen` (refcount, order) to admit it "
+                                               "with as a memcache page", [])
+                    model.admit(page, seen[0], seen[1])     # guest_s2_zalloc_page's untraced refcount = 1
+                if seen is not None and model.is_tracked(page) and model.page(page)[0] != seen[0]:
                     return diverge(op, pa, f"page {page:#x} had refcount {seen[0]} in the kernel at this call, "
                                            f"{model.page(page)[0]} in the model: a reference was taken or "
                                            f"dropped outside the traced calls", [])
@@ -180,8 +201,8 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
                 result.final_mismatches.append(
                     f"{name(pa)} free_area[{order}]: model {[hex(b) for b in mine.get(order, [])]}, "
                     f"kernel {[hex(b) for b in kernel.free_lists.get(order, [])]}")
-        for page, state in kernel.pages.items():
-            if model.range_start <= page < model.range_end and model.page(page) != state:
+        for page, state in kernel.pages.items():     # the pool's pages, and external ones listed free
+            if model.is_tracked(page) and model.page(page) != state:
                 result.final_mismatches.append(f"{name(pa)} page {page:#x}: model {model.page(page)}, kernel {state}")
                 if len(result.final_mismatches) > 20:
                     return result

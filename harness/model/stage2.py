@@ -27,6 +27,14 @@ LAST_LEVEL = 3
 MIN_BLOCK_LEVEL = 1           # 4 KiB granule: blocks at levels 1 (1 GiB) and 2 (2 MiB)
 ADDR_LIMIT = 1 << 64
 MEMATTR_NORMAL = 0xF          # the host forces NOFWB: MT_S2_NORMAL for memory and MMIO alike
+MEMATTR_FWB_AS_S1 = 0x7       # MT_S2_FWB_AS_S1: 7.2+ host stage-2 on a CPU with FEAT_S2FWB
+
+
+def host_s2_memattr(version: VersionLike, fwb: bool) -> int:
+    """The MemAttr of every host stage-2 leaf: MT_S2_NORMAL, or, where the host stage-2 leaves
+    the memory type to stage 1 (KernelVersion.host_s2_memattr_as_s1), MT_S2_FWB_AS_S1 on a CPU
+    with FEAT_S2FWB (QEMU's max) and MT_S2_NORMAL without."""
+    return MEMATTR_FWB_AS_S1 if fwb and KernelVersion.of(version).host_s2_memattr_as_s1 else MEMATTR_NORMAL
 
 
 def granule(level: int) -> int:
@@ -87,10 +95,6 @@ class Prediction:
     @property
     def xn(self) -> bool:
         return not self.is_memory
-
-    @property
-    def memattr(self) -> int:
-        return MEMATTR_NORMAL
 
 
 def _inside(start: int, size: int, r: MemRange) -> bool:

@@ -3,6 +3,7 @@ background (so EL2 can be inspected while VMs live) with its progress read from 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -11,12 +12,22 @@ from harness.targets.base import CommandResult, Target, TargetError
 
 
 def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0, stride: int = 1,
-               slots: tuple[tuple[int, int, int], ...] = ()) -> str:
-    """pkvm_guest's command line; `slots`: extra memslots as (GPA, pages, stride)."""
+               slots: tuple[tuple[int, int, int], ...] = (), protected: bool = False, pagemap: bool = False) -> str:
+    """pkvm_guest's command line; `slots`: extra memslots as (GPA, pages, stride); `protected`:
+    protected VMs; `pagemap`: print the host page behind each page the guest touched."""
     out = f"--vms {vms} --vcpus {vcpus} --pages {pages}"
     out += f" --stride {stride}" if stride != 1 else ""
     out += "".join(f" --slot {gpa:#x}:{n}:{k}" for gpa, n, k in slots)
+    out += " --protected" * protected + " --pagemap" * pagemap
     return out + (f" --hold {hold}" if hold else "")
+
+
+def guest_pages(output: str) -> dict[int, dict[int, int | None]]:
+    """From pkvm_guest --pagemap's output: VM index -> {GPA: host PA (None: not present)}."""
+    pages: dict[int, dict[int, int | None]] = {}
+    for m in re.finditer(r"^vm=(\d+) gpa=(0x[0-9a-f]+) pa=(0x[0-9a-f]+|none)$", output, re.M):
+        pages.setdefault(int(m[1]), {})[int(m[2], 16)] = None if m[3] == "none" else int(m[3], 16)
+    return pages
 
 
 def touch_phys(target: Target, binary: str, addrs: Sequence[int] = (),

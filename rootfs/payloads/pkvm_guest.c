@@ -4,7 +4,7 @@
  * touch chosen physical addresses through /dev/mem so that EL2 maps them in the host stage-2.
  *
  *   pkvm_guest [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]...
- *              [--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]...
+ *              [--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]... [--protected] [--pagemap]
  *
  * Each VM has memslot 0 of P pages at GUEST_BASE (page 0 holds the code and a table of what to
  * touch), any --slot memslots, and V vCPUs. Every vCPU runs the same code: it stores to every
@@ -17,10 +17,16 @@
  * stage-2 maps it on the fault); an address with nothing behind it ends in SIGBUS, reported.
  * ADDR:COUNT:STRIDE reads COUNT addresses STRIDE bytes apart.
  * --vms 0 runs no VM (--phys only).
+ * --protected creates protected VMs (KVM_VM_TYPE_ARM_PROTECTED): the pages the guest touched are
+ * donated to it, so the host must not be able to read them: each read must end in SIGSEGV, and
+ * the check counts those instead of the written values.
+ * --pagemap prints, for every page the guest touched, the physical page behind it (read from
+ * /proc/self/pagemap), so that its stage-2 at EL2 can be compared with what the host gave it.
  *
  * Output, one record per line:
  *   "phys=0x... value=0x..." or "phys=0x... error=..."
  *   "vm=I vcpu=J exit=mmio addr=0x...", "vm=I slot=K touched=T expected=E",
+ *   "vm=I slot=K isolated=T expected=E" (--protected), "vm=I gpa=0x... pa=0x..." (--pagemap),
  *   "ready vms=N", "done"
  * Exit status: 0 ok, 1 a KVM call failed or a page was not touched as asked (the line
  * "error=..." says which), 2 bad usage.
@@ -47,6 +53,9 @@
 #define MAX_VCPUS 64
 #define MAX_SLOTS 8
 #define MAX_PHYS 8192
+#ifndef KVM_VM_TYPE_ARM_PROTECTED
+#define KVM_VM_TYPE_ARM_PROTECTED (1UL << 31)	/* uapi/linux/kvm.h in 7.x */
+#endif
 
 /*
  * x4 = table of {first page GPA, count, stride in bytes}, ended by count 0; x2 = MMIO address.
@@ -126,38 +135,92 @@ static int run_vcpu(int kvm, int vcpu, int index, int vm_index)
 	return 0;
 }
 
-/* Which pages of a slot the guest wrote: exactly every stride-th one from `first`. */
-static int check_touched(int vm_index, int k, const struct slot *s, unsigned long first)
+static sigjmp_buf fault_jump;
+
+static void on_fault(int sig)
+{
+	(void)sig;
+	siglongjmp(fault_jump, 1);
+}
+
+/* Whether the host can read the page (a page donated to a protected VM ends in SIGSEGV). */
+static int host_reads(const void *page, uint64_t *value)
+{
+	struct sigaction sa = { .sa_handler = on_fault }, old_segv, old_bus;
+	int ok = 0;
+
+	sigaction(SIGSEGV, &sa, &old_segv);
+	sigaction(SIGBUS, &sa, &old_bus);
+	if (sigsetjmp(fault_jump, 1) == 0) {
+		*value = *(volatile const uint64_t *)page;
+		ok = 1;
+	}
+	sigaction(SIGSEGV, &old_segv, NULL);
+	sigaction(SIGBUS, &old_bus, NULL);
+	return ok;
+}
+
+/*
+ * Which pages of a slot the guest wrote: exactly every stride-th one from `first`. For a
+ * protected VM, exactly those must be unreadable by the host (donated), the others readable.
+ */
+static int check_touched(int vm_index, int k, const struct slot *s, unsigned long first, int protected)
 {
 	unsigned long i, touched = 0, expected = 0, wrong = 0;
 
 	for (i = first; i < s->pages; i++) {
 		int want = (i - first) % s->stride == 0;
-		int got = *(volatile uint64_t *)((char *)s->mem + i * PAGE) != 0;
+		uint64_t value = 0;
+		int readable = host_reads((char *)s->mem + i * PAGE, &value);
+		int got = protected ? !readable : (readable && value != 0);
 
 		expected += want;
 		touched += got;
 		wrong += want != got;
 	}
-	printf("vm=%d slot=%d touched=%lu expected=%lu\n", vm_index, k, touched, expected);
+	printf("vm=%d slot=%d %s=%lu expected=%lu\n", vm_index, k, protected ? "isolated" : "touched",
+	       touched, expected);
 	if (wrong) {
-		printf("error=vm %d slot %d: %lu pages touched other than asked\n", vm_index, k, wrong);
+		printf("error=vm %d slot %d: %lu pages %s other than asked\n", vm_index, k, wrong,
+		       protected ? "kept from the host" : "touched");
 		return 1;
 	}
 	return 0;
 }
 
-static sigjmp_buf bus_jump;
-
-static void on_sigbus(int sig)
+static int print_page(int fd, int vm_index, const struct slot *s, unsigned long i)
 {
-	(void)sig;
-	siglongjmp(bus_jump, 1);
+	uint64_t entry = 0;
+
+	if (pread(fd, &entry, 8, (off_t)((uintptr_t)s->mem / PAGE + i) * 8) != 8)
+		return fail("read /proc/self/pagemap");
+	if (entry >> 63)
+		printf("vm=%d gpa=0x%llx pa=0x%llx\n", vm_index, (unsigned long long)(s->gpa + i * PAGE),
+		       (unsigned long long)((entry & ((1ULL << 55) - 1)) * PAGE));
+	else
+		printf("vm=%d gpa=0x%llx pa=none\n", vm_index, (unsigned long long)(s->gpa + i * PAGE));
+	return 0;
+}
+
+/* The physical page behind each page the guest touched (page 0 of slot 0 is its code). */
+static int print_pagemap(int vm_index, const struct slot *slots, int nslots)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY), k, err = 0;
+	unsigned long i;
+
+	if (fd < 0)
+		return fail("open /proc/self/pagemap");
+	err = print_page(fd, vm_index, &slots[0], 0);
+	for (k = 0; k < nslots && !err; k++)
+		for (i = k == 0 ? 1 : 0; i < slots[k].pages && !err; i += slots[k].stride)
+			err = print_page(fd, vm_index, &slots[k], i);
+	close(fd);
+	return err;
 }
 
 static void touch_phys(const unsigned long *addrs, int n)
 {
-	struct sigaction sa = { .sa_handler = on_sigbus };
+	struct sigaction sa = { .sa_handler = on_fault };
 	int fd, i;
 
 	sigaction(SIGBUS, &sa, NULL);
@@ -177,7 +240,7 @@ static void touch_phys(const unsigned long *addrs, int n)
 			continue;
 		}
 		p = (volatile uint32_t *)((char *)map + (addrs[i] & (PAGE - 1) & ~3UL));
-		if (sigsetjmp(bus_jump, 1) == 0)
+		if (sigsetjmp(fault_jump, 1) == 0)
 			printf("phys=0x%lx value=0x%x\n", addrs[i], *p);
 		else
 			printf("phys=0x%lx error=SIGBUS\n", addrs[i]);
@@ -203,7 +266,7 @@ static int parse_slot(const char *arg, struct slot *s)
 static int usage(const char *prog)
 {
 	fprintf(stderr, "usage: %s [--vms N] [--vcpus V] [--pages P] [--stride S] [--slot GPA:PAGES[:STRIDE]]... "
-		"[--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]...\n", prog);
+		"[--hold SECONDS] [--phys ADDR[:COUNT:STRIDE]]... [--protected] [--pagemap]\n", prog);
 	return 2;
 }
 
@@ -213,7 +276,7 @@ int main(int argc, char **argv)
 	static unsigned long phys[MAX_PHYS];
 	struct slot slots[MAX_SLOTS] = { { .gpa = GUEST_BASE, .pages = 4, .stride = 1 } };
 	static void *mems[MAX_VMS][MAX_SLOTS];
-	int kvm = -1, i, j, k;
+	int kvm = -1, i, j, k, protected = 0, pagemap = 0;
 
 	for (i = 1; i < argc; i++) {
 		if (i + 1 < argc && !strcmp(argv[i], "--vms"))
@@ -224,6 +287,10 @@ int main(int argc, char **argv)
 			slots[0].pages = strtoul(argv[++i], NULL, 0);
 		else if (i + 1 < argc && !strcmp(argv[i], "--stride"))
 			slots[0].stride = strtoul(argv[++i], NULL, 0);
+		else if (!strcmp(argv[i], "--protected"))
+			protected = 1;
+		else if (!strcmp(argv[i], "--pagemap"))
+			pagemap = 1;
 		else if (i + 1 < argc && !strcmp(argv[i], "--hold"))
 			hold = atoi(argv[++i]);
 		else if (i + 1 < argc && !strcmp(argv[i], "--slot") && nslots < MAX_SLOTS) {
@@ -263,7 +330,7 @@ int main(int argc, char **argv)
 	for (i = 0; i < nvms; i++) {
 		uint64_t *table;
 
-		vms[i] = ioctl(kvm, KVM_CREATE_VM, 0);
+		vms[i] = ioctl(kvm, KVM_CREATE_VM, protected ? KVM_VM_TYPE_ARM_PROTECTED : 0);
 		if (vms[i] < 0)
 			return fail("KVM_CREATE_VM");
 		for (k = 0; k < nslots; k++) {
@@ -300,8 +367,10 @@ int main(int argc, char **argv)
 			if (run_vcpu(kvm, vcpus[i][j], j, i))
 				return 1;
 		for (k = 0; k < nslots; k++)
-			if (check_touched(i, k, &slots[k], k == 0 ? 1 : 0))
+			if (check_touched(i, k, &slots[k], k == 0 ? 1 : 0, protected))
 				return 1;
+		if (pagemap && print_pagemap(i, slots, nslots))
+			return 1;
 	}
 	printf("ready vms=%d\n", nvms);
 	if (hold > 0)

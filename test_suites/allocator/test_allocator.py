@@ -16,15 +16,11 @@ import random
 import pytest
 
 from harness.kernel.version import KernelVersion
-from harness.model.invariants import CHECKS, evaluate, run_checks
-from harness.targets.guests import BackgroundGuests, guest_args, run_guests, touch_phys
+from harness.model.invariants import CHECKS, evaluate, render, run_checks
+from harness.targets.guests import BackgroundGuests, guest_args, guest_pages, run_guests, touch_phys
 from harness.verdict import clean, scan
 
 pytestmark = pytest.mark.needs_el2
-
-
-def _render(findings) -> str:
-    return "\n".join(str(f) for f in findings)
 
 
 def _replayed(box) -> None:
@@ -56,7 +52,7 @@ def test_every_invariant_holds_after_boot(el2, harness_gap):
     print(checked.summary())                 # which rules, and each invariant that does not apply, and why
     assert set(checked.ran) | set(checked.not_applicable) == set(CHECKS)
     assert set(checked.not_applicable) == ({"vm-table"} if "vm_table" in snap.absent else set())
-    assert checked.findings == [], _render(checked.findings)
+    assert checked.findings == [], render(checked.findings)
     version = KernelVersion.of(snap.kernel_version)
     harness_gap(version.buddy_rules_warning is not None, f"no buddy rules read for {version} yet")
     assert checked.rules.name == version.buddy_rules and checked.rules.warning is None
@@ -75,7 +71,7 @@ def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, e
     vm_pools = 0 if "vm_table" in before.absent else 2
     assert box.result.per_pool.get("hpool") and len(box.result.dropped) == vm_pools
     findings = run_checks(after)
-    assert findings == [], _render(findings)
+    assert findings == [], render(findings)
     assert after.vms == [] and set(after.pools) == {"hpool", "host_s2_pool"}
     assert _hpool_free(after) == _hpool_free(before), "hpool pages not given back after the VMs were destroyed"
 
@@ -89,11 +85,11 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
         assert len(live.vms) == 12 and all(vm.pool is not None for vm in live.vms)
     assert live.pools["hpool"].free_pages < before.pools["hpool"].free_pages      # hyp stage-1 grew
     findings = run_checks(live)
-    assert findings == [], _render(findings)
+    assert findings == [], render(findings)
     guests.wait("done")
     after = el2.snapshot()
     findings = run_checks(after)
-    assert findings == [], _render(findings)
+    assert findings == [], render(findings)
     assert after.vms == []
     assert _hpool_free(after) == _hpool_free(before), "hpool free pages per order not back to the baseline"
 
@@ -118,8 +114,45 @@ def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, 
     _replayed(box)
     after = el2.snapshot()
     findings = run_checks(after)
-    assert findings == [], f"seed {seed}: " + _render(findings)
+    assert findings == [], f"seed {seed}: " + render(findings)
     assert after.vms == [] and _hpool_free(after) == _hpool_free(before), f"seed {seed}"
+
+
+def test_a_protected_vm_lifecycle_returns_pools_and_page_states_to_their_baselines(target, payload, el2, warmed):
+    """7.2+: a protected VM (KVM_VM_TYPE_ARM_PROTECTED) runs and touches every other page of its
+    memory. Each such page is donated to it: the host can no longer read it (pkvm_guest checks),
+    the VM's stage-2 at EL2 maps it OWNED, the host stage-2 annotates it with the VM's handle and
+    gfn, the host's state is NOPAGE. After destroy every page is reclaimed: pools, page states
+    and guest share counts are back at their baselines, exactly."""
+    if not el2.kernel.kernel_version.has_protected_vm_type:
+        pytest.skip(f"Linux {el2.kernel.version} has no KVM_VM_TYPE_ARM_PROTECTED")
+    before = el2.snapshot()
+    args = guest_args(vms=1, vcpus=1, pages=8, stride=2, hold=3, protected=True, pagemap=True)
+    guests = BackgroundGuests(target, payload("pkvm_guest"), args)
+    out = guests.wait("ready")
+    assert "vm=0 slot=0 isolated=4 expected=4" in out, out
+    touched = guest_pages(out)[0]
+    live = el2.snapshot()
+    (vm,) = live.vms
+    donated = {leaf.addr + off: (leaf.pa + off, leaf.state) for leaf in vm.s2.leaves if leaf.valid
+               for off in range(0, leaf.size, 4096)}
+    findings = run_checks(live)
+    assert findings == [], render(findings)
+    assert set(donated) == set(touched), f"the protected VM's stage-2 maps {sorted(map(hex, donated))}"
+    for gpa, (pa, state) in donated.items():
+        annotation = live.host_s2.leaf_at(pa)
+        assert state == "OWNED" and live.host_state(pa) == "NOPAGE", f"GPA {gpa:#x} -> {pa:#x}: {state}"
+        assert annotation is not None and annotation.donated_to == (vm.handle, gpa // 4096), \
+            f"{pa:#x} in the host stage-2: {annotation.describe() if annotation else 'empty'}"
+    guests.wait("done")
+    after = el2.snapshot()
+    findings = run_checks(after)
+    assert findings == [], render(findings)
+    assert after.vms == [] and _hpool_free(after) == _hpool_free(before)
+    changed = {pa: (before.page_state(pa), after.page_state(pa))
+               for pa in set(before.page_states or {}) | set(after.page_states or {})
+               if before.page_state(pa) != after.page_state(pa)}
+    assert changed == {}, f"page states not back at the baseline: {dict(list(changed.items())[:8])}"
 
 
 REGION = 1 << 39           # one level-0 entry of the host stage-2: 512 GiB
@@ -156,4 +189,4 @@ def test_host_s2_pool_pressure_is_relieved_by_unmapping_mmio(target, payload, el
     events = scan(clean(target.dmesg()))
     assert events == [], [e.line for e in events]
     findings = run_checks(after)
-    assert findings == [], _render(findings)
+    assert findings == [], render(findings)

@@ -8,6 +8,8 @@ import re
 import pytest
 
 from harness.model.sizing import hyp_reserve
+from harness.targets.guests import guest_args, run_guests
+from harness.targets.hyp_trace import HypTraceRemote
 from harness.verdict import clean, scan
 
 RESERVED_RE = re.compile(r"kvm \[\d+\]: Reserved (\d+) MiB at (0x[0-9a-f]+)")
@@ -42,3 +44,55 @@ def test_reserved_hyp_memory_is_what_kvm_hyp_reserve_computes(target, el2):
     assert (int(m.group(1)), int(m.group(2), 16)) == (want.mib, snap.carveout[0]), \
         f"model: {want.pages} pages = {want} -> {want.mib} MiB"
     assert snap.carveout[1] == want.bytes
+
+
+def _el2_debug(kernel_config) -> bool:
+    if kernel_config is None:
+        pytest.skip("the kernel's .config is not known here (no /proc/config.gz on this board)")
+    return kernel_config.get("NVHE_EL2_DEBUG") == "y"
+
+
+@pytest.mark.needs_el2
+def test_upstream_ownership_selftest_ran_at_el2_init(target, el2, kernel_config):
+    """7.x with NVHE_EL2_DEBUG: EL2 init runs pkvm_ownership_selftest, which walks one page through
+    every ownership transition and asserts each result and state. It ran: its page pointer is
+    set and the page is where its last step left it (donated to the hyp, then freed into
+    host_s2_pool). It passed: a failed assertion is a hyp panic at boot, and this boot got here."""
+    version = el2.kernel.kernel_version
+    if not version.has_ownership_selftest:
+        pytest.skip(f"Linux {version} has no pkvm_ownership_selftest")
+    compiled = "__kvm_nvhe_pkvm_ownership_selftest" in el2.kernel.symbols
+    assert compiled == _el2_debug(kernel_config), "the selftest is built exactly when NVHE_EL2_DEBUG is"
+    if not compiled:
+        pytest.skip("built with --el2-debug off (no NVHE_EL2_DEBUG): no ownership selftest")
+    page_va = el2.mem.u64(el2.kpa("__kvm_nvhe_selftest_page"))
+    assert page_va, "pkvm_ownership_selftest never ran: selftest_page is NULL"
+    snap = el2.snapshot()
+    pa = ((page_va - snap.vmemmap_va) // snap.hyp_page_shape["size"]) << 12
+    pool = snap.pools["host_s2_pool"]
+    assert pool.range_start <= pa < pool.range_end, f"selftest page {pa:#x} is not a host_s2_pool page"
+    assert (snap.host_state(pa), snap.hyp_state(pa)) == ("NOPAGE", "OWNED"), f"selftest page {pa:#x}"
+    assert "nVHE hyp BUG" not in target.dmesg()
+
+
+def test_the_hypervisor_trace_remote_records_a_vm_entering_el2(target, payload, kernel_version, kernel_config,
+                                                               pkvm_run_dir):
+    """7.x with NVHE_EL2_DEBUG: the hypervisor traces into tracefs (remotes/hypervisor). Read
+    through the target's shell (QEMU or board) around one VM's life: every CPU enters and leaves
+    EL2, the guest's vCPU among them; the text is kept in the run directory (hyp-trace.txt)."""
+    if not kernel_version.has_hyp_trace_remote:
+        pytest.skip(f"Linux {kernel_version} has no hypervisor trace remote")
+    remote = HypTraceRemote(target)
+    present = remote.present()
+    assert present == _el2_debug(kernel_config), "the trace remote exists exactly when NVHE_EL2_DEBUG is on"
+    if not present:
+        pytest.skip("built with --el2-debug off (no NVHE_EL2_DEBUG): no hypervisor trace remote")
+    assert {"hyp_enter", "hyp_exit", "selftest"} <= set(remote.events())
+    remote.start()
+    run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=1, pages=4))
+    remote.stop()
+    text, events = remote.read()
+    (pkvm_run_dir / "hyp-trace.txt").write_text(text)
+    reasons = {(e.name, e.fields.get("reason")) for e in events}
+    assert ("hyp_enter", "guest_exit") in reasons and ("hyp_exit", "eret_guest") in reasons, sorted(reasons)
+    assert {e.cpu for e in events} and all(e.time_us > 0 for e in events)

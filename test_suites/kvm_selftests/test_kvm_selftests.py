@@ -8,7 +8,6 @@ import pytest
 
 from harness import ktap
 from harness.image.payloads import GUEST_MODES, resolve_guest_modes, selftest_lines
-from harness.kernel.version import KernelVersion
 
 SELFTESTS = selftest_lines()
 
@@ -21,12 +20,6 @@ def _tail(text: str, lines: int = 15) -> str:
 def guest_modes(target, payload) -> list[str]:
     """This kernel's guest mode names in enum order (written by the payload build)."""
     return target.run(f"cat {payload(GUEST_MODES)}").check().stdout.split()
-
-
-@pytest.fixture(scope="module")
-def kernel_version(target) -> KernelVersion:
-    """The running kernel's version (uname -r): on a board as on QEMU."""
-    return KernelVersion.parse(target.run("uname -r").check().stdout)
 
 
 @pytest.mark.parametrize("test", SELFTESTS, ids=[t.name for t in SELFTESTS])

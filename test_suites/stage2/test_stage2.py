@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import pytest
 
-from harness.model.invariants import run_checks
-from harness.model.stage2 import Region, predict_from_tables, untouched_by_leaf_level
-from harness.targets.guests import BackgroundGuests, guest_args, touch_phys
+from harness.model.invariants import render, run_checks
+from harness.model.stage2 import (
+    MEMATTR_FWB_AS_S1,
+    Region,
+    host_s2_memattr,
+    predict_from_tables,
+    untouched_by_leaf_level,
+)
+from harness.targets.guests import BackgroundGuests, guest_args, guest_pages, touch_phys
 
 pytestmark = pytest.mark.needs_el2
 
+PAGE = 4096
 PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: nothing maps it at boot
 
 
 @pytest.mark.parametrize("level,size", [(1, "1 GiB"), (2, "2 MiB"), (3, "4 KiB")])
-def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el2, level, size, harness_gap):
+def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el2, level, size):
     before = el2.snapshot()
     regions = [Region(base, length) for base, length, _ in before.memblocks]
     version = el2.kernel.kernel_version
-    # With FEAT_S2FWB (QEMU's max CPU) a 7.2+ host stage-2 leaf says MemAttr 0x7, "as stage 1".
-    fwb_as_s1 = version.host_s2_memattr_as_s1 and any(lf.valid and lf.memattr == 0x7 for lf in before.host_s2.leaves)
-    harness_gap(fwb_as_s1, "the stage-2 model predicts MemAttr 0xf, not stage 1's attributes under FWB (0x7)")
+    # Whether the CPU has FEAT_S2FWB (QEMU's max does, cortex-a72 not): 7.2+ host stage-2 leaves show it.
+    fwb = any(lf.valid and lf.memattr == MEMATTR_FWB_AS_S1 for lf in before.host_s2.leaves)
     if level == 1:
         addr = PCIE_HIGH_MMIO + 0x1000 * (1 + len(before.host_s2.leaves) % 16)
     else:
@@ -45,26 +51,34 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el
     new = [lf for lf in after.host_s2.leaves if want.start <= lf.addr < want.start + want.size]
     assert (min(lf.addr for lf in new), sum(lf.size for lf in new)) == (want.start, want.size)
     assert all(lf.valid and lf.pa == lf.addr and lf.state == "OWNED" for lf in new)
-    assert all(lf.xn == want.xn and lf.memattr == want.memattr for lf in new), \
-        "RAM maps executable, MMIO execute-never, both as normal memory (the host forces S2FWB off)"
-    assert run_checks(after) == []
+    memattr = host_s2_memattr(version, fwb)
+    assert all(lf.xn == want.xn and lf.memattr == memattr for lf in new), \
+        f"RAM maps executable, MMIO execute-never, both with MemAttr {memattr:#x}"
+    assert (findings := run_checks(after)) == [], render(findings)
 
 
-def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2, harness_gap):
-    harness_gap(el2.kernel.kernel_version.host_maps_hyp_text_read_only,
-                "the hyp text is mapped read-only for the host; this test expects it unmapped")
+def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2):
+    """Every page of the carveout and of the hyp's text is hyp-owned: annotated invalid in the host
+    stage-2; from 7.2 the hyp text instead stays mapped for the host read-only and execute-never
+    (to be inspected on a hyp panic), still hyp-owned in the vmemmap."""
     snap = el2.snapshot()
+    text_read_only = el2.kernel.kernel_version.host_maps_hyp_text_read_only
     text = (el2.kpa("__hyp_text_start"), el2.kpa("__hyp_text_end"))
     for lo, hi in (snap.carveout and (snap.carveout[0], snap.carveout[0] + snap.carveout[1]), text):
         for pa in range(lo, hi, 4096):
             leaf = snap.host_s2.leaf_at(pa)
-            assert leaf is not None and not leaf.valid and leaf.owner == 1, \
-                f"{pa:#x} in [{lo:#x}, {hi:#x}): {leaf.describe() if leaf else 'unmapped (host-owned)'}"
+            where = f"{pa:#x} in [{lo:#x}, {hi:#x}): {leaf.describe() if leaf else 'unmapped (host-owned)'}"
+            if text_read_only and text[0] <= pa < text[1]:
+                assert leaf is not None and leaf.valid and leaf.readable and not leaf.writable and leaf.xn, where
+            else:
+                assert leaf is not None and not leaf.valid and leaf.owner == 1, where
+            assert (snap.host_state(pa), snap.hyp_state(pa)) == ("NOPAGE", "OWNED"), where
 
 
-def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2, harness_gap):
-    harness_gap(el2.kernel.kernel_version.host_page_state_in_vmemmap,
-                "page states live in the hyp vmemmap, which the snapshot does not decode yet")
+def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2):
+    """While a VM lives, the host's struct kvm is shared with the hyp (and pinned: mapped at EL2),
+    its pkvm_hyp_vm and stage-2 PGD are donated; after teardown all three are the host's again.
+    Page states from the vmemmap (6.14+) or the page tables' software bits (before)."""
     absent = el2.snapshot().absent.get("vm_table")
     if absent:
         pytest.skip(f"no VM state at EL2 to check: {absent}")
@@ -74,15 +88,53 @@ def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2
     (vm,) = live.vms
     host_kvm_va = el2.mem.u64(vm.pa + el2.kernel.struct("pkvm_hyp_vm").offset("host_kvm"))
     host_kvm = el2.h2p(live, host_kvm_va)
-    s2, s1 = live.host_s2.leaf_at(host_kvm), live.hyp_s1.leaf_at(host_kvm_va)
-    assert s2 is not None and s2.valid and s2.state == "SHARED_OWNED", f"host struct kvm in host stage-2: {s2}"
-    assert s1 is not None and s1.valid and s1.state == "SHARED_BORROWED", f"host struct kvm at EL2: {s1}"
+    states = lambda snap, pa: (snap.host_state(pa), snap.hyp_state(pa))     # noqa: E731
+    assert states(live, host_kvm) == ("SHARED_OWNED", "SHARED_BORROWED"), f"host struct kvm at {host_kvm:#x}"
+    s1 = live.hyp_s1.leaf_at(host_kvm_va)
+    assert s1 is not None and s1.valid, f"host struct kvm not mapped at EL2 while pinned: {s1}"
     for what, pa in (("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
         leaf = live.host_s2.leaf_at(pa)
+        assert states(live, pa) == ("NOPAGE", "OWNED"), f"donated {what} at {pa:#x}"
         assert leaf is not None and not leaf.valid and leaf.owner == 1, f"donated {what} at {pa:#x}: {leaf}"
+    assert (findings := run_checks(live)) == [], render(findings)
     guests.wait("done")
     after = el2.snapshot()
     for what, pa in (("struct kvm", host_kvm), ("pkvm_hyp_vm", vm.pa), ("stage-2 PGD", vm.pgd_phys)):
         leaf = after.host_s2.leaf_at(pa)
-        assert leaf is None or (leaf.valid and leaf.state == "OWNED"), f"{what} at {pa:#x} after teardown: {leaf}"
-    assert run_checks(after) == []
+        assert states(after, pa) == ("OWNED", "NOPAGE"), f"{what} at {pa:#x} after teardown"
+        assert leaf is None or leaf.valid, f"{what} at {pa:#x} after teardown: {leaf}"
+    assert (findings := run_checks(after)) == [], render(findings)
+
+
+def _vm_s2_pages(vm) -> dict[int, int]:
+    return {leaf.addr + off: leaf.pa + off for leaf in vm.s2.leaves if leaf.valid for off in range(0, leaf.size, PAGE)}
+
+
+def test_each_vm_stage2_at_el2_maps_exactly_what_its_guest_touched(target, payload, el2):
+    """6.14+: EL2 keeps each normal VM's stage-2. Two VMs touch chosen pages of two memslots;
+    each VM's stage-2 at EL2 must map exactly those GPAs, each to the very host page the VMM's
+    memory is (/proc/self/pagemap), shared by the host (SHARED_BORROWED in the guest, the host's
+    page SHARED_OWNED with one guest share); after teardown every such page is the host's alone."""
+    if not el2.kernel.kernel_version.el2_manages_guest_stage2:
+        pytest.skip(f"Linux {el2.kernel.version}: EL2 keeps no stage-2 for normal VMs before 6.14")
+    args = guest_args(vms=2, vcpus=1, pages=8, stride=3, slots=((0x8000_0000, 16, 5),), hold=3, pagemap=True)
+    guests = BackgroundGuests(target, payload("pkvm_guest"), args)
+    touched = guest_pages(guests.wait("ready"))
+    live = el2.snapshot()
+    assert len(live.vms) == 2 and all(vm.s2 is not None for vm in live.vms)
+    for index, vm in enumerate(sorted(live.vms, key=lambda v: v.handle)):
+        want = touched[index]
+        assert None not in want.values() and len(want) == 1 + 3 + 4, want
+        mapped = _vm_s2_pages(vm)
+        assert mapped == want, (f"VM {vm.handle:#x}: stage-2 at EL2 maps {sorted(map(hex, mapped))}, the guest "
+                                f"touched {sorted(map(hex, want))}")
+        for gpa, leaf in ((leaf.addr, leaf) for leaf in vm.s2.leaves if leaf.valid):
+            assert leaf.state == "SHARED_BORROWED", f"VM {vm.handle:#x} GPA {gpa:#x}: {leaf.describe()}"
+        for pa in want.values():
+            assert live.page_state(pa)[0::2] == (1, 1), f"{pa:#x}: {live.page_state(pa)} (host SHARED_OWNED, 1 share)"
+    assert (findings := run_checks(live)) == [], render(findings)
+    guests.wait("done")
+    after = el2.snapshot()
+    for pa in (pa for pages in touched.values() for pa in pages.values()):
+        assert (after.host_state(pa), after.page_state(pa)[2]) == ("OWNED", 0), f"{pa:#x} after teardown"
+    assert (findings := run_checks(after)) == [], render(findings)

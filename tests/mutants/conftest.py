@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from harness.kernel.debian import DEFAULT, SOURCES
 from harness.paths import default_runs_dir
+
+
+def pytest_addoption(parser):
+    parser.addoption("--mutant-kernel", default=DEFAULT, choices=tuple(SOURCES),
+                     help="the Debian kernel series the mutants are built on (default: %(default)s)")
+
+
+def pytest_generate_tests(metafunc):
+    if "mutant" in metafunc.fixturenames:
+        from tests.mutants.mutants import catalogue
+
+        mutants = catalogue(metafunc.config.getoption("--mutant-kernel"))
+        metafunc.parametrize("mutant", mutants, ids=[m.name for m in mutants])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.mutants.test_mutants import RESULTS, write_table
 
     if RESULTS:
-        table = write_table(default_runs_dir() / "mutants")
+        table = write_table(default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}")
         terminalreporter.write_sep("=", "mutants and the tests that caught them")
         terminalreporter.write(table)
-        terminalreporter.write_line(f"(also in {default_runs_dir() / 'mutants.md'} and mutants.json)")
+        where = default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}"
+        terminalreporter.write_line(f"(also in {where}.md and .json)")

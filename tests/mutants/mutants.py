@@ -1,9 +1,12 @@
-"""The mutant catalogue (tests/mutants/*.patch).
+"""The mutant catalogue: tests/mutants/*.patch and tests/mutants/7.x/*.patch.
 
 A mutant patch opens with a header that `patch` ignores:
     Mutant: <name>
+    Kernels: <series range the patch is written for: "6.12+", "6.12-7.1", "7.2+">
     <what the bug is, a few lines>
     Expect: <regex a failure message must match: the suites point at the bug>
+One name may have one patch per range (05 differs between 6.12 and 7.x); `catalogue(kernel)`
+picks, for a kernel series, every mutant with a patch for it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.kernel.debian import DEFAULT
+from harness.kernel.version import KernelVersion
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -19,16 +25,29 @@ HERE = Path(__file__).resolve().parent
 class Mutant:
     name: str
     path: Path
+    kernels: str
     bug: str
     expect: re.Pattern[str]
 
 
-def catalogue() -> list[Mutant]:
-    out = []
-    for path in sorted(HERE.glob("*.patch")):
-        header = path.read_text().split("\n--- ", 1)[0].splitlines()
-        fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in header
-                  if line.startswith(("Mutant:", "Expect:"))}
-        bug = " ".join(line for line in header if not line.startswith(("Mutant:", "Expect:"))).strip()
-        out.append(Mutant(fields["Mutant"], path, bug, re.compile(fields["Expect"])))
-    return out
+def _read(path: Path) -> Mutant:
+    header = path.read_text().split("\n--- ", 1)[0].splitlines()
+    keys = ("Mutant:", "Kernels:", "Expect:")
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in header if line.startswith(keys)}
+    bug = " ".join(line for line in header if not line.startswith(keys)).strip()
+    return Mutant(fields["Mutant"], path, fields["Kernels"], bug, re.compile(fields["Expect"]))
+
+
+def every_patch() -> list[Mutant]:
+    return [_read(p) for p in sorted(HERE.glob("*.patch")) + sorted(HERE.glob("*/*.patch"))]
+
+
+def catalogue(kernel: str | None = None) -> list[Mutant]:
+    """The mutants for a kernel series (default: the harness's default kernel), in name order."""
+    version = KernelVersion.parse(kernel or DEFAULT)
+    chosen = [m for m in every_patch() if version.in_series_range(m.kernels)]
+    names = [m.name for m in chosen]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"two patches of {', '.join(sorted(dupes))} claim Linux {version.series}")
+    return sorted(chosen, key=lambda m: m.name)

@@ -115,10 +115,25 @@ def test_the_el2_stack_trace_option_is_spelt_as_each_version_does():
     from harness.kernel.config import merge, version_fragments
 
     assert version_fragments("6.12.117") == ["pkvm-stacktrace-nvhe.config", "pkvm-pan.config"]
-    assert version_fragments("7.3.4") == version_fragments("7.2.13") == ["pkvm-stacktrace.config"]
+    assert version_fragments("7.3.4") == version_fragments("7.2.13") == ["pkvm-stacktrace.config",
+                                                                          "pkvm-el2-trace.config"]
     assert version_fragments("5.15") == ["pkvm-pan.config"]
     new, old = merge([], [], version="7.3.4"), merge([], [], version="6.1.192")
     assert new["PKVM_STACKTRACE"].value == new["PKVM_DISABLE_STAGE2_ON_PANIC"].value == "y"
     assert "PROTECTED_NVHE_STACKTRACE" not in new and old["PROTECTED_NVHE_STACKTRACE"].value == "y"
     assert "PKVM_STACKTRACE" not in old
     assert "ARM64_PAN" not in new and old["ARM64_PAN"].value == "y"
+
+
+def test_el2_debug_off_drops_nvhe_el2_debug_and_what_hangs_off_it():
+    from harness.kernel.config import merge, version_fragments
+
+    assert version_fragments("7.3.4", el2_debug=False) == []
+    assert version_fragments("6.12.117", el2_debug=False) == ["pkvm-pan.config"]
+    for version in ("6.12.117", "7.3.4"):
+        on, off = merge([], [], version=version), merge([], [], version=version, el2_debug=False)
+        assert on["NVHE_EL2_DEBUG"].value == "y" and off["NVHE_EL2_DEBUG"].value == "n"
+        assert not {"PKVM_STACKTRACE", "PROTECTED_NVHE_STACKTRACE", "FTRACE", "NVHE_EL2_TRACING"} & set(off)
+        kc.check_combinations({o.name: o.value for o in off.values()})
+        assert kc.fragment_text(on) != kc.fragment_text(off)          # two cache keys, two kernels
+    assert merge([], [], version="7.3.4")["NVHE_EL2_TRACING"].value == "y"

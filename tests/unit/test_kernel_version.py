@@ -43,7 +43,7 @@ def test_of_takes_a_version_a_string_or_a_tuple():
 
 def test_reference_releases():
     assert MODEL_REFERENCE == KernelVersion(6, 12) and str(MODEL_REFERENCE) == "6.12"
-    assert NEWEST_READ.series == "6.17"
+    assert NEWEST_READ.series == "7.3"
 
 
 # (property, last release without it, first release with it)
@@ -93,6 +93,7 @@ def test_selftest_names_are_spelt_as_each_tree_does():
     ("5.10", "5.13"), ("5.13", "5.13"), ("5.14", "5.14"), ("5.14.14", "5.14"), ("5.14.15", "5.15"),
     ("5.16", "5.15"), ("5.17", "5.17+"), ("6.1.192", "5.17+"), ("6.2", "6.2+"), ("6.3", "6.2+"),
     ("6.4", "6.4+"), ("6.13", "6.4+"), ("6.14", "6.14+"), ("6.17.9", "6.14+"), ("6.18", "6.14+"),
+    ("7.1.5", "6.14+"), ("7.2", "7.2+"), ("7.2.13", "7.2+"), ("7.3.4", "7.2+"), ("8.0", "7.2+"),
 ])
 def test_buddy_rules_boundaries(version, rules):
     assert V(version).buddy_rules == rules
@@ -103,7 +104,25 @@ def test_buddy_rules_warnings():
     assert V("5.13").buddy_rules_warning is None and V("5.14.14").buddy_rules_warning is None
     assert "5.14.15" in V("5.14.15").buddy_rules_warning
     assert V("6.12.117").buddy_rules_warning is None and V("6.17.9").buddy_rules_warning is None
-    assert "newer than the newest tree read (6.17)" in V("6.18").buddy_rules_warning
+    assert "newer than the newest tree read (7.3)" in V("7.4").buddy_rules_warning
+    assert "assuming the 7.2+ allocator" in V("8.0").buddy_rules_warning
+
+
+@pytest.mark.parametrize("version", ["6.18", "6.19.2", "7.0", "7.1.9"])
+def test_buddy_rules_warning_for_the_unread_6_18_to_7_1(version):
+    w = V(version).buddy_rules_warning
+    assert w is not None and f"{V(version).series} was not read" in w
+    assert "assuming the 6.14+ rules" in w and "known in 7.2 and absent in 6.17" in w
+
+
+@pytest.mark.parametrize("version", ["6.17", "7.2", "7.2.13", "7.3", "7.3.4", "6.12"])
+def test_no_buddy_rules_warning_for_trees_read(version):
+    assert V(version).buddy_rules_warning is None
+
+
+def test_external_pages_freed_at_order_0_from_7_2():
+    assert V("7.2").external_pages_freed_at_order_0 and V("7.3.4").external_pages_freed_at_order_0
+    assert not V("7.1.9").external_pages_freed_at_order_0 and not V("6.17").external_pages_freed_at_order_0
 
 
 def test_hyp_page_shapes():

@@ -136,3 +136,79 @@ def test_a_reference_missing_from_the_trace_is_named_at_the_next_call_on_that_pa
     assert "had refcount 1 in the kernel at this call, 2 in the model" in r.divergence.reason
     honest = [calls[0], Op(n + 1, 0, POOL, "get", {"addr": page + 8}, seen=[2, 0])]
     assert replay(initial, ops + honest, None, "6.12", {POOL: "hpool"}).divergence is None
+
+
+# Memcache pages (6.14+): a VM's pool runs dry, guest_s2_zalloc_page() takes a page from the host's
+# memcache and sets its refcount to 1 by hand; the traced get/put on it carry `seen`.
+VM_POOL, VM_PFN = 0x4100_1000, 0x41020
+EXT = 0x4500_0000                                     # far outside the VM's 2-page pool
+
+
+def memcache_trace(stale_order: int = 0) -> list[Op]:
+    p0, p1 = VM_PFN * 4096, VM_PFN * 4096 + 4096
+    return [Op(0, 0, VM_POOL, "init", {"pfn": VM_PFN, "nr_pages": 2, "reserved_pages": 0}),
+            Op(1, 0, VM_POOL, "alloc", {"order": 0}, p0),     # free_area[1] = [p0] is split
+            Op(2, 0, VM_POOL, "alloc", {"order": 0}, p1),
+            Op(3, 0, VM_POOL, "alloc", {"order": 0}, None),   # dry: the memcache page comes in
+            Op(4, 0, VM_POOL, "get", {"addr": EXT + 0x18}, seen=[1, stale_order]),
+            Op(5, 0, VM_POOL, "put", {"addr": EXT + 0x18}, seen=[2, stale_order]),
+            Op(6, 0, VM_POOL, "put", {"addr": EXT}, seen=[1, stale_order]),   # freed into the pool
+            Op(7, 0, VM_POOL, "alloc", {"order": 0}, EXT),    # the pool hands it out again
+            Op(8, 0, None, "split", {"addr": EXT}),
+            Op(9, 0, VM_POOL, "put", {"addr": EXT}, seen=[1, 0])]
+
+
+def memcache_final(ext_state: tuple[int, int] = (0, 0)) -> dict[int, SavedPool]:
+    p0, p1 = VM_PFN * 4096, VM_PFN * 4096 + 4096
+    return {VM_POOL: SavedPool("vm0", p0, p0 + 2 * 4096, 1, {0: [EXT], 1: []},
+                               {p0: (1, 0), p1: (1, 0), EXT: ext_state})}
+
+
+def test_memcache_pages_are_admitted_with_seen_and_replay_clean():
+    for version in ("7.3.4", "6.14"):
+        r = replay({}, memcache_trace(), memcache_final(), version, {VM_POOL: "vm0"})
+        assert r.ok, (version, r.divergence.render() if r.divergence else r.final_mismatches)
+        assert r.per_pool["vm0"] == {"init": 1, "alloc": 4, "get": 1, "put": 3, "split": 1}
+
+
+def test_a_stale_order_on_a_memcache_page_is_harmless_from_7_2_only():
+    r = replay({}, memcache_trace(stale_order=3), memcache_final(), "7.3", {VM_POOL: "vm0"})
+    assert r.ok, r.divergence.render() if r.divergence else r.final_mismatches
+    # 6.14 frees it at order 3, into a free_area[] the 2-page pool (max_order 1) never initialised.
+    r = replay({}, memcache_trace(stale_order=3), memcache_final(), "6.14", {VM_POOL: "vm0"})
+    assert r.divergence is not None and r.divergence.seq == 6
+    assert "free_area[3] was never initialised" in r.divergence.reason
+
+
+def test_a_memcache_page_whose_seen_refcount_disagrees_is_named():
+    ops = memcache_trace()
+    ops[5].seen = [1, 0]                  # the kernel says the get at #4 never took effect
+    r = replay({}, ops, memcache_final(), "7.3", {VM_POOL: "vm0"})
+    assert r.divergence is not None and r.divergence.seq == 5
+    assert f"page {EXT:#x} had refcount 1 in the kernel at this call, 2 in the model" in r.divergence.reason
+
+
+def test_a_memcache_page_without_seen_is_a_divergence_that_says_so():
+    ops = memcache_trace()
+    ops[4].seen = None
+    r = replay({}, ops, memcache_final(), "7.3", {VM_POOL: "vm0"})
+    assert r.divergence is not None and r.divergence.seq == 4
+    assert f"page {EXT:#x} is outside the pool and not admitted" in r.divergence.reason
+    assert "no `seen`" in r.divergence.reason
+
+
+def test_admitted_memcache_pages_are_compared_at_the_end():
+    r = replay({}, memcache_trace(), memcache_final(ext_state=(0, 3)), "7.3", {VM_POOL: "vm0"})
+    assert r.divergence is None and not r.ok
+    assert r.final_mismatches == [f"vm0 page {EXT:#x}: model (0, 0), kernel (0, 3)"]
+
+
+def test_a_snapshot_listing_a_memcache_page_free_starts_the_model_with_it():
+    p0 = VM_PFN * 4096
+    initial = memcache_final()
+    ops = [Op(0, 0, VM_POOL, "alloc", {"order": 0}, EXT),
+           Op(1, 0, VM_POOL, "put", {"addr": p0}, seen=[1, 0])]
+    final = {VM_POOL: SavedPool("vm0", p0, p0 + 2 * 4096, 1, {0: [p0], 1: []},
+                                {p0: (0, 0), p0 + 4096: (1, 0), EXT: (1, 0)})}
+    r = replay(initial, ops, final, "7.3", {VM_POOL: "vm0"})
+    assert r.ok, r.divergence.render() if r.divergence else r.final_mismatches

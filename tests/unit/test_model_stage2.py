@@ -35,7 +35,7 @@ def test_find_mem_range_memory_and_gaps():
 def test_a_1gib_block_inside_ram():
     p = predict_fault(0x4000_1234, RAM, walk_level=1)
     assert (p.start, p.size, p.granule_level, p.leaf_level, p.leaves) == (0x4000_0000, GiB, 1, 1, 1)
-    assert (p.prot, p.xn, p.memattr, p.table_pages) == ("RWX", False, 0xF, 0)
+    assert (p.prot, p.xn, p.table_pages) == ("RWX", False, 0)
     # the same fault when the walk stopped at level 0: one level-1 table, then the block
     assert predict_fault(0x4000_1234, RAM, walk_level=0).table_pages == 1
 
@@ -122,3 +122,8 @@ def test_untouched_addresses_are_found_per_leaf_level():
     assert walk.leaf_at(base + 100) is mapped and walk.leaf_at(base + 4096) is None
     found = untouched_by_leaf_level(walk, regions, base, base + (1 << 30))
     assert found == {3: base + 4096, 2: base + (2 << 20)}
+
+
+def test_the_host_stage2_memattr_follows_version_and_fwb():
+    from harness.model.stage2 import host_s2_memattr
+    assert [host_s2_memattr(v, fwb) for v in ("6.12", "7.3") for fwb in (False, True)] == [0xF, 0xF, 0xF, 0x7]

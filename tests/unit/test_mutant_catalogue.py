@@ -1,11 +1,11 @@
-"""The mutant catalogue is well formed: at least six, each a one-file EL2 change with a bug
-description and a compilable Expect pattern."""
+"""The mutant catalogue is well formed: at least six per kernel, each a one-file EL2 change with
+a bug description, the kernels it is written for and a compilable Expect pattern."""
 
 import re
 
 from harness.junit import failures
 from harness.kernel.source import patched_files
-from tests.mutants.mutants import catalogue
+from tests.mutants.mutants import catalogue, every_patch
 
 EL2 = "arch/arm64/kvm/hyp/nvhe/"
 
@@ -14,7 +14,7 @@ def test_six_or_more_mutants_each_touching_el2_memory_code():
     mutants = catalogue()
     assert len(mutants) >= 6
     assert len({m.name for m in mutants}) == len(mutants)
-    for m in mutants:
+    for m in every_patch():
         files = patched_files(m.path)
         assert files and all(f.startswith(EL2) for f in files), (m.name, files)
         assert len(m.bug) > 40 and isinstance(m.expect, re.Pattern)
@@ -28,3 +28,11 @@ def test_junit_failures_are_read_with_their_messages(tmp_path):
     failed, total = failures(xml)
     assert total == 2 and [f.test for f in failed] == ["stage2/test_stage2::test_a"]
     assert "model level 2" in failed[0].message and "trace" in failed[0].message
+
+
+def test_7_x_has_the_ported_mutants_and_ones_in_code_that_exists_only_since_6_14():
+    old, new = {m.name: m for m in catalogue("6.12")}, {m.name: m for m in catalogue("7.3")}
+    assert set(old) <= set(new) and len(set(new) - set(old)) >= 2
+    assert old["05-host-abort-block-size"].path != new["05-host-abort-block-size"].path
+    assert {m.kernels for name, m in new.items() if name not in old} == {"7.2+"}
+    assert [m.name for m in catalogue("7.2")] == list(new)
