@@ -4,9 +4,10 @@
 # reports (report.md, report.html). GitHub Actions calls it (.github/workflows/nightly.yml); any
 # other CI can call it the same way.
 #
-# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--kernel 6.12|6.1|7.3|7.2 | --kernel-src PATH |
-#                      --kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
+# Usage: ci/nightly.sh [--cpu max|cortex-a72|...] [--el2-debug on|off] [--kernel 6.12|6.1|7.3|7.2 |
+#                      --kernel-src PATH | --kernel-git URL [--kernel-ref REF]] [--out DIR] [-- PYTEST_ARGS...]
 #   --cpu         QEMU -cpu (max: hVHE on 6.12, nVHE on 6.1; cortex-a72: nVHE); default max
+#   --el2-debug   on: a debug kernel (NVHE_EL2_DEBUG); off: the kernel as it ships; default on
 #   --kernel      Debian's linux-source-X.Y; default 6.12
 #   --kernel-src  a kernel tree or tarball
 #   --kernel-git  fetch REF (default master) of this git URL, shallow, and test that tree instead
@@ -19,6 +20,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 cpu=max
+el2_debug=on
 kernel_src=""
 kernel=""
 git_url=""
@@ -30,6 +32,7 @@ usage() { echo "ci/nightly.sh: $*; see the usage at the top of ci/nightly.sh" >&
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=${2:?}; shift 2 ;;
+    --el2-debug) el2_debug=${2:?}; shift 2 ;;
     --kernel) kernel=${2:?}; shift 2 ;;
     --kernel-src) kernel_src=${2:?}; shift 2 ;;
     --kernel-git) git_url=${2:?}; shift 2 ;;
@@ -42,7 +45,8 @@ done
 sources=0
 for given in "$kernel" "$kernel_src" "$git_url"; do if [ -n "$given" ]; then sources=$((sources + 1)); fi; done
 if [ "$sources" -gt 1 ]; then usage "give one of --kernel, --kernel-src and --kernel-git, not both"; fi
-out=${out:-runs/nightly-${kernel:-6.12}-${cpu}-$(date +%Y%m%d-%H%M%S)}
+case "$el2_debug" in on|off) ;; *) usage "--el2-debug takes on or off, not '$el2_debug'" ;; esac
+out=${out:-runs/nightly-${kernel:-6.12}-${cpu}-el2-debug-${el2_debug}-$(date +%Y%m%d-%H%M%S)}
 if [ -e "$out/suites/result.json" ]; then usage "$out already holds a finished run; pick a new --out"; fi
 
 cd "$here"
@@ -74,10 +78,11 @@ fi
 
 mkdir -p "$out"
 # Built first and on its own, so a cold build shows its progress (plain lines in CI).
-$harness build "${cli_src[@]}"
+$harness build "${cli_src[@]}" --el2-debug "$el2_debug"
 
 status=0
-$py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --pkvm-cpu "$cpu" "${plugin_src[@]}" \
+$py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --pkvm-cpu "$cpu" --pkvm-el2-debug "$el2_debug" \
+  "${plugin_src[@]}" \
   --pkvm-run-dir "$out/suites" "$@" || status=$?
 
 if [ -f "$out/suites/result.json" ]; then
@@ -87,5 +92,5 @@ if [ -f "$out/suites/result.json" ]; then
 else
   echo "nightly: the suites left no result.json in $out/suites (pytest exit $status)" >&2
 fi
-echo "nightly: cpu=$cpu results in $out (exit $status)"
+echo "nightly: cpu=$cpu el2-debug=$el2_debug results in $out (exit $status)"
 exit "$status"

@@ -2,7 +2,8 @@
 read through any target's shell, so on QEMU and on boards alike.
 
 The hypervisor writes its events (hyp_enter, hyp_exit, selftest) into ring buffers the host maps;
-tracefs prints each as "[CPU]\tSECONDS.MICROS: name: fields" (kernel/trace/trace_remote.c).
+tracefs prints each as "[CPU]\tSECONDS.MICROS: name fields" (kernel/trace/trace_remote.c; e.g.
+"[001]\t    2.760948: hyp_exit reason=eret_guest vcpu=148", the vcpu field a host thread's pid).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from harness.targets.base import Shell, TargetError
 
 TRACEFS = "/sys/kernel/tracing"
 REMOTE = f"{TRACEFS}/remotes/hypervisor"
-LINE_RE = re.compile(r"^\[(\d+)\]\s+(\d+)\.(\d+): (\w+): ?(.*)$")
+LINE_RE = re.compile(r"^\[(\d+)\]\s+(\d+)\.(\d+): (\w+):? ?(.*)$")
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,22 @@ class HypTraceRemote:
         self.shell.run(f"mountpoint -q {TRACEFS} || mount -t tracefs tracefs {TRACEFS}", timeout=30)
         return self.shell.run(f"test -d {REMOTE}", timeout=30).ok
 
+    def _event_dirs(self) -> dict[str, str]:
+        """event name -> its directory under events/ (grouped by system, as in ftrace: hypervisor/)."""
+        out = self._run(f"cd {REMOTE}/events && ls -d */*/")
+        return {path.rstrip("/").split("/")[-1]: path.rstrip("/") for path in out.split()}
+
     def events(self) -> list[str]:
-        return sorted(self._run(f"ls {REMOTE}/events").split())
+        return sorted(self._event_dirs())
 
     def start(self, events: tuple[str, ...] = ("hyp_enter", "hyp_exit")) -> None:
         """Clear the buffers, enable `events`, turn tracing on."""
-        missing = set(events) - set(self.events())
+        dirs = self._event_dirs()
+        missing = set(events) - set(dirs)
         if missing:
             raise TargetError(f"the hypervisor's trace remote has no event {', '.join(sorted(missing))}")
         cmds = [f"echo 0 > {REMOTE}/tracing_on", f"echo > {REMOTE}/trace"]
-        cmds += [f"echo 1 > {REMOTE}/events/{name}/enable" for name in events]
+        cmds += [f"echo 1 > {REMOTE}/events/{dirs[name]}/enable" for name in events]
         self._run(" && ".join([*cmds, f"echo 1 > {REMOTE}/tracing_on"]))
 
     def stop(self) -> None:

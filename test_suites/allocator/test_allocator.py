@@ -33,11 +33,6 @@ def _hpool_free(snap) -> dict[int, int]:
     return snap.pools["hpool"].free_per_order()
 
 
-# Where EL2 manages normal VMs' stage-2 (6.14+), their table pages come from the host's memcache
-# once the VM's pool runs dry; the replay model does not follow such pages into a pool yet.
-MEMCACHE_GAP = "the replay model does not follow host memcache pages into a VM's pool (6.14+)"
-
-
 @pytest.fixture(scope="module")
 def warmed(target, payload):
     """One VM lifecycle first: the host's first VM maps hyp structures that stay (per-CPU data,
@@ -59,8 +54,7 @@ def test_every_invariant_holds_after_boot(el2, harness_gap):
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
-def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, warmed, vcpus, harness_gap):
-    harness_gap(el2.kernel.kernel_version.el2_manages_guest_stage2, MEMCACHE_GAP)
+def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, warmed, vcpus):
     before = el2.snapshot()
     with el2_trace() as box:
         for _ in range(2):
@@ -94,9 +88,8 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
     assert _hpool_free(after) == _hpool_free(before), "hpool free pages per order not back to the baseline"
 
 
-def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed, harness_gap):
+def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
     """VM counts, vCPU counts, memslot layouts and touched pages drawn from `seed`; replay with --pkvm-seed."""
-    harness_gap(el2.kernel.kernel_version.el2_manages_guest_stage2, MEMCACHE_GAP)
     rng = random.Random(seed)
 
     def extra_slots() -> tuple[tuple[int, int, int], ...]:

@@ -95,4 +95,7 @@ def test_the_hypervisor_trace_remote_records_a_vm_entering_el2(target, payload, 
     (pkvm_run_dir / "hyp-trace.txt").write_text(text)
     reasons = {(e.name, e.fields.get("reason")) for e in events}
     assert ("hyp_enter", "guest_exit") in reasons and ("hyp_exit", "eret_guest") in reasons, sorted(reasons)
-    assert {e.cpu for e in events} and all(e.time_us > 0 for e in events)
+    guest = [e for e in events if e.fields.get("reason") in ("guest_exit", "eret_guest")]
+    assert all(e.fields.get("vcpu", "0") != "0" for e in guest), "a guest entry without its vCPU thread"
+    assert [e.time_us for e in events if e.cpu == guest[0].cpu] == sorted(
+        e.time_us for e in events if e.cpu == guest[0].cpu), "one CPU's events out of time order"

@@ -145,3 +145,12 @@ def test_the_summary_script_renders_every_cell_into_one_report(tmp_path):
     empty.mkdir()
     r = subprocess.run([str(ROOT / "ci" / "summary.sh"), str(empty)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no cell under" in r.stderr
+
+
+def test_every_debian_kernel_also_runs_as_it_ships_without_el2_debug(workflow):
+    matrix = workflow["jobs"]["suites"]["strategy"]["matrix"]
+    assert matrix["el2_debug"] == ["on"]
+    off = {cell["kernel"] for cell in matrix["include"] if cell["el2_debug"] == "off"}
+    assert off == {"debian-6.12", "debian-6.1", "debian-7.3"}
+    runs = " ".join(step.get("run", "") for step in workflow["jobs"]["suites"]["steps"])
+    assert runs.count('--el2-debug "$EL2_DEBUG"') == 2
