@@ -56,8 +56,10 @@ def test_inspect_reads_6_1_and_lists_what_does_not_apply(kernel_6_1, tmp_path):
     assert snap["unavailable"] == {} and "vm_table" in snap["absent"]
     assert set(snap["pools"]) == {"hpool", "host_s2_pool"}
     assert snap["model_rules"] == "5.17+" and snap["model_rules_warning"] is None
-    assert snap["invariants_not_applicable"].keys() == {"vm-table"}
-    assert "from 6.2" in snap["invariants_not_applicable"]["vm-table"]
+    not_applicable = snap["invariants_not_applicable"]
+    assert not_applicable.keys() == {"vm-table", "page-state-pairs", "page-state-host-s2", "page-state-hyp-s1",
+                                     "guest-share-count", "vm-s2-pages"}
+    assert "from 6.2" in not_applicable["vm-table"] and "from 6.14" in not_applicable["guest-share-count"]
     assert len(snap["invariants_ran"]) >= 10 and snap["findings"] == []
     assert snap["host_s2"]["leaves_by_size"] and snap["host_s2"]["bytes_by_kind"]["hyp-owned"] > 0
 

@@ -69,6 +69,8 @@ def test_el2_of_7_3_reads_whole_and_every_invariant_holds_with_vms_alive(kernel_
     snap = json.loads(r.stdout)
     assert snap["unavailable"] == {} and snap["absent"] == {} and snap["findings"] == []
     assert len(snap["vms"]) == 2 and {v["pool"] for v in snap["vms"]} <= set(snap["pools"])
-    assert snap["invariants_not_applicable"] == {} and len(snap["invariants_ran"]) >= 12
+    assert snap["invariants_not_applicable"] == {} and len(snap["invariants_ran"]) >= 17
+    assert snap["page_states"]["host NOPAGE / hyp OWNED"] > 1000 and snap["page_states"]["shared with guests"] > 0
+    assert all(vm["s2_leaves"] > 0 for vm in snap["vms"])
     assert snap["hyp_text"][0] < snap["hyp_text"][1]
     assert any("DONATION owner=hyp" in r["kind"] for r in snap["host_s2"]["ranges"])
