@@ -554,9 +554,11 @@ def vm_s2_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
             leaf = snap.host_s2.leaf_at(pa) if snap.host_s2 else None
             donated = leaf.donated_to if leaf is not None else None
             if host != NOPAGE or donated != (vm.handle, ipa // PAGE):
+                annotated = leaf.describe() if leaf is not None else "empty"
+                if donated is not None:
+                    annotated += f" to VM {donated[0]:#x} gfn {donated[1]:#x}"
                 yield Finding("vm-s2-pages", where, f"host NOPAGE, annotated as donated to VM {vm.handle:#x} "
-                              f"gfn {ipa // PAGE:#x}", f"host {_name(host)}, host stage-2 "
-                              f"{leaf.describe() if leaf is not None else 'empty'}")
+                              f"gfn {ipa // PAGE:#x}", f"host {_name(host)}, host stage-2 {annotated}")
         elif state not in GUEST_S2_STATES:
             yield Finding("vm-s2-pages", where, "OWNED, SHARED_OWNED or SHARED_BORROWED", f"{state}")
     for vm in getattr(snap, "vms", []):

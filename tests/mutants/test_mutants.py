@@ -25,12 +25,13 @@ def kernel(request) -> str:
     return request.config.getoption("--mutant-kernel")
 
 
-def run_suites(tmp_path: Path, kernel: str, patch: Path | None) -> tuple[int, list, int, str]:
+def run_suites(tmp_path: Path, kernel: str, patch: Path | None,
+               options: tuple[str, ...] = ()) -> tuple[int, list, int, str]:
     junit = tmp_path / "junit.xml"
     argv = [sys.executable, "-m", "pytest", *SUITES, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
             "--pkvm-run-dir", str(tmp_path / "run"), "--pkvm-seed", "1", "--pkvm-kernel", kernel]
     if patch is not None:
-        argv += ["--pkvm-patch", str(patch)]
+        argv += ["--pkvm-patch", str(patch), *options]
     r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if not junit.is_file():
         pytest.fail(f"the suites did not run (exit {r.returncode}): {(r.stdout + r.stderr)[-800:]}")
@@ -46,8 +47,9 @@ def test_the_stock_kernel_passes_the_suites(tmp_path, kernel):
 
 @pytest.mark.mutant
 def test_the_suites_catch_the_mutant(tmp_path, kernel, mutant):       # mutant: conftest.pytest_generate_tests
-    code, failed, total, out = run_suites(tmp_path, kernel, mutant.path)
+    code, failed, total, out = run_suites(tmp_path, kernel, mutant.path, mutant.options)
     RESULTS[mutant.name] = {"bug": mutant.bug, "caught_by": sorted({f.test for f in failed}), "tests": total,
+                            "options": " ".join(mutant.options),
                             "pointed": any(mutant.expect.search(f.message) for f in failed)}
     assert failed, f"{mutant.name} passed every suite ({total} tests): not caught\n{out}"
     assert code != 0
@@ -57,12 +59,12 @@ def test_the_suites_catch_the_mutant(tmp_path, kernel, mutant):       # mutant: 
 
 
 def write_table(path: Path) -> str:
-    lines = ["| mutant | caught by | points at the bug |", "|---|---|---|"]
+    lines = ["| mutant | run with | caught by | points at the bug |", "|---|---|---|---|"]
     for name, r in RESULTS.items():
         caught = "<br>".join(r["caught_by"]) or "**not caught**"
-        lines.append(f"| {name} | {caught} | {'yes' if r['pointed'] else 'no'} |")
+        lines.append(f"| {name} | {r['options'] or 'defaults'} | {caught} | {'yes' if r['pointed'] else 'no'} |")
     table = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".md").write_text(table)
-    path.with_suffix(".json").write_text(json.dumps(RESULTS, indent=2) + "\n")
+    (path.parent / f"{path.name}.md").write_text(table)         # not with_suffix: "mutants-7.3"
+    (path.parent / f"{path.name}.json").write_text(json.dumps(RESULTS, indent=2) + "\n")
     return table
