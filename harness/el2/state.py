@@ -97,6 +97,11 @@ class Snapshot:
             raise KeyError(f"{pa:#x}: this snapshot has no vmemmap ({self.unavailable.get('vmemmap')})")
         return self._vmemmap(pa)
 
+    def vms_since(self, older: Snapshot) -> list[VmInfo]:
+        """The VMs in this snapshot that `older` did not have (by handle and address), by handle."""
+        seen = {(vm.handle, vm.pa) for vm in older.vms}
+        return sorted((vm for vm in self.vms if (vm.handle, vm.pa) not in seen), key=lambda vm: vm.handle or 0)
+
     def page_state(self, pa: int) -> tuple[int, int, int]:
         """(host state, hyp state, host_share_guest_count) of a memory page, as stored codes
         (harness.model.stage2.STATE_CODES)."""

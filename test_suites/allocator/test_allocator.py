@@ -128,7 +128,9 @@ def test_a_protected_vm_lifecycle_returns_pools_and_page_states_to_their_baselin
     assert "vm=0 slot=0 isolated=4 expected=4" in out, out
     touched = guest_pages(out)[0]
     live = el2.snapshot()
-    (vm,) = live.vms
+    new = live.vms_since(before)
+    assert len(new) == 1, f"one new VM at EL2, saw {[hex(v.handle or 0) for v in new]} (before: {len(before.vms)})"
+    vm = new[0]
     donated = {leaf.addr + off: (leaf.pa + off, leaf.state) for leaf in vm.s2.leaves if leaf.valid
                for off in range(0, leaf.size, 4096)}
     findings = run_checks(live)

@@ -79,13 +79,15 @@ def test_a_live_vm_shares_its_kvm_and_donates_its_hyp_state(target, payload, el2
     """While a VM lives, the host's struct kvm is shared with the hyp (and pinned: mapped at EL2),
     its pkvm_hyp_vm and stage-2 PGD are donated; after teardown all three are the host's again.
     Page states from the vmemmap (6.14+) or the page tables' software bits (before)."""
-    absent = el2.snapshot().absent.get("vm_table")
-    if absent:
-        pytest.skip(f"no VM state at EL2 to check: {absent}")
+    before = el2.snapshot()
+    if "vm_table" in before.absent:
+        pytest.skip(f"no VM state at EL2 to check: {before.absent['vm_table']}")
     guests = BackgroundGuests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=4, hold=3))
     guests.wait("ready")
     live = el2.snapshot()
-    (vm,) = live.vms
+    new = live.vms_since(before)
+    assert len(new) == 1, f"one new VM at EL2, saw {[hex(v.handle or 0) for v in new]} (before: {len(before.vms)})"
+    vm = new[0]
     host_kvm_va = el2.mem.u64(vm.pa + el2.kernel.struct("pkvm_hyp_vm").offset("host_kvm"))
     host_kvm = el2.h2p(live, host_kvm_va)
     states = lambda snap, pa: (snap.host_state(pa), snap.hyp_state(pa))     # noqa: E731
@@ -118,11 +120,14 @@ def test_each_vm_stage2_at_el2_maps_exactly_what_its_guest_touched(target, paylo
     if not el2.kernel.kernel_version.el2_manages_guest_stage2:
         pytest.skip(f"Linux {el2.kernel.version}: EL2 keeps no stage-2 for normal VMs before 6.14")
     args = guest_args(vms=2, vcpus=1, pages=8, stride=3, slots=((0x8000_0000, 16, 5),), hold=3, pagemap=True)
+    before = el2.snapshot()
     guests = BackgroundGuests(target, payload("pkvm_guest"), args)
     touched = guest_pages(guests.wait("ready"))
     live = el2.snapshot()
-    assert len(live.vms) == 2 and all(vm.s2 is not None for vm in live.vms)
-    for index, vm in enumerate(sorted(live.vms, key=lambda v: v.handle)):
+    new = live.vms_since(before)
+    assert len(new) == 2 and all(vm.s2 is not None for vm in new), \
+        f"two new VMs with a stage-2 at EL2, saw {[hex(v.handle or 0) for v in new]} (before: {len(before.vms)})"
+    for index, vm in enumerate(new):
         want = touched[index]
         assert None not in want.values() and len(want) == 1 + 3 + 4, want
         mapped = _vm_s2_pages(vm)
