@@ -286,8 +286,12 @@ class KernelVersion:
     @property
     def hyp_trace_fragment(self) -> str | None:
         """The hypervisor's trace remote in tracefs (CONFIG_NVHE_EL2_TRACING, under
-        NVHE_EL2_DEBUG, needs CONFIG_FTRACE): read in 7.2.13 and 7.3.4; 6.12 has no trace remote."""
-        return "pkvm-el2-trace.config" if self.has_hyp_trace_remote else None
+        NVHE_EL2_DEBUG): 7.3.4 needs CONFIG_FTRACE for it, 7.2.13 also CONFIG_TRACING (its Kconfig
+        says `depends on TRACING && FTRACE`), which ENABLE_DEFAULT_TRACERS brings. 6.12 has no
+        trace remote."""
+        if not self.has_hyp_trace_remote:
+            return None
+        return "pkvm-el2-trace.config" if self.at_least(7, 3) else "pkvm-el2-trace-7.2.config"
 
     @property
     def has_hyp_trace_remote(self) -> bool:

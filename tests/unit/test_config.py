@@ -115,8 +115,8 @@ def test_the_el2_stack_trace_option_is_spelt_as_each_version_does():
     from harness.kernel.config import merge, version_fragments
 
     assert version_fragments("6.12.117") == ["pkvm-stacktrace-nvhe.config", "pkvm-pan.config"]
-    assert version_fragments("7.3.4") == version_fragments("7.2.13") == ["pkvm-stacktrace.config",
-                                                                          "pkvm-el2-trace.config"]
+    assert version_fragments("7.3.4") == ["pkvm-stacktrace.config", "pkvm-el2-trace.config"]
+    assert version_fragments("7.2.13") == ["pkvm-stacktrace.config", "pkvm-el2-trace-7.2.config"]
     assert version_fragments("5.15") == ["pkvm-pan.config"]
     new, old = merge([], [], version="7.3.4"), merge([], [], version="6.1.192")
     assert new["PKVM_STACKTRACE"].value == new["PKVM_DISABLE_STAGE2_ON_PANIC"].value == "y"
