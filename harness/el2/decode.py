@@ -222,6 +222,7 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
     if not table_va:
         return vms
     st = kernel.struct("pkvm_hyp_vm")
+    version = kernel_version(kernel)
     table = struct.unpack(f"<{MAX_VM_SLOTS}Q", read(h2p(hyp_physvirt_offset, table_va), PAGE_SIZE))
     for i, va in enumerate(table):
         if not va or va == VM_SLOT_RESERVED:
@@ -236,9 +237,9 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
             into.pools[pool.name] = pool
         vm = VmInfo(i, handle, va, pa, nr, pgd, pool)
         vms.append(vm)
-        if pgd and kernel_version(kernel).el2_manages_guest_stage2:
+        if pgd and version.el2_manages_guest_stage2:
             ia_bits, start = u32(read, pa + st.offset("pgt.ia_bits")), s8(read, pa + st.offset("pgt.start_level"))
-            vm.s2 = walk(read, pgd, ia_bits, start, lpa2, kernel_version(kernel).typed_invalid_ptes)
+            vm.s2 = walk(read, pgd, ia_bits, start, lpa2, version.typed_invalid_ptes)
     return vms
 
 

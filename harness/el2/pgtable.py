@@ -14,6 +14,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from harness.model.invariants import OWNER_GUEST
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PTES_PER_TABLE = 512
@@ -21,7 +23,6 @@ PTES_PER_TABLE = 512
 STATES = {0: "OWNED", 1: "SHARED_OWNED", 2: "SHARED_BORROWED", 3: "RESERVED"}   # SW1:SW0
 OWNERS = {0: "host", 1: "hyp", 2: "ffa"}                                         # enum pkvm_component_id
 OWNERS_TYPED = {0: "host", 1: "hyp", 2: "guest"}                                 # its 7.x values
-OWNER_GUEST = 2
 INVALID_TYPES = {1: "LOCKED", 2: "DONATION", 3: "POISONED"}                      # enum kvm_invalid_pte_type
 
 

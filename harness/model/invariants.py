@@ -303,8 +303,6 @@ def _kv(rules: VersionRules) -> KernelVersion:
     return KernelVersion.of(rules.requested)
 
 
-# Host stage-2 MemAttr: MT_S2_NORMAL; with KernelVersion.host_s2_memattr_as_s1 also MT_S2_FWB_AS_S1.
-S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1 = MEMATTR_NORMAL, MEMATTR_FWB_AS_S1
 
 
 @check("s2-leaf-attributes")
@@ -315,8 +313,8 @@ def s2_leaf_attributes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     and there the hyp text is mapped read-only (R--) instead of being unmapped."""
     as_s1 = _kv(rules).host_s2_memattr_as_s1
     valid = [leaf for leaf in (snap.host_s2.leaves if snap.host_s2 else []) if leaf.valid]
-    want_attr = S2_MEMATTR_NORMAL
-    if as_s1 and valid and valid[0].memattr in (S2_MEMATTR_NORMAL, S2_MEMATTR_FWB_AS_S1):
+    want_attr = MEMATTR_NORMAL
+    if as_s1 and valid and valid[0].memattr in (MEMATTR_NORMAL, MEMATTR_FWB_AS_S1):
         want_attr = valid[0].memattr            # FWB or not is the CPU's: one value for every leaf
     for leaf in valid:
         if not leaf.valid:
