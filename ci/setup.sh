@@ -56,6 +56,25 @@ else
   echo "setup: Debian packages present"
 fi
 
+# QEMU 10 from bookworm-backports: its TCG plugins read registers and guest memory, which the
+# always-on EL2 tracer needs (docs/tracing.md). Only qemu-system-arm (and what it depends on)
+# is taken from backports: `-t` on this one install, with the suite added to the system's own
+# sources (so the one `apt-get update` refreshes every suite together).
+min_qemu="1:10.0"
+if [ "${#lists[@]}" -gt 0 ] && ! dpkg --compare-versions \
+     "$(dpkg-query -W -f='${Version}' qemu-system-arm 2>/dev/null || echo 0)" ge "$min_qemu"; then
+  bpo=/etc/apt/sources.list.d/pkvm-harness-bookworm-backports.sources
+  if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup: adding bookworm-backports to the apt sources ($bpo)"
+    printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+      'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | as_root tee "$bpo" >/dev/null
+  fi
+  as_root apt-get update -q
+  echo "setup: installing qemu-system-arm from bookworm-backports"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    -t bookworm-backports qemu-system-arm
+fi
+
 # Python virtual environment with pinned dependencies; re-installed only when the pins change.
 stamp="${venv}/.requirements.sha256"
 want=$(cat "${here}/requirements.lock" "${here}/pyproject.toml" | sha256sum | cut -d' ' -f1)

@@ -105,6 +105,24 @@ def qemu_spec(b: BootOptions, kernel: KernelArtifacts, initramfs: Initramfs, run
                     gdb_socket=socket_path(run_dir, "gdb.sock") if gdb else None)
 
 
+def el2_plugin(request: MachineRequest, kernel: KernelArtifacts, run_dir: Path) -> tuple[Path, Path, Path] | None:
+    """el2trace for this machine (library, spec, stream file), or None when --el2-plugin is off, or
+    auto and this QEMU cannot run it."""
+    from harness.el2 import symbols
+    from harness.el2.tcg import build as plugin_build
+    from harness.el2.tcg import probes
+
+    if request.boot.el2_plugin == "off":
+        return None
+    qemu = plugin_build.qemu_info(request.boot.qemu)
+    if request.boot.el2_plugin == "auto" and not qemu.has_plugins:
+        return None
+    lib = plugin_build.plugin_path(qemu, request.cache_dir, quiet=request.build.quiet)
+    spec = probes.make_spec(symbols.load(kernel.vmlinux, request.cache_dir), kernel.vmlinux)
+    spec_file, stream = probes.write(spec, run_dir)
+    return lib, spec_file, stream
+
+
 def assemble(request: MachineRequest, run_dir: Path, *, payloads: bool = True, gdb: bool = False,
              console_pty: bool = False) -> Machine:
     """Build (or reuse) the kernel, the guest payloads and the initramfs; the QEMU spec (with a
@@ -114,6 +132,8 @@ def assemble(request: MachineRequest, run_dir: Path, *, payloads: bool = True, g
     guest = build_payloads(request.build, kernel) if payloads else None
     initramfs = build_initramfs(request.cache_dir, guest)
     spec = qemu_spec(request.boot, kernel, initramfs, run_dir, gdb=gdb)
+    if (plugin := el2_plugin(request, kernel, run_dir)) is not None:
+        spec = dc_replace(spec, plugin=plugin)
     if console_pty:
         spec = dc_replace(spec, console_pty=True)       # a person's terminal needs a pty
     rundir.write_qemu_command(run_dir, spec.shell_line())

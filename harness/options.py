@@ -132,6 +132,9 @@ BOOT = (
            type=positive_float, default=120.0, metavar="SECONDS"),
     Option("expect-mode", "expect_mode", "fail unless pKVM comes up in this mode: nvhe or hvhe (default: any; "
            "the boot suite then expects what the CPU and kernel give)", type=pkvm_mode, metavar="MODE"),
+    Option("el2-plugin", "el2_plugin", "the el2trace TCG plugin from power-on (every EL2 allocator call and "
+           "hypercall, replayed; EL2 block coverage): auto (on when this QEMU can run it, 9.1+), on (refuse "
+           "a QEMU that cannot), off (default: %(default)s)", choices=("auto", "on", "off"), default="auto"),
 )
 
 CACHE = Option("cache-dir", "cache_dir", "kernel sources, builds and images (default: %(default)s; "
@@ -164,6 +167,7 @@ class BootOptions:
     qemu_args: list[str] = field(default_factory=list)
     boot_timeout: float = 120.0
     expect_mode: str | None = None     # "nVHE" or "hVHE"
+    el2_plugin: str = "auto"           # harness/el2/tcg: "on", "off", or "auto" (on when QEMU can)
 
 
 # A bisect builds the tree under test at each step: the options that choose another source do not apply.

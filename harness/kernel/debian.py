@@ -11,9 +11,11 @@ source list against them would delete the other suites' indexes.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +68,37 @@ def tarball(series: str, cache_dir: Path, *, quiet: bool = False) -> Path:
     return fetch(src, cache_dir, quiet=quiet)
 
 
-def _apt(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    options = ["-q", "-o", f"Dir::Etc::sourcelist={state / 'sources.list'}", "-o", "Dir::Etc::sourceparts=-",
-               "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
-               "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
-    return subprocess.run(["apt-get", *options, *args], capture_output=True, text=True, timeout=1800,
-                          cwd=state, preexec_fn=die_with_parent())
+@dataclass(frozen=True)
+class PrivateApt:
+    dir: Path
+    options: list[str]
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["apt-get", *self.options, *args], capture_output=True, text=True, timeout=1800,
+                              cwd=self.dir, preexec_fn=die_with_parent())
+
+
+@contextlib.contextmanager
+def apt_private(home: Path, sources: str) -> Iterator[PrivateApt]:
+    """A throw-away apt state under `home` (its own sources.list, lists and cache), updated from
+    `sources`: apt-get bound to it, run in that directory. All of it is gone after."""
+    with tempfile.TemporaryDirectory(dir=home, prefix=".apt-") as tmp:
+        state = Path(tmp)
+        (state / "lists" / "partial").mkdir(parents=True)
+        (state / "cache" / "archives" / "partial").mkdir(parents=True)
+        (state / "sources.list").write_text(sources)
+        options = ["-q", "-o", f"Dir::Etc::sourcelist={state / 'sources.list'}", "-o", "Dir::Etc::sourceparts=-",
+                   "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
+                   "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+
+        apt = PrivateApt(state, options)
+        r = apt("update")
+        if r.returncode != 0:
+            said = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InfraError(f"apt-get update ({sources.strip().splitlines()[0]}) failed: {said[:300]}",
+                             hint=f"check that {MIRROR} is reachable; nothing was changed in the "
+                                  "system's apt state")
+        yield apt
 
 
 def fetch(src: DebianSource, cache_dir: Path, *, quiet: bool = False) -> Path:
@@ -85,19 +112,14 @@ def fetch(src: DebianSource, cache_dir: Path, *, quiet: bool = False) -> Path:
             return final
         if not quiet:
             print(f"fetch: {src.package} from Debian {src.suite} (once, about 170 MB)", flush=True)
-        with tempfile.TemporaryDirectory(dir=home, prefix=".apt-") as tmp:      # gone after, .deb and all
-            state = Path(tmp)
-            (state / "lists" / "partial").mkdir(parents=True)
-            (state / "cache" / "archives" / "partial").mkdir(parents=True)
-            (state / "sources.list").write_text(f"deb [signed-by={KEYRING}] {MIRROR} {src.suite} main\n")
-            for step in (("update",), ("download", src.package)):
-                r = _apt(state, *step)
-                if r.returncode != 0:
-                    said = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                    raise InfraError(f"apt-get {step[0]} for {src.package} ({src.suite}) failed: {said[:300]}",
-                                     hint=f"check that {MIRROR} is reachable; nothing was changed in the "
-                                          "system's apt state")
-            (deb,) = state.glob(f"{src.package}_*_all.deb")
+        with apt_private(home, f"deb [signed-by={KEYRING}] {MIRROR} {src.suite} main\n") as apt:
+            r = apt("download", src.package)
+            if r.returncode != 0:
+                said = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise InfraError(f"apt-get download {src.package} ({src.suite}) failed: {said[:300]}",
+                                 hint=f"check that {MIRROR} is reachable; nothing was changed in the "
+                                      "system's apt state")
+            (deb,) = apt.dir.glob(f"{src.package}_*_all.deb")
             _take_tarball(deb, src.member, final)
         if not quiet:
             print(f"fetch: {final} ({final.stat().st_size >> 20} MB, from {deb.name})", flush=True)

@@ -101,35 +101,53 @@ def _model_from(pool: Any, version: VersionLike) -> HypPool:
                               max_order=pool.max_order)
 
 
-def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, Any] | None,
-           version: VersionLike, names: Mapping[int, str] | None = None) -> ReplayResult:
-    """`initial`/`final`: pool struct PA -> pool state (range_start, range_end, max_order,
-    free_lists, pages); `ops`: trace records (seq, cpu, pool, op, args, result); `version`: the
-    kernel's, a KernelVersion or the string a saved trace records ("kernel_version": "6.12.117")."""
-    names = dict(names or {})
-    models = {pa: _model_from(p, version) for pa, p in initial.items()}
-    history: dict[int, list[str]] = {pa: [] for pa in models}
-    per_pool: dict[str, dict[str, int]] = {}
-    result_dropped: list[str] = []
-    count = 0
+class Replayer:
+    """The model of every traced pool, fed calls as they come: from a snapshot's pools (`initial`),
+    or from nothing (a trace from power-on builds each pool at its hyp_pool_init). `feed` returns
+    the first divergence; after one, the replayer is spent (its models no longer follow the
+    kernel). `finish` compares the models with a snapshot's pools."""
 
-    def name(pa: int) -> str:
-        return names.get(pa, f"pool@{pa:#x}")
+    def __init__(self, initial: Mapping[int, Any], version: VersionLike, names: Mapping[int, str] | None = None) -> None:
+        self.version = version
+        self.names = dict(names or {})
+        self.models = {pa: _model_from(p, version) for pa, p in initial.items()}
+        self.history: dict[int, list[str]] = {pa: [] for pa in self.models}
+        self.per_pool: dict[str, dict[str, int]] = {}
+        self.dropped: list[str] = []
+        self.count = 0
+        self.divergence: Divergence | None = None
 
-    def diverge(op: Any, pa: int, reason: str, orders: Iterable[int],
-                lists: dict[int, list[int]] | None = None) -> ReplayResult:
-        model = models.get(pa)
+    def name(self, pa: int) -> str:
+        return self.names.get(pa, f"pool@{pa:#x}")
+
+    def feed(self, ops: Iterable[Any], final: Mapping[int, Any] | None = None) -> Divergence | None:
+        """Apply `ops` in order; the first divergence (also kept in .divergence), or None. `final`
+        (a snapshot after these calls, if there is one) only adds the kernel's lists to the report."""
+        if self.divergence is not None:
+            return self.divergence
+        for op in ops:
+            self.count += 1
+            self.divergence = self._apply(op, final)
+            if self.divergence is not None:
+                return self.divergence
+        return None
+
+    def result(self) -> ReplayResult:
+        return ReplayResult(self.count, self.per_pool, self.divergence, dropped=self.dropped)
+
+    def _diverge(self, op: Any, pa: int, reason: str, orders: Iterable[int], final: Mapping[int, Any] | None,
+                 lists: dict[int, list[int]] | None = None) -> Divergence:
+        model = self.models.get(pa)
         if lists is None:
             lists = model.free_lists() if model else {}
         kernel = final[pa].free_lists if final is not None and pa in final else None
         wanted = sorted(set(orders))
-        div = Divergence(_get(op, "seq"), name(pa), _describe(op), reason, history.get(pa, [])[-CONTEXT_OPS:],
-                         {k: lists.get(k, []) for k in wanted},
-                         {k: kernel.get(k, []) for k in wanted} if kernel is not None else None)
-        return ReplayResult(count, per_pool, div, dropped=result_dropped)
+        return Divergence(_get(op, "seq"), self.name(pa), _describe(op), reason, self.history.get(pa, [])[-CONTEXT_OPS:],
+                          {k: lists.get(k, []) for k in wanted},
+                          {k: kernel.get(k, []) for k in wanted} if kernel is not None else None)
 
-    for op in ops:
-        count += 1
+    def _apply(self, op: Any, final: Mapping[int, Any] | None) -> Divergence | None:
+        models = self.models
         kind, args = _get(op, "op"), _get(op, "args")
         pa = _get(op, "pool")
         if kind == "split":
@@ -138,22 +156,23 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
             if pa is None:                      # an admitted memcache page (split after alloc)
                 pa = next((p for p, m in models.items() if m.is_tracked(page)), None)
             if pa is None:
-                return diverge(op, -1, f"split of {page:#x}, which lies in no traced pool", [])
+                return self._diverge(op, -1, f"split of {page:#x}, which lies in no traced pool", [], final)
         if kind == "init":
-            fresh = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=version)
+            fresh = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=self.version)
             # Pages of a torn-down VM's pool go back to the host and may come back as a new VM's
             # pool: the old model describes memory that was reclaimed, so it retires here.
             for old in [p for p, m in models.items()
                         if p != pa and m.range_start < fresh.range_end and fresh.range_start < m.range_end]:
                 del models[old]
-                result_dropped.append(name(old))
+                self.dropped.append(self.name(old))
             models[pa] = fresh
-            history[pa] = []
-            names.setdefault(pa, f"pool@{pa:#x}")
+            self.history[pa] = []
+            self.names.setdefault(pa, f"pool@{pa:#x}")
         elif pa not in models:
-            return diverge(op, pa, "a call on a pool that neither the snapshot nor a traced hyp_pool_init knows", [])
+            return self._diverge(op, pa, "a call on a pool that neither the snapshot nor a traced hyp_pool_init "
+                                         "knows", [], final)
         model = models[pa]
-        counts = per_pool.setdefault(name(pa), {})
+        counts = self.per_pool.setdefault(self.name(pa), {})
         counts[kind] = counts.get(kind, 0) + 1
         try:
             if kind == "alloc":
@@ -162,48 +181,65 @@ def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, A
                 actual = _get(op, "result")
                 if predicted != actual:
                     shown = lambda x: f"{x:#x}" if x is not None else "NULL"   # noqa: E731
-                    return diverge(op, pa, f"the kernel returned {shown(actual)}, the model predicts "
-                                           f"{shown(predicted)}", range(args["order"], model.max_order + 1),
-                                   before)
+                    return self._diverge(op, pa, f"the kernel returned {shown(actual)}, the model predicts "
+                                                 f"{shown(predicted)}", range(args["order"], model.max_order + 1),
+                                         final, before)
             elif kind in ("put", "get"):
                 page = args["addr"] & ~(PAGE - 1)
                 seen = _get(op, "seen")
                 if model.rules.external_pages and not model.is_tracked(page):
                     if seen is None:
-                        return diverge(op, pa, f"page {page:#x} is outside the pool and not admitted, and "
-                                               "the record has no `seen` (refcount, order) to admit it "
-                                               "with as a memcache page", [])
+                        return self._diverge(op, pa, f"page {page:#x} is outside the pool and not admitted, and "
+                                                     "the record has no `seen` (refcount, order) to admit it "
+                                                     "with as a memcache page", [], final)
                     model.admit(page, seen[0], seen[1])     # guest_s2_zalloc_page's untraced refcount = 1
                 if seen is not None and model.is_tracked(page) and model.page(page)[0] != seen[0]:
-                    return diverge(op, pa, f"page {page:#x} had refcount {seen[0]} in the kernel at this call, "
-                                           f"{model.page(page)[0]} in the model: a reference was taken or "
-                                           f"dropped outside the traced calls", [])
+                    return self._diverge(op, pa, f"page {page:#x} had refcount {seen[0]} in the kernel at this "
+                                                 f"call, {model.page(page)[0]} in the model: a reference was taken "
+                                                 f"or dropped outside the traced calls", [], final)
                 (model.put if kind == "put" else model.get)(page)
             elif kind == "split":
                 model.split(args["addr"])
         except BuddyBug as e:
-            return diverge(op, pa, f"the model refuses it: {e}", range(0, model.max_order + 1))
+            return self._diverge(op, pa, f"the model refuses it: {e}", range(0, model.max_order + 1), final)
         except ValueError as e:
-            return diverge(op, pa, f"the model cannot apply it: {e}", [])
-        history[pa].append(_describe(op))
+            return self._diverge(op, pa, f"the model cannot apply it: {e}", [], final)
+        self.history[pa].append(_describe(op))
+        return None
 
-    result = ReplayResult(count, per_pool, None, dropped=result_dropped)
-    if final is None:
-        return result
-    for pa, model in models.items():
-        if pa not in final:
-            result.dropped.append(name(pa))
-            continue
-        kernel = final[pa]
-        mine = model.free_lists()
-        for order in sorted(set(mine) | set(kernel.free_lists)):
-            if mine.get(order, []) != kernel.free_lists.get(order, []):
-                result.final_mismatches.append(
-                    f"{name(pa)} free_area[{order}]: model {[hex(b) for b in mine.get(order, [])]}, "
-                    f"kernel {[hex(b) for b in kernel.free_lists.get(order, [])]}")
-        for page, state in kernel.pages.items():     # the pool's pages, and external ones listed free
-            if model.is_tracked(page) and model.page(page) != state:
-                result.final_mismatches.append(f"{name(pa)} page {page:#x}: model {model.page(page)}, kernel {state}")
-                if len(result.final_mismatches) > 20:
-                    return result
+    def compare(self, final: Mapping[int, Any], *, drop_missing: bool = True) -> list[str]:
+        """Each model against the kernel's pool in `final` (free lists, and every page it lists).
+        A model whose pool is gone from `final` is dropped (a torn-down VM's) when drop_missing."""
+        mismatches: list[str] = []
+        for pa, model in list(self.models.items()):
+            if pa not in final:
+                if drop_missing:
+                    self.dropped.append(self.name(pa))
+                    del self.models[pa]
+                continue
+            kernel = final[pa]
+            mine = model.free_lists()
+            for order in sorted(set(mine) | set(kernel.free_lists)):
+                if mine.get(order, []) != kernel.free_lists.get(order, []):
+                    mismatches.append(
+                        f"{self.name(pa)} free_area[{order}]: model {[hex(b) for b in mine.get(order, [])]}, "
+                        f"kernel {[hex(b) for b in kernel.free_lists.get(order, [])]}")
+            for page, state in kernel.pages.items():     # the pool's pages, and external ones listed free
+                if model.is_tracked(page) and model.page(page) != state:
+                    mismatches.append(f"{self.name(pa)} page {page:#x}: model {model.page(page)}, kernel {state}")
+                    if len(mismatches) > 20:
+                        return mismatches
+        return mismatches
+
+
+def replay(initial: Mapping[int, Any], ops: Iterable[Any], final: Mapping[int, Any] | None,
+           version: VersionLike, names: Mapping[int, str] | None = None) -> ReplayResult:
+    """`initial`/`final`: pool struct PA -> pool state (range_start, range_end, max_order,
+    free_lists, pages); `ops`: trace records (seq, cpu, pool, op, args, result); `version`: the
+    kernel's, a KernelVersion or the string a saved trace records ("kernel_version": "6.12.117")."""
+    replayer = Replayer(initial, version, names)
+    if replayer.feed(ops, final) is not None or final is None:
+        return replayer.result()
+    result = replayer.result()
+    result.final_mismatches = replayer.compare(final)     # also lists the dropped pools in result.dropped
     return result

@@ -71,6 +71,7 @@ class QemuSpec:
     no_reboot: bool = True          # a guest reboot (or panic) ends QEMU; False lets it reset
     gdb_socket: Path | None = None  # QEMU's gdbstub on a unix socket (EL2 tracing)
     console_pty: bool = False       # a pty for the console (a person's terminal); else a socket pair
+    plugin: tuple[Path, Path, Path] | None = None   # el2trace: (library, spec, stream file)
 
     def cmdline(self) -> str:
         return f"{BASE_CMDLINE} {self.append}".strip()
@@ -86,6 +87,7 @@ class QemuSpec:
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             # a unix socket: over TCP, Nagle on QEMU's side and delayed ACKs cost 40 ms a packet
             *(["-gdb", f"unix:{self.gdb_socket},server=on,wait=off"] if self.gdb_socket else []),
+            *(["-plugin", f"{self.plugin[0]},spec={self.plugin[1]},out={self.plugin[2]}"] if self.plugin else []),
             *self.extra_args,
         ]
 

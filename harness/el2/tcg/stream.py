@@ -1,0 +1,226 @@
+"""el2trace's record stream, decoded: raw records (`read_records`), and the calls they describe
+(`Calls`): allocator operations in the replay's `Op` form, and host hypercalls.
+
+The stream is the file the plugin appends to while the machine runs; `Follower` reads what is new
+each time it is asked, keeping a partial record for the next time.
+
+An allocator call becomes an Op at its return, ordered by the return's sequence number: two vCPUs
+that enter calls on one pool race for its lock, and the one that returns first took it first far
+more often than the one that entered first. A call whose return is never seen (a tail call) is
+ordered at its entry, when the same vCPU enters that function again or the stream ends.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.el2.decode import field_value
+from harness.el2.symbols import Field
+from harness.el2.tcg.probes import FUNCTIONS, RESULT_REGS, TRAP, Layout
+from harness.el2.trace import Op
+
+META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
+HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
+NREGS = 10                                # x0..x7, x30, sp
+U32 = 0xFFFF_FFFF
+MASK64 = (1 << 64) - 1
+EC_HVC64 = 0x16
+
+
+class StreamError(ValueError):
+    """The file is not an el2trace stream (or is cut in the middle of a record header)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    type: int
+    kind: str          # 'e' entry, 'r' return (probe records)
+    fn: int
+    vcpu: int
+    failed: int        # bit i: read i could not be made
+    seq: int
+    pc: int            # link address of the probed instruction
+    payload: bytes
+
+    def regs(self) -> list[int]:
+        return list(struct.unpack_from(f"<{NREGS}Q", self.payload))
+
+
+def read_records(data: bytes) -> tuple[list[Record], int]:
+    """The whole records in `data`, and how many bytes they take (the rest is a partial record)."""
+    out: list[Record] = []
+    at = 0
+    while at + HEADER.size <= len(data):
+        length, rtype, kind, fn, vcpu, failed, seq, pc = HEADER.unpack_from(data, at)
+        if length < HEADER.size or rtype not in (META, PROBE, COVER, STATS, VARS):
+            raise StreamError(f"no el2trace record at byte {at} (length {length}, type {rtype})")
+        if at + length > len(data):
+            break
+        out.append(Record(rtype, chr(kind) if kind else "", fn, vcpu, failed, seq, pc,
+                          data[at + HEADER.size:at + length]))
+        at += length
+    return out, at
+
+
+class Follower:
+    """Reads the records appended to the stream file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new_records(self) -> list[Record]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        records, used = read_records(data)
+        self.offset += used
+        return records
+
+
+@dataclass(frozen=True)
+class HostCall:
+    """A host hypercall: its SMCCC function id and arguments at entry, x0..x3 at return."""
+
+    seq: int
+    vcpu: int
+    function: int
+    args: tuple[int, ...]
+    result: tuple[int, ...] | None = None
+
+
+@dataclass
+class Coverage:
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)   # (link start, size, count)
+    probe_hits_not_at_el2: int = 0
+    read_failures: int = 0
+    delta_learnt: bool = False
+
+
+class Calls:
+    """Turns records into Ops and HostCalls, in order. Feed it every record of one stream."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.fields = {n: Field(**f) for n, f in layout.page_fields.items()}
+        self.delta: int | None = None         # link - hyp VA
+        self.vmemmap = 0                      # hyp VA of the hyp_page array
+        self.physvirt: int | None = None      # hyp PA - hyp VA
+        self.coverage = Coverage()
+        self._names = layout.pool_links()     # global pool's link address -> name
+        self._open: dict[tuple[int, int], tuple[Record, list[bytes]]] = {}   # (vcpu, fn) -> entry
+        self._seq = 0
+
+    def pa(self, va: int) -> int:
+        assert self.physvirt is not None
+        return (va + self.physvirt) & MASK64
+
+    def pool_names(self) -> dict[int, str]:
+        """Pool struct PA -> symbol name, for the pools that are kernel globals (hpool, host_s2_pool)."""
+        if self.delta is None or self.physvirt is None:
+            return {}
+        return {self.pa(link - self.delta): name for link, name in self._names.items()}
+
+    def feed(self, records: Iterable[Record]) -> tuple[list[Op], list[HostCall]]:
+        ops: list[Op] = []
+        calls: list[HostCall] = []
+        for r in records:
+            if r.type == META:
+                (self.delta,) = struct.unpack_from("<Q", r.payload)
+            elif r.type == VARS:
+                self.vmemmap, self.physvirt = struct.unpack_from("<QQ", r.payload)
+            elif r.type == COVER:
+                start, size, _pad, count = struct.unpack_from("<QIIQ", r.payload)
+                self.coverage.blocks.append((start, size, count))
+            elif r.type == STATS:
+                ignored, failures, _blocks, learnt = struct.unpack_from("<4Q", r.payload)
+                self.coverage.probe_hits_not_at_el2, self.coverage.read_failures = ignored, failures
+                self.coverage.delta_learnt = bool(learnt)
+            elif r.type == PROBE:
+                self._probe(r, ops, calls)
+        return ops, calls
+
+    def flush(self) -> list[Op]:
+        """Calls still open (entered, no return seen), in entry order: at the end of a stream."""
+        ops = [op for entry, reads in sorted(self._open.values(), key=lambda e: e[0].seq)
+               if (op := self._op(entry, reads, None)) is not None]
+        self._open.clear()
+        return ops
+
+    # --- probes ------------------------------------------------------------------------------
+
+    def _reads(self, r: Record) -> list[bytes]:
+        at = 8 * (NREGS + len(self.layout.extra_registers))
+        out = []
+        for length in self.layout.reads.get(f"{r.fn}{r.kind}", []):
+            out.append(r.payload[at:at + length])
+            at += length
+        return out
+
+    def _probe(self, r: Record, ops: list[Op], calls: list[HostCall]) -> None:
+        name = FUNCTIONS[r.fn] if r.fn < len(FUNCTIONS) else "?"
+        key = (r.vcpu, r.fn)
+        if r.kind == "e":
+            if key in self._open:              # its return was never seen: order it at its entry
+                if (op := self._op(*self._open.pop(key), None)) is not None:
+                    ops.append(op)
+            self._open[key] = (r, self._reads(r))
+            return
+        opened = self._open.pop(key, None)
+        if opened is None:
+            return                             # a return whose entry came before the stream began
+        entry, reads = opened
+        if name == TRAP:
+            if (call := self._host_call(entry, reads, r)) is not None:
+                calls.append(call)
+        elif (op := self._op(entry, reads, r)) is not None:
+            ops.append(op)
+
+    def _host_call(self, entry: Record, reads: list[bytes], ret: Record) -> HostCall | None:
+        extra = struct.unpack_from(f"<{len(self.layout.extra_registers)}Q", entry.payload, 8 * NREGS)
+        esr = extra[0] if extra else 0
+        if (esr >> 26) & 0x3F != EC_HVC64 or not reads:
+            return None                        # a stage-2 fault or another trap, not a hypercall
+        regs = struct.unpack_from("<8Q", reads[0])
+        result = struct.unpack_from(f"<{RESULT_REGS}Q", self._reads(ret)[0]) if self._reads(ret) else None
+        return HostCall(ret.seq, entry.vcpu, regs[0], tuple(regs[1:]), result)
+
+    def _op(self, entry: Record, reads: list[bytes], ret: Record | None) -> Op | None:
+        name = FUNCTIONS[entry.fn]
+        if name == TRAP or self.physvirt is None:
+            return None
+        x = entry.regs()
+        seq = ret.seq if ret is not None else entry.seq
+        if name == "hyp_pool_init":
+            return Op(seq, entry.vcpu, self.pa(x[0]), "init",
+                      {"pfn": x[1], "nr_pages": x[2] & U32, "reserved_pages": x[3] & U32})
+        if name == "hyp_alloc_pages":
+            if ret is None:
+                return None                    # no result to compare
+            result = ret.regs()[0]
+            return Op(seq, entry.vcpu, self.pa(x[0]), "alloc", {"order": x[1] & 0xFF},
+                      self.pa(result) if result else None)
+        if name in ("hyp_put_page", "hyp_get_page"):
+            seen = None
+            if reads and not entry.failed & 1:
+                seen = [field_value(reads[0], self.fields["refcount"]), field_value(reads[0], self.fields["order"])]
+            return Op(seq, entry.vcpu, self.pa(x[0]), name[4:7], {"addr": self.pa(x[1])}, seen=seen)
+        if name == "hyp_split_page":
+            return Op(seq, entry.vcpu, None, "split",
+                      {"addr": ((x[0] - self.vmemmap) // self.layout.page_size) << 12})
+        return None
+
+
+def decode_file(path: Path, layout: Layout) -> Iterator[Op | HostCall]:
+    """Every call in a finished stream file, in order (ops and host calls by sequence number)."""
+    records, _ = read_records(path.read_bytes())
+    calls = Calls(layout)
+    ops, hcalls = calls.feed(records)
+    everything: list[Op | HostCall] = [*ops, *calls.flush(), *hcalls]
+    yield from sorted(everything, key=lambda c: c.seq)
