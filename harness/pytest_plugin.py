@@ -129,8 +129,13 @@ def target(request: pytest.FixtureRequest, pkvm_run_dir: Path, pkvm_machine: Any
     except HarnessError as e:
         _stop_session(recorder, e)
     recorder.target = t
+    if pkvm_machine is not None and pkvm_machine.spec.plugin is not None:
+        from harness.replay import LiveReplay
+
+        recorder.live = LiveReplay(pkvm_machine.spec.plugin[2])
     yield t
     t.close()
+    recorder.close_live()
 
 
 def _board(config: pytest.Config) -> Target:
@@ -256,23 +261,34 @@ def seed(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Callable[[], Any]:
     """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
-    on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult)."""
-    from harness.el2.trace import Tracer
-
-    if not isinstance(target, Debugger):
-        pytest.skip(f"{target.name} has no gdbstub to trace through")
-    gdb = target.gdb_socket
+    on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult),
+    its pools compared with a snapshot at the end. With el2trace (QEMU 9.1+) the window is a slice
+    of the replay from power-on; without it, a gdbstub trace replayed from a snapshot at its start."""
+    live = _recorder(request.config).live
+    if live is None and not isinstance(target, Debugger):
+        pytest.skip(f"{target.name} has neither el2trace nor a gdbstub to trace through")
 
     @contextlib.contextmanager
-    def session() -> Iterator[Any]:
-        from harness.replay import replay_trace
-
+    def plugin_window() -> Iterator[Any]:
         box = types.SimpleNamespace(trace=None, result=None)
         request.node.stash.setdefault(REPLAYS, []).append(box)   # a failing test's report shows its divergence
-        with Tracer(el2, gdb) as tracer:
+        live.compare(el2.snapshot(while_paused=live.poll))     # pools of VMs gone since are dropped here
+        mark = live.mark()
+        yield box
+        box.result = live.since(mark, el2.snapshot(while_paused=live.poll))
+
+    @contextlib.contextmanager
+    def gdbstub_window() -> Iterator[Any]:
+        from harness.el2.trace import Tracer
+        from harness.replay import replay_trace
+
+        assert isinstance(target, Debugger)
+        box = types.SimpleNamespace(trace=None, result=None)
+        request.node.stash.setdefault(REPLAYS, []).append(box)
+        with Tracer(el2, target.gdb_socket) as tracer:
             tracer.start()
             yield box
             box.trace = tracer.stop()
         box.result = replay_trace(box.trace)
 
-    return session
+    return plugin_window if live is not None else gdbstub_window

@@ -1,14 +1,19 @@
-"""Replaying traced EL2 allocator calls in the model: a live trace, or one saved in a run directory."""
+"""Replaying traced EL2 allocator calls in the model: a live trace (el2trace's stream, followed as the
+machine runs, or a gdbstub trace window), or one saved in a run directory."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.el2.trace import Trace, load, pools_from_json
+from harness.el2.state import Snapshot
+from harness.el2.tcg.probes import Layout
+from harness.el2.tcg.stream import Calls, Follower, HostCall
+from harness.el2.trace import Op, Trace, load, pools_from_json
 from harness.errors import UsageError
-from harness.model.replay import ReplayResult, replay
+from harness.model.replay import Divergence, Replayer, ReplayResult, replay
 
 
 def pool_names(trace: Trace) -> dict[int, str]:
@@ -57,3 +62,70 @@ def replay_saved(path: Path) -> ReplayResult:
 def _what(e: Exception) -> str:
     detail: Any = e.args[0] if e.args else type(e).__name__
     return f"no field {detail!r}" if isinstance(e, KeyError) else str(detail)
+
+
+@dataclass
+class Window:
+    """The calls one poll of a live stream brought."""
+
+    ops: list[Op]
+    host_calls: list[HostCall]
+
+
+@dataclass(frozen=True)
+class Mark:
+    ops: int
+    dropped: int
+    per_pool: dict[str, dict[str, int]]
+
+
+class LiveReplay:
+    """Every EL2 allocator call of a machine running el2trace, replayed from power-on: each pool is
+    built at its hyp_pool_init and never adopted from a snapshot. `poll()` feeds the model what the
+    plugin wrote since the last poll. After a divergence the models no longer follow the kernel;
+    `take_divergence()` hands it out once, to the test it happened in."""
+
+    def __init__(self, stream: Path) -> None:
+        layout = Layout.from_json(stream.with_name("el2trace-layout.json").read_text())
+        self.stream = stream
+        self.follower = Follower(stream)
+        self.calls = Calls(layout)
+        self.replayer = Replayer({}, layout.kernel_version)
+        self.host_calls_total = 0
+        self._reported = False
+
+    @property
+    def ops_total(self) -> int:
+        return self.replayer.count
+
+    def poll(self) -> Window:
+        ops, host_calls = self.calls.feed(self.follower.new_records())
+        self.replayer.names.update(self.calls.pool_names())
+        self.replayer.feed(ops)
+        self.host_calls_total += len(host_calls)
+        return Window(ops, host_calls)
+
+    def take_divergence(self) -> Divergence | None:
+        if self.replayer.divergence is None or self._reported:
+            return None
+        self._reported = True
+        return self.replayer.divergence
+
+    def mark(self) -> Mark:
+        return Mark(self.replayer.count, len(self.replayer.dropped),
+                    {k: dict(v) for k, v in self.replayer.per_pool.items()})
+
+    def compare(self, snapshot: Snapshot) -> list[str]:
+        """The models against a snapshot whose instant is the last poll's (taken while_paused)."""
+        if self.replayer.divergence is not None:
+            return []
+        return self.replayer.compare({p.struct_pa: p for p in snapshot.pools.values()})
+
+    def since(self, mark: Mark, snapshot: Snapshot) -> ReplayResult:
+        """What the model made of the calls since `mark`, compared at the end with `snapshot`."""
+        mismatches = self.compare(snapshot)
+        per_pool = {pool: diff for pool, counts in self.replayer.per_pool.items()
+                    if (diff := {op: n - mark.per_pool.get(pool, {}).get(op, 0) for op, n in counts.items()
+                                 if n > mark.per_pool.get(pool, {}).get(op, 0)})}
+        return ReplayResult(self.replayer.count - mark.ops, per_pool, self.replayer.divergence, mismatches,
+                            self.replayer.dropped[mark.dropped:])

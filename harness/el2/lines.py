@@ -20,6 +20,7 @@ from pathlib import Path
 from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarfinfo import DWARFInfo
+from elftools.dwarf.lineprogram import LineProgram
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
@@ -88,12 +89,16 @@ def load(vmlinux: Path) -> Lines:
         functions: list[Function] = []
         root: Path | None = None
         for cu in _hyp_units(dwarf, windows):
-            unit = _Unit(dwarf, cu)
+            program = dwarf.line_program_for_CU(cu)
+            if program is None:
+                continue
+            unit = _Unit(cu, program)
             if unit.root is None:
                 continue
             root = root or unit.root
-            rows += [r for r in unit.rows() if _inside(r.start, windows)]
-            functions += [fn for fn in unit.functions() if _inside(fn.low, windows)]
+            unit_rows = [r for r in unit.rows() if _inside(r.start, windows)]
+            rows += unit_rows
+            functions += [fn for fn in unit.functions(unit_rows) if _inside(fn.low, windows)]
     rows.sort(key=lambda r: (r.start, r.end))
     functions.sort(key=lambda fn: (fn.file, fn.line, fn.low))
     return Lines(rows, functions, root)
@@ -142,14 +147,14 @@ def _unit_paths(top: DIE) -> tuple[str, str]:
 class _Unit:
     """One compile unit: its file table with paths made relative, its rows and its functions."""
 
-    def __init__(self, dwarf: DWARFInfo, cu: CompileUnit) -> None:
+    def __init__(self, cu: CompileUnit, program: LineProgram) -> None:
         self.cu = cu
+        self.program = program
         self.build_dir, name = _unit_paths(cu.get_top_DIE())
         full = os.path.normpath(os.path.join(self.build_dir, name))
         cut = full.rfind("/" + HYP_DIR)
         # A relative unit name without a build dir (unusual) leaves the root unknown.
         self.root = Path(full[:cut]) if cut > 0 and os.path.isabs(full) else None
-        self.program = dwarf.line_program_for_CU(cu)
         self.files = self._file_table()
 
     def _file_table(self) -> dict[int, str]:
@@ -187,9 +192,14 @@ class _Unit:
                 sequence.append((state.address, state.file, state.line))
         return out
 
-    def functions(self) -> list[Function]:
+    def functions(self, rows: list[Row]) -> list[Function]:
+        """Functions with code. C has no nested functions, so the unit's children are enough (and
+        skipping the rest of the tree through DW_AT_sibling is several times faster)."""
+        first_row = {}
+        for row in reversed(rows):
+            first_row[row.start] = row
         out = []
-        for die in self.cu.iter_DIEs():
+        for die in self.cu.get_top_DIE().iter_children():
             if die.tag != "DW_TAG_subprogram" or "DW_AT_low_pc" not in die.attributes \
                     or "DW_AT_high_pc" not in die.attributes:
                 continue
@@ -197,8 +207,12 @@ class _Unit:
             high_attr = die.attributes["DW_AT_high_pc"]
             high = high_attr.value if high_attr.form == "DW_FORM_addr" else low + high_attr.value
             name, file, line = _declared(die)
-            if name is not None:
-                out.append(Function(name, self.files.get(file, "?"), line, low, high))
+            if name is None:
+                continue
+            if file in self.files and line:
+                out.append(Function(name, self.files[file], line, low, high))
+            elif low in first_row:      # assembler functions: gas gives them no decl_file/decl_line
+                out.append(Function(name, first_row[low].file, first_row[low].line, low, high))
         return out
 
 

@@ -14,6 +14,7 @@ harness.el2.image.MemoryImage that decodes offline to the same snapshot.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.el2 import decode
@@ -60,8 +61,10 @@ class El2Reader:
 
     # --- taking a snapshot -----------------------------------------------------------------
 
-    def snapshot(self, attempts: int = 50) -> Snapshot:
-        return self._take(attempts, record=False)[0]
+    def snapshot(self, attempts: int = 50, while_paused: Callable[[], object] | None = None) -> Snapshot:
+        """`while_paused` runs once, with the machine still stopped at the snapshot's instant (the
+        live replay reads the trace up to that instant there)."""
+        return self._take(attempts, record=False, while_paused=while_paused)[0]
 
     def snapshot_and_image(self, attempts: int = 50) -> tuple[Snapshot, MemoryImage]:
         """A snapshot, and the memory image of every page its decoding read (while stopped).
@@ -70,7 +73,8 @@ class El2Reader:
         assert recorder is not None
         return snap, recorder.image(self.kernel, self.kimage_voffset, snap)
 
-    def _take(self, attempts: int, record: bool) -> tuple[Snapshot, RecordingReader | None]:
+    def _take(self, attempts: int, record: bool,
+              while_paused: Callable[[], object] | None = None) -> tuple[Snapshot, RecordingReader | None]:
         for attempt in range(1, attempts + 1):
             start = time.monotonic()
             recorder = None
@@ -83,6 +87,8 @@ class El2Reader:
                     recorder = RecordingReader(cache.read) if record else None
                     snap = decode.decode_snapshot(recorder.read if recorder else cache.read, self.kernel,
                                                   self.kimage_voffset, attempts=attempt, taken_at=time.time())
+                    if while_paused is not None:
+                        while_paused()
             cache.frozen = True
             pause_ms = (time.monotonic() - start) * 1000
             if snap is not None:

@@ -107,7 +107,8 @@ class Replayer:
     the first divergence; after one, the replayer is spent (its models no longer follow the
     kernel). `finish` compares the models with a snapshot's pools."""
 
-    def __init__(self, initial: Mapping[int, Any], version: VersionLike, names: Mapping[int, str] | None = None) -> None:
+    def __init__(self, initial: Mapping[int, Any], version: VersionLike,
+                 names: Mapping[int, str] | None = None) -> None:
         self.version = version
         self.names = dict(names or {})
         self.models = {pa: _model_from(p, version) for pa, p in initial.items()}
@@ -142,7 +143,8 @@ class Replayer:
             lists = model.free_lists() if model else {}
         kernel = final[pa].free_lists if final is not None and pa in final else None
         wanted = sorted(set(orders))
-        return Divergence(_get(op, "seq"), self.name(pa), _describe(op), reason, self.history.get(pa, [])[-CONTEXT_OPS:],
+        return Divergence(_get(op, "seq"), self.name(pa), _describe(op), reason,
+                          self.history.get(pa, [])[-CONTEXT_OPS:],
                           {k: lists.get(k, []) for k in wanted},
                           {k: kernel.get(k, []) for k in wanted} if kernel is not None else None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ class SuiteRecorder:
         self.reason: str | None = None           # why the session stopped early, when it did
         self.died: str | None = None             # "<test>: <why>" once the target died
         self.panic_line: str | None = None       # the console's first panic line, when that is why
+        self.live: Any = None                    # harness.replay.LiveReplay, when the target runs el2trace
+        self.el2_summary: dict[str, Any] = {}    # the live replay's totals, in result.json
+        self._live_counts = (0, 0)               # (allocator calls, hypercalls) at the last judgement
 
     def attach(self, run_dir: Path) -> None:
         """The session is about to boot or connect a target: a suite run, reported in run_dir."""
@@ -85,6 +89,8 @@ class SuiteRecorder:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
+        if self.live is not None and not hasattr(report, "context"):
+            self._judge_el2_calls(item, report)
         if call.when == "call" and not hasattr(report, "context") and report.failed and self.target is not None:
             death = self.target.death()
             if death is not None and self.died is None:
@@ -124,6 +130,39 @@ class SuiteRecorder:
             rec["outcome"] = "skipped"
             rec["message"] = _message(report)
 
+    def _judge_el2_calls(self, item: pytest.Item, report: pytest.TestReport) -> None:
+        """The EL2 allocator calls made during this phase of the test, replayed in the model: a
+        divergence fails the test (its setup or teardown: an error), once, with the model's report."""
+        before = self._live_counts
+        self.live.poll()
+        self._live_counts = (self.live.ops_total, self.live.host_calls_total)
+        if self._live_counts != before:
+            report.user_properties.append((f"el2_calls_{report.when}",
+                                           {"allocator": self._live_counts[0] - before[0],
+                                            "hypercalls": self._live_counts[1] - before[1]}))
+        divergence = self.live.take_divergence()
+        if divergence is None:
+            return
+        text = f"EL2 allocator replay diverged during this test's {report.when}:\n{divergence.render()}"
+        item.stash.setdefault(REPLAYS, []).append(types.SimpleNamespace(result=self.live.replayer.result()))
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = text
+        else:
+            report.sections.append(("pkvm-harness el2 replay", text))
+
+    def close_live(self) -> None:
+        """The target has stopped: the plugin's last records (block counts) are read, and the
+        session's totals kept for result.json."""
+        if self.live is None:
+            return
+        self.live.poll()
+        cov = self.live.calls.coverage
+        self.el2_summary = {"allocator_calls": self.live.ops_total, "hypercalls": self.live.host_calls_total,
+                            "replay_divergence": self.live.replayer.divergence is not None,
+                            "hyp_blocks_executed": len(cov.blocks), "probe_hits_not_at_el2": cov.probe_hits_not_at_el2,
+                            "read_failures": cov.read_failures}
+
     def add_evidence(self, nodeid: str, found: dict[str, Any]) -> None:
         self.tests.setdefault(nodeid, {"nodeid": nodeid, "outcome": "failed", "duration_s": 0.0})["evidence"] = found
 
@@ -162,7 +201,8 @@ class SuiteRecorder:
             target=self.target.describe().to_dict() if self.target is not None
             else {"kind": "none", "name": "no target (it did not come up)"},
             summary={**counts, "total": len(tests)}, junit="junit.xml", tests=tests,
-            **({"died": self.died} if self.died else {}))
+            **({"died": self.died} if self.died else {}),
+            **({"el2trace": self.el2_summary} if self.el2_summary else {}))
         result.finish(status)
         return result.to_dict()
 

@@ -233,9 +233,10 @@ static void learn_delta(struct qemu_plugin_tb *tb)
     }
 }
 
-/* Is this block the hypervisor's code? Its VA maps into the hyp text and most of its words are
- * vmlinux's words there (alternatives patch a few; a host process at the same VA would not
- * hold the same code). */
+/* Is this block the hypervisor's code? Its VA maps into the hyp text and some of its words are
+ * vmlinux's words there. Not all: alternatives patch whole sequences at boot (the LSE atomics of
+ * hyp_spin_lock fill the first block of hyp_put_page); a host process at the same VA would not
+ * hold the same code. (A block whose every word was patched is not counted.) */
 static bool is_hyp_block(struct qemu_plugin_tb *tb, uint64_t link, size_t n)
 {
     if (!text) {
@@ -244,13 +245,14 @@ static bool is_hyp_block(struct qemu_plugin_tb *tb, uint64_t link, size_t n)
     if (link < text_link || link + 4 * n > text_link + text_size) {
         return false;
     }
-    size_t same = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t want;
         memcpy(&want, text + (link - text_link) + 4 * i, 4);
-        same += insn_word(qemu_plugin_tb_get_insn(tb, i)) == want;
+        if (insn_word(qemu_plugin_tb_get_insn(tb, i)) == want) {
+            return true;
+        }
     }
-    return 2 * same > n;
+    return false;
 }
 
 static void count_block(struct qemu_plugin_tb *tb, uint64_t link, size_t n)

@@ -37,6 +37,7 @@ GLOBAL_POOLS = ("hpool", "host_s2_pool")
 class Layout:
     """How to read a run's records back: function names by id, each probe's reads, hyp_page."""
 
+    kernel_version: str                   # the vmlinux banner's release ("6.12.117"): the model's rules
     functions: list[str]
     reads: dict[str, list[int]]           # "<fn id><e|r>" -> byte length of each read
     extra_registers: list[str]
@@ -109,7 +110,7 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         reads[f"{fn_id}r"] = [_length(r) for r in ret_reads]
     fields = {n: asdict(hp.field(n)) for n in ("refcount", "order")}
     pools = {str(info.sym(NVHE + n)): n for n in GLOBAL_POOLS}
-    layout = Layout(list(FUNCTIONS), reads, ["ESR_EL2"], hp.size, fields, pools)
+    layout = Layout(info.version, list(FUNCTIONS), reads, ["ESR_EL2"], hp.size, fields, pools)
     return Spec("\n".join(lines) + "\n", layout, text, start)
 
 
