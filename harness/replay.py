@@ -17,17 +17,19 @@ from harness.model.replay import Divergence, Replayer, ReplayResult, replay
 
 
 def pool_names(trace: Trace) -> dict[int, str]:
-    names = {p.struct_pa: n for n, p in trace.initial.pools.items()}
+    names = {p.struct_pa: n for n, p in trace.initial.pools.items()} if trace.initial is not None else {}
     if trace.final is not None:
         names.update({p.struct_pa: n for n, p in trace.final.pools.items()})
     return names
 
 
 def replay_trace(trace: Trace) -> ReplayResult:
-    """Replay a live trace in the model, from its initial snapshot to its final one."""
-    return replay({p.struct_pa: p for p in trace.initial.pools.values()}, trace.ops,
-                  {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
-                  trace.initial.kernel_version, pool_names(trace))
+    """Replay a live trace in the model, from its initial snapshot (or power-on) to its final one."""
+    start = trace.initial if trace.initial is not None else trace.final
+    assert start is not None, "a trace from power-on ends with a snapshot"
+    return replay({p.struct_pa: p for p in trace.initial.pools.values()} if trace.initial is not None else {},
+                  trace.ops, {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
+                  start.kernel_version, pool_names(trace))
 
 
 def replay_saved(path: Path) -> ReplayResult:
@@ -85,8 +87,9 @@ class LiveReplay:
     plugin wrote since the last poll. After a divergence the models no longer follow the kernel;
     `take_divergence()` hands it out once, to the test it happened in."""
 
-    def __init__(self, stream: Path) -> None:
+    def __init__(self, stream: Path, keep_ops: bool = False) -> None:
         layout = Layout.from_json(stream.with_name("el2trace-layout.json").read_text())
+        self.ops: list[Op] | None = [] if keep_ops else None       # every op, for `pkvm-harness trace`
         self.stream = stream
         self.follower = Follower(stream)
         self.calls = Calls(layout)
@@ -100,6 +103,8 @@ class LiveReplay:
 
     def poll(self) -> Window:
         ops, host_calls = self.calls.feed(self.follower.new_records())
+        if self.ops is not None:
+            self.ops += ops
         self.replayer.names.update(self.calls.pool_names())
         self.replayer.feed(ops)
         self.host_calls_total += len(host_calls)

@@ -1,8 +1,10 @@
-"""`pkvm-harness trace`: boot with the gdbstub, run a command under an EL2 allocator trace, save
-the trace and both snapshots, and replay it in the model."""
+"""`pkvm-harness trace`: boot, run a command under an EL2 allocator trace, save the trace and its
+snapshots, and replay it in the model. With el2trace (QEMU 9.1+, the default) the trace runs
+from power-on; with --el2-plugin off, the gdbstub tracer covers the command only."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +13,13 @@ from harness.commands.run import finish
 from harness.el2.snapshot import El2Reader
 from harness.el2.trace import Trace, Tracer, save
 from harness.errors import ExitCode, HarnessError
-from harness.machine import MachineRequest, assemble
+from harness.machine import Machine, MachineRequest, assemble
 from harness.model.replay import ReplayResult
 from harness.options import BootOptions, KernelOptions
 from harness.replay import pool_names, replay_trace
 from harness.report.evidence import divergence
 from harness.report.result import BootSummary, KernelSummary, Result
+from harness.targets.base import CommandResult
 
 
 @dataclass
@@ -37,12 +40,15 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
     result.kernel = KernelSummary.of(machine.kernel)
     result.boot = BootSummary(machine.spec.cpu, machine.spec.smp, machine.spec.mem)
     try:
-        with machine.start(run_dir) as target, \
-                El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader, \
-                Tracer(reader, target.gdb_socket, packet_log=packets) as tracer:
-            tracer.start()
-            output = target.run(command, timeout=timeout)
-            trace = tracer.stop()
+        if machine.spec.plugin is not None:
+            output, trace = _with_plugin(machine, run_dir, cache_dir, command, timeout)
+        else:
+            with machine.start(run_dir) as target, \
+                    El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader, \
+                    Tracer(reader, target.gdb_socket, packet_log=packets) as tracer:
+                tracer.start()
+                output = target.run(command, timeout=timeout)
+                trace = tracer.stop()
     except HarnessError as e:
         result.outcome = {ExitCode.PANIC: "panic", ExitCode.TIMEOUT: "timeout"}.get(e.exit_code, "error")
         result.reason = e.one_line()
@@ -57,6 +63,23 @@ def trace_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, run
     judge_replay(result, command, output.status, trace, replayed)
     finish(run_dir, result, ExitCode.PASS if replayed.ok else ExitCode.TEST_FAILURE)
     return TraceOutcome(run_dir, trace, replayed, names)
+
+
+def _with_plugin(machine: Machine, run_dir: Path, cache_dir: Path, command: str,
+                 timeout: float) -> tuple[CommandResult, Trace]:
+    """el2trace: every call from power-on to the end of the command (boot included), the final
+    snapshot taken while paused at the last record read."""
+    from harness.replay import LiveReplay
+
+    assert machine.spec.plugin is not None
+    started = time.monotonic()
+    with machine.start(run_dir) as target, El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader:
+        live = LiveReplay(machine.spec.plugin[2], keep_ops=True)
+        output = target.run(command, timeout=timeout)
+        final = reader.snapshot(while_paused=live.poll)
+    assert live.ops is not None
+    return output, Trace(live.ops, None, final, live.calls.coverage.probe_hits_not_at_el2,
+                         time.monotonic() - started)
 
 
 def judge_replay(result: Result, command: str, status: int, trace: Trace, replayed: ReplayResult) -> None:

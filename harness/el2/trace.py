@@ -59,7 +59,7 @@ class Op:
 @dataclass
 class Trace:
     ops: list[Op]
-    initial: Snapshot
+    initial: Snapshot | None     # None: traced from power-on (el2trace), every pool built at its init
     final: Snapshot | None
     hits_ignored: int            # breakpoint hits not at EL2 (a host process at the same VA)
     seconds: float
@@ -327,6 +327,9 @@ def save(trace: Trace, run_dir: Path) -> dict[str, Path]:
     files = {"trace": run_dir / "trace.jsonl", "initial": run_dir / "snapshot-initial.json",
              "final": run_dir / "snapshot-final.json"}
     files["trace"].write_text("".join(op.to_json() + "\n" for op in trace.ops))
+    if trace.initial is None and trace.final is not None:     # from power-on: no pool before the first op
+        files["initial"].write_text(json.dumps({"kernel_version": trace.final.kernel_version, "pools": {},
+                                                "from": "power-on"}) + "\n")
     for key, snap in (("initial", trace.initial), ("final", trace.final)):
         if snap is not None:
             files[key].write_text(json.dumps({"kernel_version": snap.kernel_version, "pools": pools_to_json(snap),
