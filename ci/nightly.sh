@@ -82,6 +82,7 @@ $harness build "${cli_src[@]}" --el2-debug "$el2_debug"
 
 status=0
 $py -m pytest test_suites -m "not slow" -p no:cacheprovider -v --pkvm-cpu "$cpu" --pkvm-el2-debug "$el2_debug" \
+  --pkvm-el2-coverage \
   "${plugin_src[@]}" \
   --pkvm-run-dir "$out/suites" "$@" || status=$?
 

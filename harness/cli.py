@@ -115,6 +115,12 @@ def parser() -> _Parser:
     p.add_argument("trace", type=Path, metavar="TRACE")
     p.add_argument("--json", action="store_true", help="print the replay's verdict as JSON")
 
+    p = sub.add_parser("coverage", epilog="exit codes: 0 written, 2 no el2trace block counts in RUN_DIR",
+                       help="EL2 line and function coverage of a run (el2trace's block counts): lcov .info and HTML")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR/el2-coverage)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     p = sub.add_parser("report", epilog="exit codes: 0 rendered, 2 not a run directory or unreadable result.json",
                        help="render run directories (their result.json) as Markdown or one self-contained HTML page")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
@@ -319,6 +325,14 @@ def cmd_trace(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_coverage(a: argparse.Namespace) -> int:
+    from harness.commands.coverage import el2_coverage, render
+
+    out = el2_coverage(a.run_dir, a.out)
+    print(json.dumps(out.to_dict(), indent=1) if a.json else render(out))
+    return ExitCode.PASS
+
+
 def cmd_replay(a: argparse.Namespace) -> int:
     from harness.replay import replay_saved
 
@@ -348,7 +362,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
             "test": cmd_test,
-            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay,
+            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay, "coverage": cmd_coverage,
             "bisect": cmd_bisect, "report": cmd_report}
 
 

@@ -50,6 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="accept and save an unknown or changed board host key")
     g.addoption(f"{p}run-dir", type=Path, default=None,
                 help="where the run's console logs and results go (default: runs/<time>-pytest)")
+    g.addoption(f"{p}el2-coverage", action="store_true",
+                help="write the session's EL2 line and function coverage (el2trace's block counts) to "
+                     "RUN_DIR/el2-coverage: lcov .info, HTML, summary.json; figures in result.json")
     g.addoption(f"{p}seed", type=int, default=None,
                 help="seed for the randomized workloads (default: a new one, printed in each test's report)")
 

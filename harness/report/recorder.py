@@ -162,6 +162,20 @@ class SuiteRecorder:
                             "replay_divergence": self.live.replayer.divergence is not None,
                             "hyp_blocks_executed": len(cov.blocks), "probe_hits_not_at_el2": cov.probe_hits_not_at_el2,
                             "read_failures": cov.read_failures}
+        if self.config.getoption("--pkvm-el2-coverage") and self.run_dir is not None:
+            from harness.commands.coverage import el2_coverage
+            from harness.errors import HarnessError
+
+            try:
+                outcome = el2_coverage(self.run_dir)
+            except HarnessError as e:          # a QEMU that did not exit cleanly wrote no counts
+                self.el2_summary["coverage"] = {"error": e.one_line()}
+                return
+            self.el2_summary["coverage"] = {
+                "files": {s.file: {"lines": [s.lines_hit, s.lines_found], "functions": [s.functions_hit,
+                                                                                        s.functions_found]}
+                          for s in outcome.key_files()},
+                "never_run": [f.name for f in outcome.never_run], "html": str(outcome.index)}
 
     def add_evidence(self, nodeid: str, found: dict[str, Any]) -> None:
         self.tests.setdefault(nodeid, {"nodeid": nodeid, "outcome": "failed", "duration_s": 0.0})["evidence"] = found

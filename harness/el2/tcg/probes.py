@@ -44,6 +44,7 @@ class Layout:
     page_size: int                        # sizeof(struct hyp_page)
     page_fields: dict[str, dict] = field(default_factory=dict)   # refcount, order: symbols.Field as a dict
     pools: dict[str, str] = field(default_factory=dict)          # link address (decimal) -> global pool name
+    vmlinux: str = ""                     # the kernel the addresses belong to (coverage maps them to lines)
 
     def pool_links(self) -> dict[int, str]:
         return {int(k): v for k, v in self.pools.items()}
@@ -110,7 +111,7 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         reads[f"{fn_id}r"] = [_length(r) for r in ret_reads]
     fields = {n: asdict(hp.field(n)) for n in ("refcount", "order")}
     pools = {str(info.sym(NVHE + n)): n for n in GLOBAL_POOLS}
-    layout = Layout(info.version, list(FUNCTIONS), reads, ["ESR_EL2"], hp.size, fields, pools)
+    layout = Layout(info.version, list(FUNCTIONS), reads, ["ESR_EL2"], hp.size, fields, pools, str(vmlinux.resolve()))
     return Spec("\n".join(lines) + "\n", layout, text, start)
 
 
