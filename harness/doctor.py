@@ -65,6 +65,7 @@ def checks(cache_dir: Path) -> list[Check]:
         else:                     # not installed: fetched into the cache on first use
             out.append(Check(f"kernel source {series}", True, str(tarball) if tarball.is_file() else
                              f"not fetched yet: --kernel {series} fetches it once from Debian {src.suite}", ""))
+    out += _qemu_checks(cache_dir)
     for module, dist in PYTHON_MODULES.items():
         found = importlib.util.find_spec(module.split(".")[0]) is not None
         if found and "." in module:
@@ -75,6 +76,31 @@ def checks(cache_dir: Path) -> list[Check]:
     free = shutil.disk_usage(probe).free / 2**30
     out.append(Check("disk space", free >= MIN_FREE_GIB, f"{free:.0f} GiB free at {probe}",
                      f"free at least {MIN_FREE_GIB} GiB or pass --cache-dir on a bigger disk"))
+    return out
+
+
+def _qemu_checks(cache_dir: Path) -> list[Check]:
+    """QEMU's version, and whether it loads el2trace (built on first use: nothing is fetched here)."""
+    from harness.el2.tcg import build as plugin_build
+    from harness.errors import HarnessError
+
+    try:
+        qemu = plugin_build.qemu_info("qemu-system-aarch64")
+    except HarnessError as e:
+        return [Check("qemu version", False, e.one_line(), "make setup")]
+    fix = "make setup   (installs QEMU 10 from bookworm-backports)"
+    out = [Check("qemu version", qemu.has_plugins, f"{qemu.text} ({qemu.path})"
+                 + ("" if qemu.has_plugins else ": no EL2 plugin, the gdbstub tracer is used"), fix)]
+    if not qemu.has_plugins:
+        return out
+    lib = plugin_build.built_plugin(qemu, cache_dir)
+    if lib is None:
+        out.append(Check("qemu plugin el2trace", True, "not built yet: built on first use (fetches Debian's "
+                         "qemu-plugin.h once, about 40 MB)", ""))
+    else:
+        ok, said = plugin_build.loads(qemu, lib)
+        out.append(Check("qemu plugin el2trace", ok, f"{lib.name} {'loads' if ok else 'does not load: ' + said}",
+                         f"rm {lib} (it is rebuilt on next use)"))
     return out
 
 

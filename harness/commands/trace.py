@@ -78,6 +78,9 @@ def _with_plugin(machine: Machine, run_dir: Path, cache_dir: Path, command: str,
         output = target.run(command, timeout=timeout)
         final = reader.snapshot(while_paused=live.poll)
     assert live.ops is not None
+    # The stream goes on until QEMU exits (the block counts come last): where the snapshot's
+    # instant falls in it is kept, so the file replays to this snapshot offline.
+    (run_dir / "el2trace-snapshot-offset").write_text(f"{live.follower.offset}\n")
     return output, Trace(live.ops, None, final, live.calls.coverage.probe_hits_not_at_el2,
                          time.monotonic() - started)
 

@@ -66,6 +66,38 @@ def source_version(debian_version: str) -> str:
     return re.sub(r"\+b\d+$", "", debian_version)
 
 
+def built_plugin(qemu: QemuInfo, cache_dir: Path) -> Path | None:
+    """The plugin already built for this QEMU, if it is (nothing fetched or compiled)."""
+    if qemu.debian_version is None:
+        return None
+    lib = _home(qemu.debian_version, cache_dir) / _lib_name()
+    return lib if lib.is_file() else None
+
+
+def loads(qemu: QemuInfo, lib: Path, timeout: float = 30.0) -> tuple[bool, str]:
+    """Does this QEMU load the plugin? (QEMU refuses a plugin it cannot load before it starts a
+    machine; `-M none` with `quit` on the monitor then exits at once.)"""
+    with tempfile.TemporaryDirectory(prefix="el2trace-probe-") as tmp:
+        spec = Path(tmp) / "spec"
+        spec.write_text("")
+        try:
+            r = subprocess.run([qemu.path, "-M", "none", "-display", "none", "-monitor", "stdio", "-plugin",
+                                f"{lib},spec={spec},out={Path(tmp) / 'out'}"], input="quit\n", capture_output=True,
+                               text=True, timeout=timeout, preexec_fn=die_with_parent())
+        except subprocess.TimeoutExpired:
+            return False, f"QEMU did not exit within {timeout:.0f}s"
+    said = (r.stderr.strip().splitlines() or [""])[-1]
+    return r.returncode == 0, said or "loaded"
+
+
+def _home(debian_version: str, cache_dir: Path) -> Path:
+    return cache_dir / "qemu-plugin" / re.sub(r"[^\w.+~-]", "_", source_version(debian_version))
+
+
+def _lib_name() -> str:
+    return f"el2trace-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.so"
+
+
 def plugin_path(qemu: QemuInfo, cache_dir: Path, *, quiet: bool = False) -> Path:
     """The built plugin for this QEMU (built now if needed). UsageError if it cannot run plugins."""
     if not qemu.has_plugins:
@@ -78,9 +110,8 @@ def plugin_path(qemu: QemuInfo, cache_dir: Path, *, quiet: bool = False) -> Path
                          "Debian's source package of the same version",
                          hint="use Debian's qemu-system-arm (`make setup`), or pass --el2-plugin off")
     src_version = source_version(qemu.debian_version)
-    home = cache_dir / "qemu-plugin" / re.sub(r"[^\w.+~-]", "_", src_version)
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    lib = home / f"el2trace-{digest}.so"
+    home = _home(qemu.debian_version, cache_dir)
+    lib = home / _lib_name()
     if lib.is_file():
         return lib
     home.mkdir(parents=True, exist_ok=True)
