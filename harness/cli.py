@@ -326,7 +326,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 
 def cmd_coverage(a: argparse.Namespace) -> int:
-    from harness.commands.coverage import el2_coverage, render
+    from harness.report.run_coverage import el2_coverage, render
 
     out = el2_coverage(a.run_dir, a.out)
     print(json.dumps(out.to_dict(), indent=1) if a.json else render(out))

@@ -163,8 +163,8 @@ class SuiteRecorder:
                             "hyp_blocks_executed": len(cov.blocks), "probe_hits_not_at_el2": cov.probe_hits_not_at_el2,
                             "read_failures": cov.read_failures}
         if self.config.getoption("--pkvm-el2-coverage") and self.run_dir is not None:
-            from harness.commands.coverage import el2_coverage
             from harness.errors import HarnessError
+            from harness.report.run_coverage import el2_coverage
 
             try:
                 outcome = el2_coverage(self.run_dir)

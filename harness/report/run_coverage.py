@@ -1,5 +1,6 @@
-"""`pkvm-harness coverage RUN_DIR`: which of the hypervisor's lines and functions ran, from the
-block counts el2trace wrote when the run's QEMU exited; lcov .info, HTML, and a summary."""
+"""The EL2 coverage of a run directory (`pkvm-harness coverage RUN_DIR`, `--pkvm-el2-coverage`):
+which of the hypervisor's lines and functions ran, from the block counts el2trace wrote when the
+run's QEMU exited; lcov .info, HTML, and a summary."""
 
 from __future__ import annotations
 
