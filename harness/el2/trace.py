@@ -75,7 +75,10 @@ class Trace:
 
 class Tracer:
     def __init__(self, reader: El2Reader, gdb: tuple[str, int] | Path, *, timeout: float = 10.0,
-                 packet_log: list[str] | None = None) -> None:
+                 packet_log: list[str] | None = None, emulate: bool = True) -> None:
+        # emulate=False: every breakpoint is stepped over in QEMU. el2trace's callbacks only fire
+        # for instructions QEMU executes, so a machine running it must not have any emulated here.
+        self.emulate = emulate
         self.packet_log = packet_log
         self.reader = reader
         self.gdb_address = gdb
@@ -220,7 +223,7 @@ class Tracer:
     def _emulate_over(self, gdb: GdbStub, regs: Registers) -> bool:
         """Pass the breakpoint by executing its instruction here: write the result and PC + 4.
         One debug stop per call instead of a stop and a step (each flushes QEMU's code cache)."""
-        insn = self._first_insn.get(regs.pc)
+        insn = self._first_insn.get(regs.pc) if self.emulate else None
         done = emulate.adrp(insn, regs.pc) if insn is not None and regs.el == 2 else None
         if done is None:
             return False

@@ -31,9 +31,10 @@ def test_replay_names_the_first_divergence_on_a_broken_allocator(cache_dir, tmp_
     assert d.op.split()[2].startswith("alloc(")                # an allocation got another page
     assert "the kernel returned" in d.reason and "the model predicts" in d.reason
     assert d.model_lists and d.kernel_lists is not None
-    assert out.trace.ops[d.seq].op == "alloc"
-    assert all(op.seq < d.seq for op in out.trace.ops[: d.seq])
+    at = next(i for i, op in enumerate(out.trace.ops) if op.seq == d.seq)
+    assert out.trace.ops[at].op == "alloc"
+    assert all(op.seq < d.seq for op in out.trace.ops[:at])
     # The divergence is the mutant's own mark: an allocation whose answer comes from the other end
     # of a free list that held two blocks (the model's list, before the call, names both).
-    order = out.trace.ops[d.seq].args["order"]
-    assert len(d.model_lists[order]) >= 2 and out.trace.ops[d.seq].result in d.model_lists[order]
+    order = out.trace.ops[at].args["order"]
+    assert len(d.model_lists[order]) >= 2 and out.trace.ops[at].result in d.model_lists[order]
