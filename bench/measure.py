@@ -25,7 +25,7 @@ from harness.kernel.version import MODEL_REFERENCE, KernelVersion  # noqa: E402
 from harness.machine import Machine, MachineRequest, assemble, build_request  # noqa: E402
 from harness.options import BootOptions, KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
-from harness.replay import replay_trace  # noqa: E402
+from harness.replay import LiveReplay, replay_trace  # noqa: E402
 from harness.verdict import PKVM_UP_RE  # noqa: E402
 
 HARNESS = [sys.executable, "-m", "harness"]
@@ -157,13 +157,66 @@ def harness_and_bare_boots(kernel: KernelArtifacts, cache: Path, runs: int) -> t
     return harness, bare
 
 
-def pkvm_up_times(kernel: KernelArtifacts, cache: Path, runs: int) -> list[float]:
+def pkvm_up_times(kernel: KernelArtifacts, cache: Path, runs: int, qemu: str = "qemu-system-aarch64",
+                  el2_plugin: str = "off") -> list[float]:
     """QEMU start to "Protected ... mode initialized", bare QEMU, console read directly."""
     out = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-up-") as tmp:
-            out.append(_until_line(_machine(cache, Path(tmp)).spec.argv(), PKVM_UP_RE, timeout=120))
+            machine = _machine(cache, Path(tmp), qemu=qemu, el2_plugin=el2_plugin)
+            out.append(_until_line(machine.spec.argv(), PKVM_UP_RE, timeout=120))
     return out
+
+
+def qemu_7_2(cache: Path) -> str:
+    """Debian 12's own QEMU 7.2 binary, beside the installed QEMU 10: taken out of its .deb once
+    (`apt-get download` from the system's bookworm lists; its libraries are still installed)."""
+    binary = cache / "qemu" / "7.2" / "qemu-system-aarch64"
+    if binary.is_file():
+        return str(binary)
+    policy = subprocess.run(["apt-cache", "madison", "qemu-system-arm"], capture_output=True, text=True,
+                            timeout=60).stdout
+    version = next(line.split("|")[1].strip() for line in policy.splitlines()
+                   if "bookworm/main" in line and line.split("|")[1].strip().startswith("1:7.2"))
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-qemu72-") as tmp:
+        subprocess.run(["apt-get", "download", "-q", f"qemu-system-arm={version}"], cwd=tmp, check=True,
+                       capture_output=True, timeout=300)
+        (deb,) = Path(tmp).glob("qemu-system-arm_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True, timeout=120)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / "usr" / "bin" / "qemu-system-aarch64").rename(binary)
+    return str(binary)
+
+
+def plugin_workload(runs: int, workload: str = LIFECYCLE) -> tuple[list[float], list[float], list[dict]]:
+    """The workload on a machine running el2trace against the same machine without it (QEMU 10),
+    alternating runs on two booted machines; per el2trace run, the calls recorded and the live
+    replay's time to take them in."""
+    cache = default_cache_dir()
+    on, off, extra = [], [], []
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-plugin-") as a, \
+            tempfile.TemporaryDirectory(prefix="pkvm-bench-noplugin-") as b:
+        traced = _machine(cache, Path(a), payloads=True, el2_plugin="on")
+        plain = _machine(cache, Path(b), payloads=True, el2_plugin="off")
+        assert traced.spec.plugin is not None
+        with traced.start(Path(a)) as t_on, plain.start(Path(b)) as t_off:
+            live = LiveReplay(traced.spec.plugin[2])
+            for target in (t_on, t_off):              # one unmeasured run each: page cache, first VM
+                target.run(workload, timeout=600).check()
+            live.poll()
+            for _ in range(runs):
+                t = time.monotonic()
+                t_on.run(workload, timeout=600).check()
+                on.append(time.monotonic() - t)
+                t = time.monotonic()
+                t_off.run(workload, timeout=600).check()
+                off.append(time.monotonic() - t)
+                before = live.ops_total
+                t = time.perf_counter()
+                live.poll()
+                extra.append({"ops": live.ops_total - before, "replay_s": time.perf_counter() - t,
+                              "divergence": live.replayer.divergence is not None})
+    return on, off, extra
 
 
 def harness_command() -> list[str]:
@@ -197,13 +250,13 @@ def warm_run_and_bare(runs: int, command: list[str] | None = None, cwd: Path = R
 
 # --- suites and the first verdict ------------------------------------------------------------------
 
-def suite_wall(runs: int) -> list[float]:
-    """The default (nightly) suites, `pytest test_suites -m "not slow"`, start to exit."""
+def suite_wall(runs: int, *args: str) -> list[float]:
+    """The default (nightly) suites, `pytest test_suites -m "not slow"` (plus `args`), start to exit."""
     out = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-suite-") as tmp:
             out.append(_timed([sys.executable, "-m", "pytest", "test_suites", "-m", "not slow", "-q",
-                               "-p", "no:cacheprovider", "--pkvm-run-dir", tmp], timeout=3600))
+                               "-p", "no:cacheprovider", "--pkvm-run-dir", tmp, *args], timeout=3600))
     return out
 
 
@@ -269,7 +322,8 @@ def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict
     out = []
     with tempfile.TemporaryDirectory(prefix="pkvm-bench-trace-") as tmp:
         run_dir = Path(tmp)
-        machine = _machine(cache, run_dir, payloads=True, gdb=True, mem=mem)
+        # the gdbstub tracer's own cost: no el2trace on this machine (it would pay for both)
+        machine = _machine(cache, run_dir, payloads=True, gdb=True, mem=mem, el2_plugin="off")
         with machine.start(run_dir) as target, El2Reader(target.qmp_socket, target.vmlinux, cache) as reader:
             for _ in range(runs):
                 t = time.monotonic()

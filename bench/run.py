@@ -13,6 +13,8 @@ Sections (all by default; --only a,b to pick):
   suite     the default (nightly) suites' wall time
   kunit     time to the first test verdict: the harness against KUnit's kunit.py (same tree)
   el2       snapshot latency, the cost of one traced operation, the model's ops/s
+  el2trace  the TCG plugin: a workload with and without it, the suites with tracing, replay and
+            coverage against none of them, boot to pKVM on QEMU 10 against QEMU 7.2
   bisect    time per bisect step (the nine-commit history of tests/integration/kernel_history.py)
   scaling   snapshot time and model replay time against guest memory and traced operations
 
@@ -39,7 +41,7 @@ from harness.machine import build_request  # noqa: E402
 from harness.options import KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 
-SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "bisect", "scaling"]
+SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "bisect", "scaling"]
 MEMORY_MIB = ["512", "1024", "2048", "4096"]
 MODEL_OPS = [1_000, 10_000, 100_000, 1_000_000]
 
@@ -155,6 +157,24 @@ def main() -> int:
               digits=2)
         f.add("el2", "buddy model, 1M random ops on a 1 GiB pool", measure.model_ops_per_s(1_000_000, n), "ops/s",
               ">= 200000", digits=0)
+    if "el2trace" in only:
+        print("el2trace (QEMU 10 TCG plugin)", flush=True)
+        on, off, extra = measure.plugin_workload(n)
+        f.extra["el2trace_workload"] = extra
+        f.add("el2trace", "lifecycle workload, el2trace on", on, "s")
+        f.add("el2trace", "lifecycle workload, el2trace off", off, "s")
+        f.ratio("el2trace", "el2trace / untraced workload", on, off, target="<= 1.2")
+        f.add("el2trace", "live replay of one workload's calls", [e["replay_s"] for e in extra], "s")
+        suites_on = measure.suite_wall(max(1, n // 2), "--pkvm-el2-coverage")
+        suites_off = measure.suite_wall(max(1, n // 2), "--pkvm-el2-plugin", "off")
+        f.add("el2trace", "default suites, tracing + replay + coverage", suites_on, "s")
+        f.add("el2trace", "default suites, el2trace off", suites_off, "s")
+        f.ratio("el2trace", "suites with el2trace / without", suites_on, suites_off, target="<= 1.3")
+        q72 = measure.qemu_7_2(cache)
+        f.add("el2trace", "QEMU 10.0 start to pKVM initialized", measure.pkvm_up_times(kernel, cache, n), "s")
+        f.add("el2trace", "QEMU 10.0 + el2trace start to pKVM initialized",
+              measure.pkvm_up_times(kernel, cache, n, el2_plugin="on"), "s")
+        f.add("el2trace", "QEMU 7.2 start to pKVM initialized", measure.pkvm_up_times(kernel, cache, n, qemu=q72), "s")
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)

@@ -273,12 +273,21 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
 
     @contextlib.contextmanager
     def plugin_window() -> Iterator[Any]:
+        from harness.el2.trace import Trace
+
         box = types.SimpleNamespace(trace=None, result=None)
         request.node.stash.setdefault(REPLAYS, []).append(box)   # a failing test's report shows its divergence
-        live.compare(el2.snapshot(while_paused=live.poll))     # pools of VMs gone since are dropped here
-        mark = live.mark()
-        yield box
-        box.result = live.since(mark, el2.snapshot(while_paused=live.poll))
+        start = el2.snapshot(while_paused=live.poll)
+        live.compare(start)                                       # pools of VMs gone since are dropped here
+        mark, started, live.ops = live.mark(), time.monotonic(), []
+        try:
+            yield box
+            end = el2.snapshot(while_paused=live.poll)
+        finally:
+            ops, live.ops = live.ops or [], None
+        # .trace: the window's calls between two snapshots, as a gdbstub window gives them
+        box.trace = Trace(ops, start, end, live.calls.coverage.probe_hits_not_at_el2, time.monotonic() - started)
+        box.result = live.since(mark, end)
 
     @contextlib.contextmanager
     def gdbstub_window() -> Iterator[Any]:
