@@ -162,12 +162,21 @@ class SuiteRecorder:
                             "replay_divergence": self.live.replayer.divergence is not None,
                             "hyp_blocks_executed": len(cov.blocks), "probe_hits_not_at_el2": cov.probe_hits_not_at_el2,
                             "read_failures": cov.read_failures}
+        try:
+            self._el2_coverage()
+        finally:                                  # the whole trace stays, 10x smaller
+            from harness.el2.tcg.stream import compress
+
+            if self.live.stream.is_file():
+                compress(self.live.stream)
+
+    def _el2_coverage(self) -> None:
         if self.config.getoption("--pkvm-el2-coverage") and self.run_dir is not None:
             from harness.errors import HarnessError
             from harness.report.run_coverage import el2_coverage
 
             try:
-                outcome = el2_coverage(self.run_dir)
+                outcome = el2_coverage(self.run_dir, blocks=self.live.calls.coverage.blocks)
             except HarnessError as e:          # a QEMU that did not exit cleanly wrote no counts
                 self.el2_summary["coverage"] = {"error": e.one_line()}
                 return

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness.el2 import lines as dwarf_lines
 from harness.el2.tcg.probes import Layout
-from harness.el2.tcg.stream import Calls, StreamError, read_records
+from harness.el2.tcg.stream import Calls, StreamError, read_records, stream_bytes
 from harness.errors import UsageError
 from harness.fsutil import atomic_write_text
 from harness.report import coverage as cov
@@ -39,13 +39,13 @@ class CoverageOutcome:
 def blocks_of(run_dir: Path) -> tuple[list[cov.Block], Layout]:
     """The block counts of a run directory's el2trace stream. UsageError when it has none."""
     stream, layout_file = run_dir / "el2trace.bin", run_dir / "el2trace-layout.json"
-    if not stream.is_file() or not layout_file.is_file():
+    if not (stream.is_file() or stream.with_suffix(".bin.gz").is_file()) or not layout_file.is_file():
         raise UsageError(f"{run_dir} has no el2trace.bin and el2trace-layout.json",
                          hint="pass the run directory of a run on QEMU 9.1+ with --el2-plugin on or auto")
     layout = Layout.from_json(layout_file.read_text())
     try:
-        records, _ = read_records(stream.read_bytes())
-    except StreamError as e:
+        records, _ = read_records(stream_bytes(run_dir))
+    except (StreamError, OSError, EOFError) as e:
         raise UsageError(f"{stream} is not an el2trace stream: {e}", hint="pass a run directory the harness wrote") \
             from None
     calls = Calls(layout)
@@ -56,8 +56,16 @@ def blocks_of(run_dir: Path) -> tuple[list[cov.Block], Layout]:
     return calls.coverage.blocks, layout
 
 
-def el2_coverage(run_dir: Path, out_dir: Path | None = None) -> CoverageOutcome:
-    blocks, layout = blocks_of(run_dir)
+def el2_coverage(run_dir: Path, out_dir: Path | None = None,
+                 blocks: list[cov.Block] | None = None) -> CoverageOutcome:
+    """`blocks`: the counts already decoded (a live session has them); else read from the run's stream."""
+    if blocks is None:
+        blocks, layout = blocks_of(run_dir)
+    elif not blocks:
+        raise UsageError("the session's QEMU wrote no block counts: it did not exit cleanly (they are "
+                         "written at exit)", hint="coverage needs a run whose target was stopped by the harness")
+    else:
+        layout = Layout.from_json((run_dir / "el2trace-layout.json").read_text())
     vmlinux = Path(layout.vmlinux)
     if not layout.vmlinux or not vmlinux.is_file():
         raise UsageError(f"the run's vmlinux {layout.vmlinux or '(not recorded)'} is gone",

@@ -12,6 +12,8 @@ ordered at its entry, when the same vCPU enters that function again or the strea
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +65,26 @@ def read_records(data: bytes) -> tuple[list[Record], int]:
                           data[at + HEADER.size:at + length]))
         at += length
     return out, at
+
+
+def stream_bytes(run_dir: Path) -> bytes:
+    """A run directory's whole stream: el2trace.bin, or el2trace.bin.gz once a session compressed it."""
+    raw = run_dir / "el2trace.bin"
+    if raw.is_file():
+        return raw.read_bytes()
+    return gzip.decompress((run_dir / "el2trace.bin.gz").read_bytes())
+
+
+def compress(path: Path) -> Path:
+    """el2trace.bin -> el2trace.bin.gz (gzip -1: about 10x smaller, 2 s for 290 MB), the original
+    removed only once the copy is whole."""
+    packed = path.with_name(path.name + ".gz")
+    part = packed.with_name(packed.name + ".part")
+    with open(path, "rb") as src, gzip.open(part, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    part.rename(packed)
+    path.unlink()
+    return packed
 
 
 class Follower:
