@@ -48,28 +48,39 @@ class Selftest:
     name: str                   # path under tools/testing/selftests/kvm, spelt arm64/...
     args: str
     kernels: str | None = None  # "7.3+" and the like: only kernels in that range run it
+    xfail: str | None = None    # expected to fail: "" on every kernel it runs on, or on a range ("-7.2")
 
     def runs_on(self, version: KernelVersion) -> bool:
         return self.kernels is None or version.in_series_range(self.kernels)
 
+    def fails_on(self, version: KernelVersion) -> bool:
+        return self.xfail is not None and (self.xfail == "" or version.in_series_range(self.xfail))
+
 
 def selftest_lines() -> list[Selftest]:
-    """One Selftest per line of rootfs/kvm-selftests.txt: `[RANGE:] path [arguments]`."""
+    """One Selftest per line of rootfs/kvm-selftests.txt: `[RANGE:] [xfail[@RANGE]:] path [arguments]`."""
     out = []
     for lineno, line in enumerate(SELFTESTS_FILE.read_text().splitlines(), 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        kernels = None
-        first = text.split(None, 1)[0]
-        if first.endswith(":"):
-            kernels, text = first[:-1], text[len(first):].strip()
+        kernels: str | None = None
+        xfail: str | None = None
+        while (first := text.split(None, 1)[0]).endswith(":"):
+            word, text = first[:-1], text[len(first):].strip()
+            if word == "xfail" or word.startswith("xfail@"):
+                xfail = word.removeprefix("xfail").removeprefix("@")
+                word = xfail
+            else:
+                kernels = word
             try:
-                KernelVersion(6, 12).in_series_range(kernels)
+                if word:
+                    KernelVersion(6, 12).in_series_range(word)
             except ValueError as e:
-                raise UsageError(f"{SELFTESTS_FILE.name}:{lineno}: {e}", hint="write e.g. `7.3+: arm64/x`") from None
+                raise UsageError(f"{SELFTESTS_FILE.name}:{lineno}: {e}",
+                                 hint="write e.g. `7.3+: arm64/x` or `6.12+: xfail@-7.2: arm64/x`") from None
         words = text.split(None, 1)
-        out.append(Selftest(words[0], words[1].strip() if len(words) > 1 else "", kernels))
+        out.append(Selftest(words[0], words[1].strip() if len(words) > 1 else "", kernels, xfail))
     return out
 
 

@@ -23,9 +23,12 @@ def guest_modes(target, payload) -> list[str]:
 
 
 @pytest.mark.parametrize("test", SELFTESTS, ids=[t.name for t in SELFTESTS])
-def test_kvm_selftest(target, payload, subtests, guest_modes, kernel_version, test):
+def test_kvm_selftest(request, target, payload, subtests, guest_modes, kernel_version, test):
     if not test.runs_on(kernel_version):
         pytest.skip(f"not run on Linux {kernel_version}: rootfs/kvm-selftests.txt lists it for {test.kernels}")
+    if test.fails_on(kernel_version):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{test.name} is expected to fail on Linux "
+                                              f"{kernel_version} (rootfs/kvm-selftests.txt says why)"))
     name, args = test.name, resolve_guest_modes(test.args, guest_modes)
     r = target.run(f"{payload('kvm-selftests/' + name)} {args} 2>&1", timeout=600)
     report = ktap.parse(r.stdout)
