@@ -88,3 +88,9 @@ if [ ! -x "${venv}/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]
 else
   echo "setup: Python environment up to date"
 fi
+
+# el2trace, the EL2 TCG plugin: built once into the cache for this QEMU (its header is fetched
+# from Debian's qemu source package the first time, about 40 MB; docs/el2trace.md).
+if [ "${#lists[@]}" -gt 0 ]; then
+  "${venv}/bin/python" -m harness.el2.tcg.build
+fi

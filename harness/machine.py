@@ -9,12 +9,13 @@ build their machines here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from pathlib import Path
 
 from harness import rundir
-from harness.errors import UsageError
+from harness.errors import HarnessError, UsageError
 from harness.image.initramfs import READY_MARKER, Initramfs, build_initramfs
 from harness.image.payloads import Payloads, build_payloads
 from harness.kernel import config as kconfig
@@ -117,7 +118,14 @@ def el2_plugin(request: MachineRequest, kernel: KernelArtifacts, run_dir: Path) 
     qemu = plugin_build.qemu_info(request.boot.qemu)
     if request.boot.el2_plugin == "auto" and not qemu.has_plugins:
         return None
-    lib = plugin_build.plugin_path(qemu, request.cache_dir, quiet=request.build.quiet)
+    try:
+        lib = plugin_build.plugin_path(qemu, request.cache_dir, quiet=request.build.quiet)
+    except HarnessError as e:
+        if request.boot.el2_plugin == "on":
+            raise
+        # auto: a plugin that cannot be built (no header reachable) leaves the run untraced, said once
+        print(f"pkvm-harness: running without el2trace: {e.one_line()}", file=sys.stderr)
+        return None
     spec = probes.make_spec(symbols.load(kernel.vmlinux, request.cache_dir), kernel.vmlinux)
     spec_file, stream = probes.write(spec, run_dir)
     return lib, spec_file, stream

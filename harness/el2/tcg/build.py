@@ -185,3 +185,22 @@ def _extract_member(tarball: Path, suffix: str, dest: Path) -> None:
                 tmp.rename(dest)
                 return
     raise InfraError(f"{tarball.name} holds no {suffix}", hint="delete the cache directory and run again")
+
+
+def main() -> int:
+    """`python -m harness.el2.tcg.build`: build el2trace for the default QEMU now (ci/setup.sh)."""
+    from harness.paths import default_cache_dir
+
+    qemu = qemu_info("qemu-system-aarch64")
+    if not qemu.has_plugins:
+        print(f"setup: QEMU {qemu.text} cannot run el2trace; the gdbstub tracer will be used")
+        return 0
+    try:
+        print(f"setup: el2trace for QEMU {qemu.text}: {plugin_path(qemu, default_cache_dir(), quiet=True)}")
+    except (InfraError, UsageError) as e:          # set-up goes on: `auto` then runs without it
+        print(f"setup: el2trace not built: {e.one_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
