@@ -204,7 +204,25 @@ def decode_pool(read: ReadFn, kernel: ksyms.KernelInfo, hyp_physvirt_offset: int
             blocks.append(pa)
             prev, node = node, u64(read, pa)
         pool.free_lists[k] = blocks
+    pool.dirty_free = _dirty_free(read, pool, node_size)
     return pool
+
+
+def _dirty_free(read: ReadFn, pool: Pool, node_size: int) -> list[tuple[int, int, int]] | None:
+    """The free blocks holding anything but zeroes past the list node at their start: pages are
+    cleared as they are freed (__hyp_attach_page) and a node as it leaves a list
+    (page_remove_from_list). None when a block could not be read."""
+    dirty = []
+    try:
+        for order, heads in pool.free_lists.items():
+            for head in heads:
+                body = read(head + node_size, (PAGE_SIZE << order) - node_size)
+                rest = body.lstrip(b"\0")
+                if rest:
+                    dirty.append((head, order, node_size + len(body) - len(rest)))
+    except DECODE_ERRORS:
+        return None
+    return dirty
 
 
 def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_physvirt_offset: int | None,

@@ -25,6 +25,9 @@ class Pool:
     lock_held: bool = False
     list_errors: list[str] = field(default_factory=list)
     pages: dict[int, tuple[int, int]] = field(default_factory=dict)   # pa -> (refcount, order)
+    # Free blocks whose bytes are not all zero past their list node: (block PA, order, offset of
+    # the first non-zero byte). None: their contents could not be read.
+    dirty_free: list[tuple[int, int, int]] | None = None
 
     @property
     def nr_pages(self) -> int:
@@ -46,7 +49,8 @@ class Pool:
                 "range_end": self.range_end, "nr_pages": self.nr_pages, "max_order": self.max_order,
                 "free_pages": self.free_pages, "allocated_pages": self.allocated_pages,
                 "free_per_order": self.free_per_order(), "free_lists": self.free_lists,
-                "list_errors": self.list_errors}
+                "list_errors": self.list_errors,
+                "dirty_free": [list(d) for d in self.dirty_free] if self.dirty_free is not None else None}
 
 
 @dataclass

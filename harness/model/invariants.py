@@ -212,6 +212,22 @@ def free_block_shape(snap: Any, rules: VersionRules) -> Iterable[Finding]:
                 owner[pa] = head
 
 
+@check("free-blocks-zero")
+def free_blocks_zero(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """§7.5: a free block is all zeroes past the list node at its start: __hyp_attach_page clears
+    a block as it is freed, page_remove_from_list a node as it leaves its list. Anything else is a
+    page that leaks what it held and hands stale entries to its next page-table user."""
+    for name, p in snap.pools.items():
+        dirty = getattr(p, "dirty_free", None)
+        if dirty is None:
+            raise MissingInput(f"the contents of {name}'s free blocks could not be read")
+        for head, order, offset in dirty:
+            yield Finding("free-blocks-zero", f"{name} free_area[{order}] block {head:#x}",
+                          "zero past its list node (cleared when freed)",
+                          f"a non-zero byte at +{offset:#x}: the block was not cleared when it was freed, "
+                          "or a list node was not when it was taken off its list")
+
+
 @check("maximal-coalescing")
 def maximal_coalescing(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.4: no listed block has its equal-order buddy listed too (they would have merged)."""

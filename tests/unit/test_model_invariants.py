@@ -32,7 +32,7 @@ SHARED_OWNED = 1 << 55
 def model_pool(name: str, start: int, nr_pages: int, *, allocs: tuple[int, ...] = ()) -> tuple[Pool, list[int]]:
     m = HypPool(start, nr_pages, version="6.12")
     got = [m.alloc(order) for order in allocs]
-    pool = Pool(name, 0, m.range_start, m.range_end, m.max_order, m.free_lists(), pages=m.pages())
+    pool = Pool(name, 0, m.range_start, m.range_end, m.max_order, m.free_lists(), pages=m.pages(), dirty_free=[])
     return pool, got
 
 
@@ -43,7 +43,8 @@ def leaf(addr: int, size: int, level: int, pte: int) -> Leaf:
 def good_state() -> Snapshot:
     hpool, h_alloc = model_pool("hpool", CARVE + 0x101000, 64, allocs=(0, 0))
     s2pool, s_alloc = model_pool("host_s2_pool", CARVE + 0x141000, 64, allocs=(0, 0, 0))
-    vm_pool = Pool("vm4096", 0, RAM + 0x100000, RAM + 0x101000, 0, {0: []}, pages={RAM + 0x100000: (1, 0)})
+    vm_pool = Pool("vm4096", 0, RAM + 0x100000, RAM + 0x101000, 0, {0: []}, pages={RAM + 0x100000: (1, 0)},
+                   dirty_free=[])
     snap = Snapshot("6.12.117", 0.0, 1.0, 1, 0, hyp_physvirt_offset=0, carveout=(CARVE, 0x200000),
                     memblocks=[(RAM, 1 << 30, 0)],
                     pools={"hpool": hpool, "host_s2_pool": s2pool, "vm4096": vm_pool})
@@ -219,7 +220,15 @@ CORRUPTIONS = {
     "s2-idmap": _corrupt_idmap, "s2-leaf-attributes": _corrupt_attributes,
     "s2-invalid-leaves": _corrupt_invalid_leaves, "s2-page-states": _corrupt_page_states,
     "carveout-hyp-owned": _corrupt_carveout, "vm-table": _corrupt_vm_table,
+    "free-blocks-zero": lambda s: s.pools["hpool"].dirty_free.append((s.pools["hpool"].range_start, 0, 0x10)),
 }
+
+
+def test_free_blocks_whose_contents_were_not_read_are_a_finding_not_a_pass():
+    s = copy.deepcopy(good_state())
+    s.pools["vm4096"].dirty_free = None
+    (f,) = findings(s, "free-blocks-zero")
+    assert "vm4096's free blocks could not be read" in f.seen
 
 
 def test_every_check_has_a_corruption_test():
@@ -253,7 +262,7 @@ def test_version_changes_the_expected_max_order():
 
 def test_duck_typed_states_work_too():
     pool = SimpleNamespace(range_start=0, range_end=PAGE, max_order=0, free_lists={0: [0]}, pages={0: (0, 0)},
-                           list_errors=[])
+                           list_errors=[], dirty_free=[])
     assert run_checks(SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
                                       memblocks=[], vms=[])) == []
 
