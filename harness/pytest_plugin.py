@@ -31,7 +31,7 @@ import pytest
 from harness import options
 from harness.errors import HarnessError, session_exit_code
 from harness.paths import default_runs_dir
-from harness.report.recorder import PLUGIN_NAME, REPLAYS, SuiteRecorder
+from harness.report.recorder import PHASE_FAILED, PLUGIN_NAME, REPLAYS, SuiteRecorder
 from harness.targets.base import Debugger, El2Memory, Target
 
 
@@ -259,6 +259,29 @@ def seed(request: pytest.FixtureRequest) -> int:
     request.node.user_properties.append(("seed", value))
     print(f"seed={value} (replay with --pkvm-seed {value})")
     return int(value)
+
+
+@pytest.fixture
+def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[None]:
+    """After the test: the kernel log since it began has no WARN, BUG, oops or EL2 panic, and (where
+    EL2 memory can be read) every invariant holds on a fresh snapshot. The EL2 suites take it for
+    every test (their conftest); a finding fails the test (at its teardown), with the lines or
+    findings. A test that already failed is not judged again."""
+    from harness.model.invariants import render, run_checks
+    from harness.verdict import clean, scan
+
+    el2 = request.getfixturevalue("el2") if isinstance(target, El2Memory) else None
+    mark = target.dmesg_mark()
+    yield
+    call = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
+    if call or target.death() is not None:
+        return
+    events = scan(clean(target.dmesg(mark)))
+    if events:
+        pytest.fail("the kernel log during this test:\n" + "\n".join(f"{e.kind}: {e.line}" for e in events))
+    findings = run_checks(el2.snapshot()) if el2 is not None else []
+    if findings:
+        pytest.fail("invariants broken after this test:\n" + render(findings))
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from harness.verdict import panics
 
 PLUGIN_NAME = "pkvm-suite-recorder"
 REPLAYS = pytest.StashKey[list]()          # item -> ReplayResult holders (objects with .result)
+PHASE_FAILED = pytest.StashKey[bool]()     # item -> its setup or call failed (later checks stay quiet)
 WATCH = pytest.StashKey["EvidenceWatch"]()
 MESSAGE_LINES = 40
 
@@ -91,6 +92,8 @@ class SuiteRecorder:
         report = yield
         if self.live is not None and not hasattr(report, "context"):
             self._judge_el2_calls(item, report)
+        if report.failed and report.when in ("setup", "call"):
+            item.stash[PHASE_FAILED] = True
         if call.when == "call" and not hasattr(report, "context") and report.failed and self.target is not None:
             death = self.target.death()
             if death is not None and self.died is None:
