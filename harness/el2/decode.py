@@ -389,8 +389,7 @@ def decode_snapshot(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int,
 
     part("hyp_physvirt_offset", offsets)
     part("carveout", carveout)
-    if kernel_version(kernel).host_maps_hyp_text_read_only:     # only where an invariant needs it
-        part("hyp_text", hyp_text)
+    part("hyp_text", hyp_text)
     part("memblocks", memblocks)
     part("hyp_s1", hyp_s1)
     part("host_s2", host_s2)

@@ -458,6 +458,31 @@ def _in_text(snap: Any, pa: int) -> bool:
     return bool(text and text[0] <= pa < text[1])
 
 
+@check("hyp-s1-permissions")
+def hyp_s1_permissions(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """§7.16: no hyp stage-1 mapping is both writable and executable, only the hyp text is mapped
+    executable, and every mapping of the hyp text is read-only (hyp_set_prot_attr's own rules:
+    AP[2] read-only; XN in bit 54, and from 7.x in hVHE PXN in bit 53 too: a leaf executes at EL2
+    only with both clear)."""
+    if snap.hyp_s1 is None:
+        raise MissingInput(f"the hyp stage-1 could not be read: {snap.unavailable.get('hyp_s1')}")
+    if getattr(snap, "hyp_text", None) is None:
+        raise MissingInput(f"the hyp text's range could not be read: {snap.unavailable.get('hyp_text')}")
+    for leaf in snap.hyp_s1.leaves:
+        if not leaf.valid:
+            continue
+        writable, executable = not leaf.pte & (1 << 7), not leaf.pte & (3 << 53)
+        where = f"hyp VA {leaf.addr:#x} (PA {leaf.pa:#x}, {leaf.size:#x} bytes)"
+        text = [_in_text(snap, pa) for pa in range(leaf.pa, leaf.pa + leaf.size, PAGE)]
+        if writable and executable:
+            yield Finding("hyp-s1-permissions", where, "writable or executable, not both", "writable and executable")
+        elif executable and not all(text):
+            yield Finding("hyp-s1-permissions", where, "executable only if it maps the hyp text",
+                          "executable, mapping pages outside the hyp text")
+        elif writable and any(text):
+            yield Finding("hyp-s1-permissions", where, "the hyp text mapped read-only", "writable")
+
+
 @check("page-state-pairs", applies=_page_states_apply)
 def page_state_pairs(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """Every vmemmap entry encodes a possible state, for the host and (through its complement)

@@ -27,6 +27,8 @@ MEM_RWX_4K = 0x400 | 0xC0 | (0xF << 2) | 0x3          # AF, S2AP RW, MemAttr 0xF
 MEM_RWX_BLOCK = 0x400 | 0xC0 | (0xF << 2) | 0x1       # valid block
 MMIO_RW_BLOCK = MEM_RWX_BLOCK | (1 << 54)             # XN
 SHARED_OWNED = 1 << 55
+HYP_TEXT_RX = 0x400 | 0x80 | 0x3                        # hyp stage-1 page: AF, AP[2] read-only, executable
+HYP_DATA_RW = 0x400 | 0x3 | (1 << 54)                   # AF, writable, XN
 
 
 def model_pool(name: str, start: int, nr_pages: int, *, allocs: tuple[int, ...] = ()) -> tuple[Pool, list[int]]:
@@ -54,7 +56,9 @@ def good_state() -> Snapshot:
                          leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK),
                          leaf(RAM + (2 << 20), PAGE, 3, MEM_RWX_4K | SHARED_OWNED),
                          *hyp_owned], [(pa, 3) for pa in s_alloc], [])
-    snap.hyp_s1 = Walk([], [(pa, 3) for pa in h_alloc], [])
+    snap.hyp_text = (RAM + 0x800000, RAM + 0x801000)
+    snap.hyp_s1 = Walk([leaf(RAM + 0x800000, PAGE, 3, HYP_TEXT_RX), leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW)],
+                       [(pa, 3) for pa in h_alloc], [])
     return snap
 
 
@@ -221,7 +225,21 @@ CORRUPTIONS = {
     "s2-invalid-leaves": _corrupt_invalid_leaves, "s2-page-states": _corrupt_page_states,
     "carveout-hyp-owned": _corrupt_carveout, "vm-table": _corrupt_vm_table,
     "free-blocks-zero": lambda s: s.pools["hpool"].dirty_free.append((s.pools["hpool"].range_start, 0, 0x10)),
+    "hyp-s1-permissions": lambda s: s.hyp_s1.leaves.__setitem__(
+        1, leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW & ~(1 << 54))),
 }
+
+
+@pytest.mark.parametrize("pte, seen", [(HYP_TEXT_RX & ~0x80, "writable and executable"),
+                                       (HYP_DATA_RW & ~(1 << 54) | 0x80, "executable, mapping pages outside"),
+                                       (HYP_DATA_RW, None)])
+def test_hyp_stage1_permissions_follow_the_kernels_rules(pte, seen):
+    s = copy.deepcopy(good_state())
+    s.hyp_s1.leaves[1] = leaf(RAM + 0x900000 if seen != "writable and executable" else RAM + 0x800000, PAGE, 3, pte)
+    fired = findings(s, "hyp-s1-permissions")
+    assert (fired[0].seen.startswith(seen) if seen else fired == []), fired
+    s.hyp_s1.leaves[1] = leaf(RAM + 0x800000, PAGE, 3, HYP_DATA_RW)       # the text, writable
+    assert [f.seen for f in findings(s, "hyp-s1-permissions")] == ["writable"]
 
 
 def test_free_blocks_whose_contents_were_not_read_are_a_finding_not_a_pass():
@@ -263,8 +281,9 @@ def test_version_changes_the_expected_max_order():
 def test_duck_typed_states_work_too():
     pool = SimpleNamespace(range_start=0, range_end=PAGE, max_order=0, free_lists={0: [0]}, pages={0: (0, 0)},
                            list_errors=[], dirty_free=[])
+    hyp_s1 = Walk([], [], [])
     assert run_checks(SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
-                                      memblocks=[], vms=[])) == []
+                                      memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={})) == []
 
 
 def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
