@@ -23,6 +23,7 @@ from typing import Any
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 from harness.model.buddy import VersionRules, version_rules
+from harness.model.sizing import hyp_reserve
 from harness.model.stage2 import (
     DEFAULT_VMEMMAP_STATE,
     MEMATTR_FWB_AS_S1,
@@ -228,6 +229,23 @@ def free_blocks_zero(snap: Any, rules: VersionRules) -> Iterable[Finding]:
                           "or a list node was not when it was taken off its list")
 
 
+@check("pool-sizes")
+def pool_sizes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """Exact accounting: hpool holds hyp_s1_pgtable_pages() pages and host_s2_pool
+    host_s2_pgtable_pages(), as the sizing model computes them from the hyp memblocks (the same
+    numbers kvm_hyp_reserve() reserved the carveout with)."""
+    if not snap.memblocks:
+        raise MissingInput(f"the hyp memblocks could not be read: {snap.unavailable.get('memblocks')}")
+    want = hyp_reserve([(base, size) for base, size, _ in snap.memblocks], _kv(rules), 4)
+    for name, pages in (("hpool", want.hyp_s1), ("host_s2_pool", want.host_s2)):
+        pool = snap.pools.get(name)
+        if pool is None:
+            raise MissingInput(f"{name} could not be read: {snap.unavailable.get('pool ' + name)}")
+        if pool.nr_pages != pages:
+            yield Finding("pool-sizes", name, f"{pages} pages (the sizing model, from {len(snap.memblocks)} "
+                                              "memblock(s))", f"{pool.nr_pages} pages")
+
+
 @check("maximal-coalescing")
 def maximal_coalescing(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.4: no listed block has its equal-order buddy listed too (they would have merged)."""
@@ -317,8 +335,6 @@ def s2_idmap(snap: Any, rules: VersionRules) -> Iterable[Finding]:
 
 def _kv(rules: VersionRules) -> KernelVersion:
     return KernelVersion.of(rules.requested)
-
-
 
 
 @check("s2-leaf-attributes")

@@ -43,15 +43,16 @@ def leaf(addr: int, size: int, level: int, pte: int) -> Leaf:
 
 
 def good_state() -> Snapshot:
-    hpool, h_alloc = model_pool("hpool", CARVE + 0x101000, 64, allocs=(0, 0))
-    s2pool, s_alloc = model_pool("host_s2_pool", CARVE + 0x141000, 64, allocs=(0, 0, 0))
+    # sized as 6.12 sizes them for 1 GiB (pool-sizes): hyp_s1_pgtable_pages(), host_s2_pgtable_pages()
+    hpool, h_alloc = model_pool("hpool", CARVE + 0x101000, 1032, allocs=(0, 0))
+    s2pool, s_alloc = model_pool("host_s2_pool", CARVE + 0x600000, 1048, allocs=(0, 0, 0))
     vm_pool = Pool("vm4096", 0, RAM + 0x100000, RAM + 0x101000, 0, {0: []}, pages={RAM + 0x100000: (1, 0)},
                    dirty_free=[])
-    snap = Snapshot("6.12.117", 0.0, 1.0, 1, 0, hyp_physvirt_offset=0, carveout=(CARVE, 0x200000),
+    snap = Snapshot("6.12.117", 0.0, 1.0, 1, 0, hyp_physvirt_offset=0, carveout=(CARVE, 0xC00000),
                     memblocks=[(RAM, 1 << 30, 0)],
                     pools={"hpool": hpool, "host_s2_pool": s2pool, "vm4096": vm_pool})
     snap.vms = [VmInfo(0, 0x1000, 0, 0, 1, RAM + 0x100000, vm_pool)]
-    hyp_owned = [leaf(CARVE + i * PAGE, PAGE, 3, 0x4) for i in range(0x200000 // PAGE)]
+    hyp_owned = [leaf(CARVE + i * PAGE, PAGE, 3, 0x4) for i in range(0xC00000 // PAGE)]
     snap.host_s2 = Walk([leaf(0, 1 << 30, 1, MMIO_RW_BLOCK),
                          leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK),
                          leaf(RAM + (2 << 20), PAGE, 3, MEM_RWX_4K | SHARED_OWNED),
@@ -225,6 +226,7 @@ CORRUPTIONS = {
     "s2-invalid-leaves": _corrupt_invalid_leaves, "s2-page-states": _corrupt_page_states,
     "carveout-hyp-owned": _corrupt_carveout, "vm-table": _corrupt_vm_table,
     "free-blocks-zero": lambda s: s.pools["hpool"].dirty_free.append((s.pools["hpool"].range_start, 0, 0x10)),
+    "pool-sizes": lambda s: setattr(s.pools["host_s2_pool"], "range_end", s.pools["host_s2_pool"].range_end - PAGE),
     "hyp-s1-permissions": lambda s: s.hyp_s1.leaves.__setitem__(
         1, leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW & ~(1 << 54))),
 }
@@ -282,8 +284,11 @@ def test_duck_typed_states_work_too():
     pool = SimpleNamespace(range_start=0, range_end=PAGE, max_order=0, free_lists={0: [0]}, pages={0: (0, 0)},
                            list_errors=[], dirty_free=[])
     hyp_s1 = Walk([], [], [])
-    assert run_checks(SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
-                                      memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={})) == []
+    duck = SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
+                           memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={})
+    # pool-sizes needs pKVM's own two pools and the memblocks: without them it says so (good_state covers it)
+    assert {f.check for f in run_checks(duck)} == {"pool-sizes"}
+    assert [f.seen for f in run_checks(duck, only=["pool-sizes"])] == ["the hyp memblocks could not be read: None"]
 
 
 def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
