@@ -78,6 +78,14 @@ def test_the_summary_job_renders_every_cell_after_the_matrix(workflow):
     assert any("ci/summary.sh" in r for r in _runs(summary))
 
 
+def test_the_mutants_run_nightly_as_their_own_job_on_both_series(workflow):
+    job = workflow["jobs"]["mutants"]
+    assert job["strategy"]["matrix"]["kernel"] == ["6.12", "7.3"]
+    runs = [step.get("run", "") for step in job["steps"]]
+    assert "make setup" in runs and "make test-mutants KERNEL=${{ matrix.kernel }}" in runs
+    assert any("runs/mutants-" in str(step.get("with", {}).get("path", "")) for step in job["steps"])
+
+
 def test_every_script_the_workflow_names_exists_and_is_executable(workflow):
     named = set()
     for job in workflow["jobs"].values():
