@@ -328,9 +328,22 @@ def _in_memblock(snap: Any, start: int, end: int) -> bool | None:
 @check("s2-idmap")
 def s2_idmap(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.10: every valid leaf maps IPA == PA."""
-    for leaf in snap.host_s2.leaves if snap.host_s2 else []:
+    for leaf in _host_s2(snap).leaves:
         if leaf.valid and leaf.pa != leaf.addr:
             yield Finding("s2-idmap", f"host stage-2 leaf {leaf.addr:#x}", f"output {leaf.addr:#x}", f"{leaf.pa:#x}")
+
+
+def _host_s2(snap: Any) -> Any:
+    """The host stage-2 walk; one that could not be read is a finding, never an empty pass."""
+    if getattr(snap, "host_s2", None) is None:
+        raise MissingInput(f"the host stage-2 could not be read: {getattr(snap, 'unavailable', {}).get('host_s2')}")
+    return snap.host_s2
+
+
+def _hyp_s1(snap: Any) -> Any:
+    if getattr(snap, "hyp_s1", None) is None:
+        raise MissingInput(f"the hyp stage-1 could not be read: {getattr(snap, 'unavailable', {}).get('hyp_s1')}")
+    return snap.hyp_s1
 
 
 def _kv(rules: VersionRules) -> KernelVersion:
@@ -344,7 +357,7 @@ def s2_leaf_attributes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     attributes (7.2+), every leaf has the one MemAttr that means so: 0x7 with FWB, 0xF without;
     and there the hyp text is mapped read-only (R--) instead of being unmapped."""
     as_s1 = _kv(rules).host_s2_memattr_as_s1
-    valid = [leaf for leaf in (snap.host_s2.leaves if snap.host_s2 else []) if leaf.valid]
+    valid = [leaf for leaf in (_host_s2(snap).leaves) if leaf.valid]
     want_attr = MEMATTR_NORMAL
     if as_s1 and valid and valid[0].memattr in (MEMATTR_NORMAL, MEMATTR_FWB_AS_S1):
         want_attr = valid[0].memattr            # FWB or not is the CPU's: one value for every leaf
@@ -379,7 +392,7 @@ def s2_invalid_leaves(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.12: a non-zero invalid leaf is a level-3 hyp-owned annotation (PTE 0x4); never LOCKED.
     With typed invalid PTEs (7.2+): a level-3 DONATION to hyp or to a guest, never LOCKED or POISONED."""
     typed = _kv(rules).typed_invalid_ptes
-    for leaf in snap.host_s2.leaves if snap.host_s2 else []:
+    for leaf in _host_s2(snap).leaves:
         if leaf.valid:
             continue
         if typed:
@@ -395,7 +408,7 @@ def s2_invalid_leaves(snap: Any, rules: VersionRules) -> Iterable[Finding]:
 @check("s2-page-states")
 def s2_page_states(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """§7.13: shared states only on level-3 pages, and never RESERVED."""
-    for leaf in snap.host_s2.leaves if snap.host_s2 else []:
+    for leaf in _host_s2(snap).leaves:
         if leaf.valid and leaf.state != "OWNED":
             if leaf.state not in ("SHARED_OWNED", "SHARED_BORROWED") or leaf.level != 3:
                 yield Finding("s2-page-states", f"host stage-2 leaf {leaf.addr:#x} (level {leaf.level})",
@@ -404,15 +417,24 @@ def s2_page_states(snap: Any, rules: VersionRules) -> Iterable[Finding]:
 
 @check("carveout-hyp-owned")
 def carveout_hyp_owned(snap: Any, rules: VersionRules) -> Iterable[Finding]:
-    """§7.14: no valid host mapping covers the hyp carveout; what is annotated says hyp."""
-    if not snap.carveout or not snap.host_s2:
-        return
+    """§7.14: every page of the hyp carveout, mapped or not, is annotated in the host stage-2 as
+    the hyp's (an empty entry would let the host's next access map it); none is mapped for the host."""
+    if not snap.carveout:
+        raise MissingInput(f"the carveout could not be read: {snap.unavailable.get('carveout')}")
+    _host_s2(snap)
     base, size = snap.carveout
-    for leaf in snap.host_s2.leaves:
-        if leaf.addr < base + size and base < leaf.addr + leaf.size:
-            if leaf.valid or leaf.owner != 1:
-                yield Finding("carveout-hyp-owned", f"host stage-2 entry {leaf.addr:#x} in the carveout",
-                              "invalid, owner hyp", leaf.describe() if hasattr(leaf, "describe") else f"{leaf.pte:#x}")
+    pa = base
+    while pa < base + size:
+        leaf = snap.host_s2.leaf_at(pa)
+        if leaf is None:
+            yield Finding("carveout-hyp-owned", f"carveout page {pa:#x}", "invalid, owner hyp",
+                          "an empty host stage-2 entry: the host's next access would map it")
+            pa += PAGE
+            continue
+        if leaf.valid or leaf.owner != 1:
+            yield Finding("carveout-hyp-owned", f"host stage-2 entry {leaf.addr:#x} in the carveout",
+                          "invalid, owner hyp", leaf.describe() if hasattr(leaf, "describe") else f"{leaf.pte:#x}")
+        pa = leaf.addr + leaf.size          # one finding per entry; its other pages are the same
 
 
 @check("vm-table", applies=_absent("vm_table"))
@@ -480,8 +502,7 @@ def hyp_s1_permissions(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     executable, and every mapping of the hyp text is read-only (hyp_set_prot_attr's own rules:
     AP[2] read-only; XN in bit 54, and from 7.x in hVHE PXN in bit 53 too: a leaf executes at EL2
     only with both clear)."""
-    if snap.hyp_s1 is None:
-        raise MissingInput(f"the hyp stage-1 could not be read: {snap.unavailable.get('hyp_s1')}")
+    _hyp_s1(snap)
     if getattr(snap, "hyp_text", None) is None:
         raise MissingInput(f"the hyp text's range could not be read: {snap.unavailable.get('hyp_text')}")
     for leaf in snap.hyp_s1.leaves:
@@ -531,8 +552,7 @@ def page_state_host_s2(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """The host's vmemmap state agrees with the host stage-2: a page donated away (annotated
     invalid) is NOPAGE for the host; a NOPAGE page is annotated (an empty entry would let the
     host's next fault map it), or is the hyp text the host maps read-only."""
-    if not snap.host_s2:
-        return
+    _host_s2(snap)
     for leaf in snap.host_s2.leaves:
         if not leaf.valid and leaf.owner is not None:
             for pa in range(leaf.addr, leaf.addr + leaf.size, PAGE):
@@ -557,8 +577,7 @@ def page_state_hyp_s1(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """The hyp's vmemmap state agrees with its stage-1: every memory page the hyp maps (in its
     linear map or its private range: stacks, the vmemmap) it owns, shares or borrows; every page
     it owns is mapped."""
-    if not snap.hyp_s1:
-        return
+    _hyp_s1(snap)
     mapped: dict[int, int] = {}         # PA -> a hyp VA mapping it
     for leaf in snap.hyp_s1.leaves:
         if leaf.valid and _in_memblock(snap, leaf.pa, leaf.pa + leaf.size):

@@ -244,6 +244,16 @@ def test_hyp_stage1_permissions_follow_the_kernels_rules(pte, seen):
     assert [f.seen for f in findings(s, "hyp-s1-permissions")] == ["writable"]
 
 
+def test_every_carveout_page_is_checked_an_empty_entry_included():
+    s = copy.deepcopy(good_state())
+    gone = s.host_s2.leaf_at(CARVE + 0x5000)
+    s.host_s2.leaves.remove(gone)                       # an annotation zeroed: the entry is empty
+    (f,) = findings(s, "carveout-hyp-owned")
+    assert f.where == f"carveout page {CARVE + 0x5000:#x}" and "empty host stage-2 entry" in f.seen
+    s.host_s2 = None
+    assert [f.seen for f in findings(s, "carveout-hyp-owned")] == ["the host stage-2 could not be read: None"]
+
+
 def test_free_blocks_whose_contents_were_not_read_are_a_finding_not_a_pass():
     s = copy.deepcopy(good_state())
     s.pools["vm4096"].dirty_free = None
@@ -284,11 +294,16 @@ def test_duck_typed_states_work_too():
     pool = SimpleNamespace(range_start=0, range_end=PAGE, max_order=0, free_lists={0: [0]}, pages={0: (0, 0)},
                            list_errors=[], dirty_free=[])
     hyp_s1 = Walk([], [], [])
-    duck = SimpleNamespace(pools={"p": pool}, host_s2=None, kernel_version="6.12", carveout=None,
+    duck = SimpleNamespace(pools={"p": pool}, host_s2=Walk([], [], []), kernel_version="6.12", carveout=(0, 0),
                            memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={})
     # pool-sizes needs pKVM's own two pools and the memblocks: without them it says so (good_state covers it)
     assert {f.check for f in run_checks(duck)} == {"pool-sizes"}
     assert [f.seen for f in run_checks(duck, only=["pool-sizes"])] == ["the hyp memblocks could not be read: None"]
+    # a part that could not be read is a finding in every check that needs it, never an empty pass
+    duck.host_s2, duck.unavailable = None, {"host_s2": "OSError: QMP went away"}
+    lost = "the host stage-2 could not be read: OSError: QMP went away"
+    missing = {f.check for f in run_checks(duck) if f.seen == lost}
+    assert missing == {"s2-idmap", "s2-leaf-attributes", "s2-invalid-leaves", "s2-page-states", "carveout-hyp-owned"}
 
 
 def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
@@ -322,7 +337,7 @@ def good_7x_state() -> Snapshot:
     snap.host_s2 = Walk([typed_leaf(0, 1 << 30, 1, (MMIO_RW_BLOCK & fwb) | AS_S1_FWB),
                          typed_leaf(RAM, 2 << 20, 2, (MEM_RWX_BLOCK & fwb) | AS_S1_FWB),
                          *text,
-                         *[typed_leaf(CARVE + i * PAGE, PAGE, 3, DONATION_TO_HYP) for i in range(0x200000 // PAGE)]],
+                         *[typed_leaf(CARVE + i * PAGE, PAGE, 3, DONATION_TO_HYP) for i in range(0xC00000 // PAGE)]],
                         snap.host_s2.tables, [])
     return snap
 
