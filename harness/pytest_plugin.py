@@ -262,6 +262,26 @@ def seed(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
+def el2_leak(request: pytest.FixtureRequest, el2: Any) -> Callable[[Any, Any, str], str]:
+    """el2_leak(before, after, pool) -> the pages `pool` holds in `after` and not in `before`, one
+    line each: what the kernel uses it for (from `after`) and, with el2trace, the call that
+    allocated it. For a baseline assertion's message."""
+    from harness.model import leaks
+
+    live = _recorder(request.config).live
+
+    def describe(before: Any, after: Any, pool: str) -> str:
+        if live is not None:
+            live.poll()
+        pages = leaks.held(after.pools[pool]) - leaks.held(before.pools[pool])
+        lines = leaks.describe(pages, after, live.allocated_by if live is not None else None,
+                               live.replayer.names if live is not None else None)
+        return f"{pool} holds {len(pages)} page(s) it did not before:\n  " + "\n  ".join(lines)
+
+    return describe
+
+
+@pytest.fixture
 def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[None]:
     """After the test: the kernel log since it began has no WARN, BUG, oops or EL2 panic, and (where
     EL2 memory can be read) every invariant holds on a fresh snapshot. The EL2 suites take it for

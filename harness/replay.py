@@ -96,6 +96,7 @@ class LiveReplay:
         self.replayer = Replayer({}, layout.kernel_version)
         self.host_calls_total = 0
         self._reported = False
+        self.allocated_by: dict[int, Op] = {}     # page PA -> the traced hyp_alloc_pages that returned it
 
     @property
     def ops_total(self) -> int:
@@ -105,6 +106,10 @@ class LiveReplay:
         ops, host_calls = self.calls.feed(self.follower.new_records())
         if self.ops is not None:
             self.ops += ops
+        for op in ops:
+            if op.op == "alloc" and op.result is not None:
+                for i in range(1 << op.args["order"]):
+                    self.allocated_by[op.result + i * 4096] = op
         self.replayer.names.update(self.calls.pool_names())
         self.replayer.feed(ops)
         self.host_calls_total += len(host_calls)

@@ -56,7 +56,7 @@ def test_every_invariant_holds_after_boot(el2, harness_gap):
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
-def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, warmed, vcpus):
+def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, el2_trace, el2_leak, warmed, vcpus):
     before = el2.snapshot()
     with el2_trace() as box:
         for _ in range(2):
@@ -69,10 +69,11 @@ def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, e
     findings = run_checks(after)
     assert findings == [], render(findings)
     assert after.vms == [] and set(after.pools) == {"hpool", "host_s2_pool"}
-    assert _hpool_free(after) == _hpool_free(before), "hpool pages not given back after the VMs were destroyed"
+    assert _hpool_free(after) == _hpool_free(before), \
+        "hpool pages not given back after the VMs were destroyed: " + el2_leak(before, after, "hpool")
 
 
-def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
+def test_many_vms_alive_at_once_press_hpool(target, payload, el2, el2_leak, warmed):
     before = el2.snapshot()
     guests = BackgroundGuests(target, payload("pkvm_guest"), guest_args(vms=12, vcpus=1, pages=4, hold=4))
     guests.wait("ready")
@@ -87,7 +88,8 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, warmed):
     findings = run_checks(after)
     assert findings == [], render(findings)
     assert after.vms == []
-    assert _hpool_free(after) == _hpool_free(before), "hpool free pages per order not back to the baseline"
+    assert _hpool_free(after) == _hpool_free(before), \
+        "hpool free pages per order not back to the baseline: " + el2_leak(before, after, "hpool")
 
 
 def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
