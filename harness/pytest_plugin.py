@@ -293,8 +293,8 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
     el2 = request.getfixturevalue("el2") if isinstance(target, El2Memory) else None
     mark = target.dmesg_mark()
     yield
-    call = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
-    if call or target.death() is not None:
+    failed = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
+    if failed or target.death() is not None:
         return
     events = scan(clean(target.dmesg(mark)))
     if events:

@@ -10,7 +10,7 @@ from typing import Any
 
 from harness.el2.state import Snapshot
 from harness.el2.tcg.probes import Layout
-from harness.el2.tcg.stream import Calls, Follower, HostCall
+from harness.el2.tcg.stream import Calls, Follower
 from harness.el2.trace import Op, Trace, load, pools_from_json
 from harness.errors import UsageError
 from harness.model.replay import Divergence, Replayer, ReplayResult, replay
@@ -66,14 +66,6 @@ def _what(e: Exception) -> str:
     return f"no field {detail!r}" if isinstance(e, KeyError) else str(detail)
 
 
-@dataclass
-class Window:
-    """The calls one poll of a live stream brought."""
-
-    ops: list[Op]
-    host_calls: list[HostCall]
-
-
 @dataclass(frozen=True)
 class Mark:
     ops: int
@@ -102,7 +94,7 @@ class LiveReplay:
     def ops_total(self) -> int:
         return self.replayer.count
 
-    def poll(self) -> Window:
+    def poll(self) -> None:
         ops, host_calls = self.calls.feed(self.follower.new_records())
         if self.ops is not None:
             self.ops += ops
@@ -113,7 +105,6 @@ class LiveReplay:
         self.replayer.names.update(self.calls.pool_names())
         self.replayer.feed(ops)
         self.host_calls_total += len(host_calls)
-        return Window(ops, host_calls)
 
     def take_divergence(self) -> Divergence | None:
         if self.replayer.divergence is None or self._reported:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.el2.decode import field_value
+from harness.el2.decode import field_value, h2p
 from harness.el2.symbols import Field
 from harness.el2.tcg.probes import FUNCTIONS, RESULT_REGS, TRAP, Layout
 from harness.el2.trace import Op
@@ -28,7 +28,6 @@ META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
 NREGS = 10                                # x0..x7, x30, sp
 U32 = 0xFFFF_FFFF
-MASK64 = (1 << 64) - 1
 EC_HVC64 = 0x16
 
 
@@ -140,8 +139,7 @@ class Calls:
         self._seq = 0
 
     def pa(self, va: int) -> int:
-        assert self.physvirt is not None
-        return (va + self.physvirt) & MASK64
+        return h2p(self.physvirt, va)
 
     def pool_names(self) -> dict[int, str]:
         """Pool struct PA -> symbol name, for the pools that are kernel globals (hpool, host_s2_pool)."""
