@@ -284,13 +284,17 @@ def el2_leak(request: pytest.FixtureRequest, el2: Any) -> Callable[[Any, Any, st
 @pytest.fixture
 def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[None]:
     """After the test: the kernel log since it began has no WARN, BUG, oops or EL2 panic, and (where
-    EL2 memory can be read) every invariant holds on a fresh snapshot. The EL2 suites take it for
+    EL2 memory can be read) every invariant holds on a fresh snapshot; with el2trace, every
+    host/hyp page-state transition the test made was the model's (harness.model.transitions). The EL2 suites take it for
     every test (their conftest); a finding fails the test (at its teardown), with the lines or
     findings. A test that already failed is not judged again."""
     from harness.model.invariants import render, run_checks
     from harness.verdict import clean, scan
 
     el2 = request.getfixturevalue("el2") if isinstance(target, El2Memory) else None
+    live = _recorder(request.config).live if el2 is not None else None
+    if live is not None and el2 is not None and live.transitions.states is None:
+        live.check_transitions(el2.snapshot(while_paused=live.poll))     # the model starts here
     mark = target.dmesg_mark()
     yield
     failed = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
@@ -299,9 +303,34 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
     events = scan(clean(target.dmesg(mark)))
     if events:
         pytest.fail("the kernel log during this test:\n" + "\n".join(f"{e.kind}: {e.line}" for e in events))
-    findings = run_checks(el2.snapshot()) if el2 is not None else []
+    if el2 is None:
+        return
+    snap = el2.snapshot(while_paused=live.poll if live is not None else None)
+    findings = render(run_checks(snap))
+    if live is not None:
+        try:
+            transitions = live.check_transitions(snap)
+        except ValueError as e:
+            transitions = [f"the page states could not be compared: {e}"]
+        findings = "\n".join([findings, *(f"[transitions] {t}" for t in transitions)]).strip()
     if findings:
-        pytest.fail("invariants broken after this test:\n" + render(findings))
+        pytest.fail("invariants broken after this test:\n" + findings)
+
+
+@pytest.fixture
+def el2_transitions(request: pytest.FixtureRequest, el2: Any) -> Callable[[], Any]:
+    """el2_transitions() -> (the TransitionChecker, its findings against a fresh snapshot): every
+    host/hyp page-state transition since the last check, judged (harness.model.transitions).
+    Skips without el2trace."""
+    live = _recorder(request.config).live
+    if live is None:
+        pytest.skip("the transitions are traced by el2trace (QEMU 9.1+ with --el2-plugin)")
+
+    def check() -> Any:
+        snap = el2.snapshot(while_paused=live.poll)
+        return live.transitions, live.check_transitions(snap)
+
+    return check
 
 
 @pytest.fixture

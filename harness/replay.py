@@ -10,10 +10,11 @@ from typing import Any
 
 from harness.el2.state import Snapshot
 from harness.el2.tcg.probes import Layout
-from harness.el2.tcg.stream import Calls, Follower
+from harness.el2.tcg.stream import Calls, Follower, HostCall
 from harness.el2.trace import Op, Trace, load, pools_from_json
 from harness.errors import UsageError
 from harness.model.replay import Divergence, Replayer, ReplayResult, replay
+from harness.model.transitions import Transition, TransitionChecker, snapshot_states
 
 
 def pool_names(trace: Trace) -> dict[int, str]:
@@ -89,6 +90,7 @@ class LiveReplay:
         self.host_calls_total = 0
         self._reported = False
         self.allocated_by: dict[int, Op] = {}     # page PA -> the traced hyp_alloc_pages that returned it
+        self.transitions = TransitionChecker()
 
     @property
     def ops_total(self) -> int:
@@ -105,6 +107,18 @@ class LiveReplay:
         self.replayer.names.update(self.calls.pool_names())
         self.replayer.feed(ops)
         self.host_calls_total += len(host_calls)
+        transitions, self.calls.transitions = self.calls.transitions, []
+        events: list[Transition | HostCall] = [*transitions, *host_calls]
+        for event in sorted(events, key=lambda e: e.seq):
+            if isinstance(event, HostCall):
+                self.transitions.hypercall(event.entry_seq, event.name, event.args, event.result)
+            else:
+                self.transitions.transition(event)
+
+    def check_transitions(self, snapshot: Snapshot) -> list[str]:
+        """Every transition since the last check, judged, and the page states against `snapshot`
+        (taken while_paused=poll). The first check only starts the model from `snapshot`."""
+        return self.transitions.compare(snapshot_states(snapshot))
 
     def take_divergence(self) -> Divergence | None:
         if self.replayer.divergence is None or self._reported:

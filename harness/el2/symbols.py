@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from elftools.elf.sections import NoteSection, SymbolTableSection
 from harness.fsutil import atomic_write_text
 from harness.kernel.version import KernelVersion
 
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3
 # Structs the EL2 readers need. host_kvm is the pre-6.0 name of host_mmu.
 WANTED = ("hyp_pool", "hyp_page", "host_mmu", "host_kvm", "kvm_pgtable", "kvm_s2_mmu", "kvm_arch",
           "pkvm_hyp_vm", "memblock_region", "list_head", "kvm_pgtable_mm_ops")
@@ -30,6 +31,9 @@ CU_ANCHORS = ("__kvm_nvhe_host_stage2_idmap_locked", "__kvm_nvhe_handle_host_mem
               "__kvm_nvhe_hyp_alloc_pages", "__kvm_nvhe___pkvm_init_vm", "__kvm_nvhe___pkvm_init",
               "memblock_add")
 MAX_DEPTH = 5   # pkvm_hyp_vm.kvm.arch.mmu.pgd_phys
+# The host hypercalls' ids: enum __kvm_host_smccc_func, in the compile unit of the host's trap handler.
+HYPERCALL_ENUM, HYPERCALL_PREFIX = "__kvm_host_smccc_func", "__KVM_HOST_SMCCC_FUNC_"
+HYPERCALL_CU = "__kvm_nvhe_handle_trap"
 
 
 class Unavailable(LookupError):
@@ -78,6 +82,7 @@ class KernelInfo:
     structs: dict[str, Struct]
     missing: dict[str, str] = field(default_factory=dict)   # struct -> why it is not there
     sizes: dict[str, int] = field(default_factory=dict)     # nVHE function symbol -> its size in bytes
+    hypercalls: dict[int, str] = field(default_factory=dict)  # host hypercall id -> "__pkvm_init_vm"
 
     def sym(self, name: str) -> int:
         try:
@@ -118,7 +123,7 @@ def load(vmlinux: Path, cache_dir: Path | None = None) -> KernelInfo:
 
 def to_json(info: KernelInfo) -> dict:
     return {"build_id": info.build_id, "version": info.version, "symbols": info.symbols, "missing": info.missing,
-            "sizes": info.sizes,
+            "sizes": info.sizes, "hypercalls": info.hypercalls,
             "structs": {n: {"size": s.size, "fields": {p: asdict(f) for p, f in s.fields.items()}}
                         for n, s in info.structs.items()}}
 
@@ -126,7 +131,8 @@ def to_json(info: KernelInfo) -> dict:
 def from_json(d: dict) -> KernelInfo:
     structs = {n: Struct(n, s["size"], {p: Field(**f) for p, f in s["fields"].items()})
                for n, s in d["structs"].items()}
-    return KernelInfo(d["build_id"], d["version"], d["symbols"], structs, d["missing"], d.get("sizes", {}))
+    return KernelInfo(d["build_id"], d["version"], d["symbols"], structs, d["missing"], d.get("sizes", {}),
+                      {int(k): v for k, v in d.get("hypercalls", {}).items()})
 
 
 def _build_id(elf: ELFFile) -> str:
@@ -176,7 +182,21 @@ def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
         if name not in structs:
             anchors = ", ".join(a for a in CU_ANCHORS if a in symbols)
             missing[name] = f"not defined in the compile units of {anchors}"
-    return KernelInfo(build_id, version, symbols, structs, missing, sizes)
+    hypercalls = {}
+    offset = aranges.cu_offset_at_addr(symbols[HYPERCALL_CU]) if HYPERCALL_CU in symbols and aranges else None
+    if offset is not None:
+        hypercalls = _hypercalls(dwarf.get_CU_at(offset).iter_DIEs())
+    return KernelInfo(build_id, version, symbols, structs, missing, sizes, hypercalls)
+
+
+def _hypercalls(dies: Iterable[DIE]) -> dict[int, str]:
+    """id -> name of each host hypercall (the markers 7.x puts between ranges are left out)."""
+    for die in dies:
+        if die.tag == "DW_TAG_enumeration_type" and _name(die) == HYPERCALL_ENUM:
+            names = ((c.attributes["DW_AT_const_value"].value, _name(c) or "") for c in die.iter_children())
+            return {value: name[len(HYPERCALL_PREFIX):] for value, name in names
+                    if name.startswith(HYPERCALL_PREFIX + "__")}
+    return {}
 
 
 def _read_banner_version(elf: ELFFile, symbols: dict[str, int]) -> str:

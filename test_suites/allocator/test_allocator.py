@@ -73,6 +73,26 @@ def test_vm_lifecycles_return_every_pool_to_its_baseline(target, payload, el2, e
         "hpool pages not given back after the VMs were destroyed: " + el2_leak(before, after, "hpool")
 
 
+def test_every_page_state_transition_of_a_vm_lifecycle_is_the_models(target, payload, el2, el2_transitions, warmed):
+    """Each share, unshare, donation and pin a VM's life makes (traced by el2trace) returns what the
+    model predicts and leaves its pages as predicted, and what was donated for the VM comes back."""
+    checker, findings = el2_transitions()
+    assert findings == [], "\n".join(findings)
+    counts, settled = dict(checker.by_name), checker.settled
+    run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=16))
+    checker, findings = el2_transitions()
+    assert findings == [], "\n".join(findings)
+    made = {name: n - counts.get(name, 0) for name, n in checker.by_name.items()}
+    print(f"transitions during one VM lifecycle: {made}")
+    if "vm_table" in el2.snapshot().absent:           # 6.1: no VMs at EL2, the host shares its structures
+        assert made.get("__pkvm_host_share_hyp", 0) >= 1 and made.get("__pkvm_host_unshare_hyp", 0) >= 1
+        return
+    # the VM's and both vCPUs' structures donated and given back, the host's pinned while in use
+    assert made.get("__pkvm_host_donate_hyp", 0) >= 3 and made.get("__pkvm_hyp_donate_host", 0) >= 3
+    assert made.get("hyp_pin_shared_mem", 0) >= 3 and made.get("hyp_unpin_shared_mem", 0) >= 3
+    assert checker.settled == settled + 1, "the VM's teardown was not seen settling what was donated for it"
+
+
 def test_many_vms_alive_at_once_press_hpool(target, payload, el2, el2_leak, warmed):
     before = el2.snapshot()
     guests = BackgroundGuests(target, payload("pkvm_guest"), guest_args(vms=12, vcpus=1, pages=4, hold=4))

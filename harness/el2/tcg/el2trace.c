@@ -18,7 +18,10 @@
  *   extra <register name>                                 one more register in every probe record
  * Reads (comma separated): m<reg>+<off>:<len> at a register; e<reg>+<off>:<len> at the register
  * as it was at this vCPU's last entry of fn; p<reg>:<len>, q<reg>:<len> the hyp_page of the page
- * holding the hyp VA in the register (now, or at entry). reg 0..30 is x0..x30, 31 is sp.
+ * holding the hyp VA in the register (now, or at entry); z<reg>:<nreg> scans the pages whose
+ * first pfn is in <reg> and whose count is in <nreg> (at most ZERO_SCAN_MAX) for non-zero bytes
+ * past each page's first word, a memcache link (16 bytes: u64 pages scanned, u64 PA of the first
+ * such byte or ~0). reg 0..30 is x0..x30, 31 is sp.
  *
  * Record (little endian): u32 len, u8 type, u8 kind, u16 fn, u32 vcpu, u32 failed-read mask,
  * u64 seq, u64 link pc, then for probes u64 x0..x7, x30, sp, the extra registers and the reads'
@@ -37,6 +40,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 enum { REC_META = 1, REC_PROBE = 2, REC_COVER = 3, REC_STATS = 4, REC_VARS = 5 };
 enum { MAX_READS = 4, MAX_FN = 32, NREGS = 10, MAX_EXTRA = 2, MAX_ANCHOR_WORDS = 8 };
+enum { PAGE = 4096, ZERO_SCAN_MAX = 1024 };
 
 struct read_spec { char kind; int reg; uint64_t off; uint32_t len; };
 
@@ -150,6 +154,27 @@ static bool page_addr(const uint64_t vars[2], uint64_t va, uint64_t *addr)
     return vars[0] != 0;
 }
 
+/* The first non-zero byte past the first word of any of `pages` pages from pfn (see `z` reads). */
+static bool zero_scan(const uint64_t vars[2], uint64_t pfn, uint64_t pages, uint64_t out[2])
+{
+    static __thread uint8_t page[PAGE];
+    out[0] = pages < ZERO_SCAN_MAX ? pages : ZERO_SCAN_MAX;
+    out[1] = ~0ull;
+    for (uint64_t i = 0; i < out[0]; i++) {
+        uint64_t pa = (pfn + i) * PAGE;
+        if (!read_mem(pa - vars[1], page, PAGE)) {
+            return false;
+        }
+        for (int b = 8; b < PAGE; b++) {
+            if (page[b]) {
+                out[1] = pa + b;
+                return true;
+            }
+        }
+    }
+    return true;
+}
+
 /* --- probes --------------------------------------------------------------------------------- */
 
 static void on_probe(unsigned int vcpu, void *udata)
@@ -181,10 +206,14 @@ static void on_probe(unsigned int vcpu, void *udata)
         const uint64_t *from = (r->kind == 'e' || r->kind == 'q') ? entry : regs;
         uint64_t va = reg_value(from, r->reg) + r->off;
         bool ok = true;
-        if (r->kind == 'p' || r->kind == 'q') {
+        if (r->kind == 'z') {
+            uint64_t scan[2] = { 0, ~0ull };
+            ok = have_vars && zero_scan(vars, va - r->off, reg_value(from, (int)r->off), scan);
+            memcpy(payload + at, scan, sizeof(scan));
+        } else if (r->kind == 'p' || r->kind == 'q') {
             ok = have_vars && page_addr(vars, va, &va);
         }
-        ok = ok && read_mem(va, payload + at, r->len);
+        ok = ok && (r->kind == 'z' || read_mem(va, payload + at, r->len));
         if (!ok) {
             memset(payload + at, 0, r->len);
             failed |= 1u << i;
@@ -384,8 +413,12 @@ static void parse_reads(struct probe *p, char *list)
         unsigned long long off = 0;
         int ok = (r->kind == 'm' || r->kind == 'e')
             ? sscanf(tok + 1, "%d+%llx:%u", &r->reg, &off, &r->len) == 3
+            : r->kind == 'z' ? sscanf(tok + 1, "%d:%llu", &r->reg, &off) == 2 && off < 8
             : (r->kind == 'p' || r->kind == 'q') && sscanf(tok + 1, "%d:%u", &r->reg, &r->len) == 2;
-        r->off = off;
+        r->off = off;                  /* for a `z` read: the register holding the page count */
+        if (r->kind == 'z') {
+            r->len = 16;
+        }
         if (!ok || r->reg < 0 || r->reg > 31 || r->len == 0 || r->len > 256) {
             die("bad read in the spec: ", tok);
         }

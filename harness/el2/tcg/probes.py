@@ -25,6 +25,13 @@ ALLOCATOR = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page",
 # host exception at EL2; ESR_EL2 tells a hypercall (EC 0x16) from a stage-2 fault.
 TRAP = "handle_trap"
 FUNCTIONS = (*ALLOCATOR, TRAP)
+# The page-state transitions between host and hyp (mem_protect.c), where the kernel has them (6.1
+# has only the share pair). Each takes the host and hyp locks and runs to completion inside them.
+TRANSITIONS = ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_host_donate_hyp",
+               "__pkvm_hyp_donate_host", "hyp_pin_shared_mem", "hyp_unpin_shared_mem")
+# What the hyp gives back must hold none of its data: scanned at the call (x0 pfn, x1 pages).
+ZERO_SCANNED = {"__pkvm_hyp_donate_host": "z0:1"}
+ZERO_SCAN_MAX = 1024                  # pages scanned per call (el2trace.c)
 RET_WORDS = (0xD65F03C0, 0xD65F0BFF, 0xD65F0FFF)       # ret, retaa, retab
 HOST_VECTOR = "__kvm_hyp_host_vector"
 ANCHOR_WORDS = 4
@@ -45,6 +52,10 @@ class Layout:
     page_fields: dict[str, dict] = field(default_factory=dict)   # refcount, order: symbols.Field as a dict
     pools: dict[str, str] = field(default_factory=dict)          # link address (decimal) -> global pool name
     vmlinux: str = ""                     # the kernel the addresses belong to (coverage maps them to lines)
+    hypercalls: dict[str, str] = field(default_factory=dict)     # host hypercall id (decimal) -> name
+
+    def hypercall_names(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.hypercalls.items()}
 
     def pool_links(self) -> dict[int, str]:
         return {int(k): v for k, v in self.pools.items()}
@@ -92,7 +103,8 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
     for entry in range(0, 0x800, 0x80):            # the host's first EL2 code at a hyp VA
         words = _words(text[vector + entry - start:][:4 * ANCHOR_WORDS])
         lines.append(f"anchor {vector + entry:x} " + " ".join(f"{w:x}" for w in words))
-    for fn_id, name in enumerate(FUNCTIONS):
+    functions = [*FUNCTIONS, *(n for n in TRANSITIONS if NVHE + n in info.symbols)]
+    for fn_id, name in enumerate(functions):
         sym = NVHE + name
         addr, size = info.sym(sym), info.sizes.get(sym, 0)
         if not size:
@@ -100,7 +112,7 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         body = _words(text[addr - start:addr - start + size])
         lines.append(f"anchor {addr:x} " + " ".join(f"{w:x}" for w in body[:ANCHOR_WORDS]))
         entry_reads = page_reads if name in ("hyp_put_page", "hyp_get_page") else \
-            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else []
+            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [ZERO_SCANNED[name]] if name in ZERO_SCANNED else []
         ret_reads = [f"e0+0:{8 * RESULT_REGS}"] if name == TRAP else []
         lines.append(f"probe {fn_id} e {addr:x} {','.join(entry_reads) or '-'}")
         reads[f"{fn_id}e"] = [_length(r) for r in entry_reads]
@@ -111,12 +123,13 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         reads[f"{fn_id}r"] = [_length(r) for r in ret_reads]
     fields = {n: asdict(hp.field(n)) for n in ("refcount", "order")}
     pools = {str(info.sym(NVHE + n)): n for n in GLOBAL_POOLS}
-    layout = Layout(info.version, list(FUNCTIONS), reads, ["ESR_EL2"], hp.size, fields, pools, str(vmlinux.resolve()))
+    layout = Layout(info.version, functions, reads, ["ESR_EL2"], hp.size, fields, pools, str(vmlinux.resolve()),
+                    {str(k): v for k, v in info.hypercalls.items()})
     return Spec("\n".join(lines) + "\n", layout, text, start)
 
 
 def _length(read: str) -> int:
-    return int(read.rsplit(":", 1)[1])
+    return 16 if read.startswith("z") else int(read.rsplit(":", 1)[1])
 
 
 def write(spec: Spec, run_dir: Path) -> tuple[Path, Path]:

@@ -21,14 +21,16 @@ from pathlib import Path
 
 from harness.el2.decode import field_value, h2p
 from harness.el2.symbols import Field
-from harness.el2.tcg.probes import FUNCTIONS, RESULT_REGS, TRAP, Layout
+from harness.el2.tcg.probes import RESULT_REGS, TRAP, ZERO_SCANNED, Layout
 from harness.el2.trace import Op
+from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, Transition
 
 META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
 NREGS = 10                                # x0..x7, x30, sp
 U32 = 0xFFFF_FFFF
 EC_HVC64 = 0x16
+HOST_HCALL_BASE = 0xC600_0000       # KVM_HOST_SMCCC_ID(0): fast call, SMC64, vendor hyp
 
 
 class StreamError(ValueError):
@@ -114,6 +116,8 @@ class HostCall:
     function: int
     args: tuple[int, ...]
     result: tuple[int, ...] | None = None
+    entry_seq: int = -1
+    name: str = ""           # "__pkvm_init_vm" (enum __kvm_host_smccc_func); "" when not a host hypercall
 
 
 @dataclass
@@ -125,7 +129,8 @@ class Coverage:
 
 
 class Calls:
-    """Turns records into Ops and HostCalls, in order. Feed it every record of one stream."""
+    """Turns records into Ops, HostCalls and Transitions, in order. Feed it every record of one
+    stream; the transitions collect in `transitions` for the caller to take."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
@@ -137,6 +142,10 @@ class Calls:
         self._names = layout.pool_links()     # global pool's link address -> name
         self._open: dict[tuple[int, int], tuple[Record, list[bytes]]] = {}   # (vcpu, fn) -> entry
         self._seq = 0
+        self._trap = layout.functions.index(TRAP)
+        self._hypercalls = layout.hypercall_names()
+        self._under: dict[tuple[int, int], tuple[int, str] | None] = {}   # (vcpu, fn) -> (trap entry seq, name)
+        self.transitions: list[Transition] = []
 
     def pa(self, va: int) -> int:
         return h2p(self.physvirt, va)
@@ -184,8 +193,10 @@ class Calls:
         return out
 
     def _probe(self, r: Record, ops: list[Op], calls: list[HostCall]) -> None:
-        name = FUNCTIONS[r.fn] if r.fn < len(FUNCTIONS) else "?"
+        name = self.layout.functions[r.fn] if r.fn < len(self.layout.functions) else "?"
         key = (r.vcpu, r.fn)
+        if r.kind == "e" and (name in TRANSITION_OF or name in (PIN, UNPIN)):
+            self._under[key] = self._hypercall_open(r.vcpu)
         if r.kind == "e":
             if key in self._open:              # its return was never seen: order it at its entry
                 if (op := self._op(*self._open.pop(key), None)) is not None:
@@ -199,20 +210,55 @@ class Calls:
         if name == TRAP:
             if (call := self._host_call(entry, reads, r)) is not None:
                 calls.append(call)
+        elif name in TRANSITION_OF or name in (PIN, UNPIN):
+            if (t := self._transition(name, entry, reads, r)) is not None:
+                self.transitions.append(t)
         elif (op := self._op(entry, reads, r)) is not None:
             ops.append(op)
 
-    def _host_call(self, entry: Record, reads: list[bytes], ret: Record) -> HostCall | None:
+    def _hypercall_of(self, entry: Record, reads: list[bytes]) -> tuple[int, str] | None:
+        """(function id, name) of the host hypercall a handle_trap entry is; None for another trap."""
         extra = struct.unpack_from(f"<{len(self.layout.extra_registers)}Q", entry.payload, 8 * NREGS)
         esr = extra[0] if extra else 0
         if (esr >> 26) & 0x3F != EC_HVC64 or not reads:
             return None                        # a stage-2 fault or another trap, not a hypercall
+        function = struct.unpack_from("<Q", reads[0])[0]
+        return function, self._hypercalls.get(function - HOST_HCALL_BASE, "")
+
+    def _hypercall_open(self, vcpu: int) -> tuple[int, str] | None:
+        """(entry seq, name) of the host hypercall this vCPU is in, if any."""
+        opened = self._open.get((vcpu, self._trap))
+        hcall = self._hypercall_of(*opened) if opened is not None else None
+        return (opened[0].seq, hcall[1]) if opened is not None and hcall is not None else None
+
+    def _host_call(self, entry: Record, reads: list[bytes], ret: Record) -> HostCall | None:
+        hcall = self._hypercall_of(entry, reads)
+        if hcall is None:
+            return None
         regs = struct.unpack_from("<8Q", reads[0])
         result = struct.unpack_from(f"<{RESULT_REGS}Q", self._reads(ret)[0]) if self._reads(ret) else None
-        return HostCall(ret.seq, entry.vcpu, regs[0], tuple(regs[1:]), result)
+        return HostCall(ret.seq, entry.vcpu, regs[0], tuple(regs[1:]), result, entry.seq, hcall[1])
+
+    def _transition(self, name: str, entry: Record, reads: list[bytes], ret: Record) -> Transition | None:
+        if self.physvirt is None:
+            return None
+        x = entry.regs()
+        if name in TRANSITION_OF:
+            pa, nr_pages = x[0] << 12, 1 if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") else x[1]
+        else:                                  # pin, unpin: [from, to) hyp VAs
+            start, end = x[0] & ~0xFFF, (x[1] + 0xFFF) & ~0xFFF
+            pa, nr_pages = self.pa(start), (end - start) >> 12
+        ret_value = None if name == UNPIN else struct.unpack("<i", struct.pack("<I", ret.regs()[0] & U32))[0]
+        dirty, scanned = None, 0
+        if name in ZERO_SCANNED and reads and not entry.failed & 1:
+            scanned, first = struct.unpack_from("<QQ", reads[0])
+            dirty = -1 if first == (1 << 64) - 1 else first
+        under = self._under.pop((entry.vcpu, entry.fn), None)
+        return Transition(ret.seq, entry.vcpu, name, pa, nr_pages, ret_value, under[1] if under else None,
+                          under[0] if under else None, dirty, scanned)
 
     def _op(self, entry: Record, reads: list[bytes], ret: Record | None) -> Op | None:
-        name = FUNCTIONS[entry.fn]
+        name = self.layout.functions[entry.fn]
         if name == TRAP or self.physvirt is None:
             return None
         x = entry.regs()

@@ -1,0 +1,119 @@
+"""The transition checker (harness.model.transitions) on hand-made calls and snapshot states."""
+
+from __future__ import annotations
+
+from harness.model.stage2 import State
+from harness.model.transitions import EBUSY, EPERM, SnapshotStates, Transition, TransitionChecker
+
+OWN, SO, SB, N = State.OWNED, State.SHARED_OWNED, State.SHARED_BORROWED, State.NOPAGE
+P = 0x4000_0000
+HOST_OWNED = (OWN, N)
+
+
+def states(hyp_pages: dict[int, tuple[State, State]], guest: set[int] | None = None) -> SnapshotStates:
+    return SnapshotStates(hyp_pages, lambda pa: hyp_pages.get(pa, HOST_OWNED), guest or set())
+
+
+def call(name: str, pa: int, nr: int = 1, ret: int | None = 0, hypercall: str | None = None,
+         at: int | None = None, seq: int = 0, dirty: int | None = None) -> Transition:
+    return Transition(seq, 0, name, pa, nr, ret, hypercall, at, dirty, nr)
+
+
+def seeded(hyp_pages: dict[int, tuple[State, State]] | None = None) -> TransitionChecker:
+    checker = TransitionChecker()
+    assert checker.compare(states(hyp_pages or {})) == []
+    return checker
+
+
+def test_a_share_and_unshare_as_predicted_leave_no_finding():
+    checker = seeded()
+    checker.transition(call("__pkvm_host_share_hyp", P))
+    assert checker.compare(states({P: (SO, SB)})) == []
+    checker.transition(call("__pkvm_host_unshare_hyp", P))
+    assert checker.compare(states({})) == []
+
+
+def test_a_share_of_a_page_already_shared_must_be_refused():
+    checker = seeded({P: (SO, SB)})
+    checker.transition(call("__pkvm_host_share_hyp", P, ret=0))
+    [finding] = checker.compare(states({P: (SO, SB)}))
+    assert "predicts -EPERM" in finding and "host state SHARED_OWNED, needs OWNED" in finding
+
+
+def test_a_refused_call_that_the_model_allows_is_reported_with_the_errno():
+    checker = seeded()
+    checker.transition(call("__pkvm_host_donate_hyp", P, 2, ret=EPERM))
+    [finding] = checker.compare(states({}))
+    assert "__pkvm_host_donate_hyp(0x40000, 2) = -EPERM" in finding and "predicts 0" in finding
+
+
+def test_an_unshare_of_a_pinned_page_is_busy():
+    checker = seeded()
+    checker.transition(call("__pkvm_host_share_hyp", P, seq=1))
+    checker.transition(call("hyp_pin_shared_mem", P, seq=2))
+    checker.transition(call("__pkvm_host_unshare_hyp", P, ret=EBUSY, seq=3))
+    assert checker.compare(states({P: (SO, SB)})) == []
+    checker.transition(call("hyp_unpin_shared_mem", P, ret=None, seq=4))
+    checker.transition(call("__pkvm_host_unshare_hyp", P, ret=EBUSY, seq=5))
+    [finding] = checker.compare(states({P: (SO, SB)}))
+    assert "= -EBUSY" in finding and "predicts 0" in finding
+
+
+def test_pins_from_before_the_first_snapshot_are_not_guessed():
+    checker = seeded({P: (SO, SB)})
+    checker.transition(call("__pkvm_host_unshare_hyp", P, ret=EBUSY))
+    assert checker.compare(states({P: (SO, SB)})) == []
+
+
+def test_a_page_left_in_another_state_than_predicted_names_the_call():
+    checker = seeded({P: (N, OWN)})
+    checker.transition(call("__pkvm_hyp_donate_host", P, hypercall="__pkvm_teardown_vm", at=7, seq=9))
+    [finding] = checker.compare(SnapshotStates({}, lambda pa: (N, N)))     # the host never got it back
+    assert "page 0x40000000: expected host OWNED / hyp NOPAGE" in finding
+    assert "after __pkvm_hyp_donate_host(0x40000, 1) = 0 in __pkvm_teardown_vm (seq 9)" in finding
+    assert "saw host NOPAGE / hyp NOPAGE" in finding
+
+
+def test_a_change_no_call_made_is_found():
+    checker = seeded({P: (N, OWN)})
+    [finding] = checker.compare(states({}))
+    assert "no traced transition named it" in finding and "expected host NOPAGE / hyp OWNED" in finding
+
+
+def test_pages_only_guests_and_the_host_hold_are_left_to_the_guest_checks():
+    checker = seeded()
+    checker.transition(call("__pkvm_host_share_hyp", P, seq=1))
+    checker.transition(call("__pkvm_host_unshare_hyp", P, seq=2))
+    # since then, the host shared the page with a guest (6.14+): not a transition between host and hyp
+    snap = SnapshotStates({}, lambda pa: (SO, N), {P})
+    assert checker.compare(snap) == []
+
+
+def test_a_page_given_back_with_hyp_data_in_it_is_reported():
+    checker = seeded({P: (N, OWN)})
+    checker.transition(call("__pkvm_hyp_donate_host", P, dirty=P + 0x10))
+    [finding] = checker.compare(states({}))
+    assert "page 0x40000000 goes back to the host holding hyp data (byte 0x10 is not zero)" in finding
+
+
+def test_a_vm_whose_teardown_keeps_a_donated_page_is_reported():
+    checker = seeded()
+    vm, vcpu, back = 0x4100_0000, 0x4200_0000, 0x4300_0000
+    checker.transition(call("__pkvm_host_donate_hyp", vm, 2, hypercall="__pkvm_init_vm", at=1, seq=2))
+    checker.hypercall(1, "__pkvm_init_vm", (0, 0, 0), (0, 0x1000, 0, 0))
+    checker.transition(call("__pkvm_host_donate_hyp", vcpu, 1, hypercall="__pkvm_init_vcpu", at=3, seq=4))
+    checker.hypercall(3, "__pkvm_init_vcpu", (0x1000, 0, 0), (0, 0, 0, 0))
+    checker.transition(call("__pkvm_host_donate_hyp", back, 1, seq=5))   # donated, then given back below
+    checker.transition(call("__pkvm_hyp_donate_host", vm, 2, hypercall="__pkvm_teardown_vm", at=6, seq=7))
+    checker.transition(call("__pkvm_hyp_donate_host", back, 1, hypercall="__pkvm_teardown_vm", at=6, seq=8))
+    checker.hypercall(6, "__pkvm_teardown_vm", (0x1000,), (0, 0, 0, 0))
+    [ledger] = checker.compare(states({vcpu: (N, OWN)}))      # the page states agree: it is still the hyp's
+    assert checker.settled == 1
+    assert "VM 0x1000: 1 page(s) donated for it were not given back to the host by __pkvm_teardown_vm" in ledger
+    assert "0x42000000: a vCPU structure (__pkvm_init_vcpu)" in ledger
+
+
+def test_calls_before_the_first_snapshot_are_counted_not_judged():
+    checker = TransitionChecker()
+    checker.transition(call("__pkvm_host_share_hyp", P, ret=EPERM))
+    assert checker.compare(states({})) == [] and checker.count == 1
