@@ -298,7 +298,14 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
     mark = target.dmesg_mark()
     yield
     failed = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
-    if failed or target.death() is not None:
+    if target.death() is not None:
+        return
+    if failed:
+        # Not judged again, but a transition that went wrong in it is this test's evidence (an
+        # error at its teardown), not the next test's.
+        wrong = live.check_transitions(el2.snapshot(while_paused=live.poll)) if live is not None and el2 else []
+        if wrong:
+            pytest.fail("page-state transitions during this test:\n" + "\n".join(f"[transitions] {t}" for t in wrong))
         return
     events = scan(clean(target.dmesg(mark)))
     if events:
