@@ -520,6 +520,53 @@ def hyp_s1_permissions(snap: Any, rules: VersionRules) -> Iterable[Finding]:
             yield Finding("hyp-s1-permissions", where, "the hyp text mapped read-only", "writable")
 
 
+def _host_s2_holds_states(snap: Any, rules: VersionRules) -> str | None:
+    """Where the vmemmap holds the page states (6.14+), page-state-hyp-s1 checks against them."""
+    if getattr(snap, "page_states", None) is not None or "page_states" in getattr(snap, "unavailable", {}):
+        return "the vmemmap holds the page states: page-state-hyp-s1 checks the hyp stage-1 against them"
+    return None
+
+
+@check("hyp-s1-pages", applies=_host_s2_holds_states)
+def hyp_s1_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
+    """§7.15, before 6.14: every memory page the hyp maps (its linear map or private range) is
+    one it owns or borrows, as the host stage-2 says: mapped as the hyp's own, it is annotated
+    owner hyp; mapped borrowed, the host maps it SHARED_OWNED. And every page the host shares is
+    mapped borrowed in the hyp's linear map (no guests share memory at EL2 before 6.14; FF-A
+    shares are not made on QEMU)."""
+    _host_s2(snap)
+    _hyp_s1(snap)
+    offset = (getattr(snap, "hyp_physvirt_offset", None) or 0) & ((1 << 64) - 1)
+    borrowed: set[int] = set()
+    for leaf in snap.hyp_s1.leaves:
+        if not leaf.valid or not _in_memblock(snap, leaf.pa, leaf.pa + leaf.size):
+            continue
+        state = leaf.state or "OWNED"
+        linear = (leaf.pa - leaf.addr) & ((1 << 64) - 1) == offset
+        for va, pa in _pages(leaf):
+            if state == "SHARED_BORROWED" and linear:
+                borrowed.add(pa)
+            host = snap.host_s2.leaf_at(pa)
+            if state == "OWNED":
+                ok, want = host is not None and not host.valid and host.owner == OWNER_HYP, "annotated owner hyp"
+            elif state == "SHARED_BORROWED":
+                ok, want = host is not None and host.valid and host.state == "SHARED_OWNED", "host SHARED_OWNED"
+            else:
+                ok, want = host is not None and host.valid and host.state == "SHARED_BORROWED", "host SHARED_BORROWED"
+            if not ok:
+                seen = "an empty entry (the host's)" if host is None else host.describe()
+                yield Finding("hyp-s1-pages", f"hyp VA {va:#x} -> page {pa:#x} (hyp {state})",
+                              f"a page the hyp {'owns' if state == 'OWNED' else 'borrows'}: host stage-2 {want}",
+                              f"host stage-2 {seen}")
+                break                       # one finding per hyp mapping
+    for leaf in snap.host_s2.leaves:
+        if leaf.valid and leaf.state == "SHARED_OWNED":
+            for pa in range(leaf.addr, leaf.addr + leaf.size, PAGE):
+                if pa not in borrowed:
+                    yield Finding("hyp-s1-pages", f"page {pa:#x} (host SHARED_OWNED)",
+                                  "mapped SHARED_BORROWED in the hyp's linear map", "not mapped so")
+
+
 @check("page-state-pairs", applies=_page_states_apply)
 def page_state_pairs(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     """Every vmemmap entry encodes a possible state, for the host and (through its complement)

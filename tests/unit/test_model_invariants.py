@@ -29,6 +29,7 @@ MMIO_RW_BLOCK = MEM_RWX_BLOCK | (1 << 54)             # XN
 SHARED_OWNED = 1 << 55
 HYP_TEXT_RX = 0x400 | 0x80 | 0x3                        # hyp stage-1 page: AF, AP[2] read-only, executable
 HYP_DATA_RW = 0x400 | 0x3 | (1 << 54)                   # AF, writable, XN
+SHARED_BORROWED_S1 = 2 << 55                            # software bits: PKVM_PAGE_SHARED_BORROWED
 
 
 def model_pool(name: str, start: int, nr_pages: int, *, allocs: tuple[int, ...] = ()) -> tuple[Pool, list[int]]:
@@ -56,9 +57,12 @@ def good_state() -> Snapshot:
     snap.host_s2 = Walk([leaf(0, 1 << 30, 1, MMIO_RW_BLOCK),
                          leaf(RAM, 2 << 20, 2, MEM_RWX_BLOCK),
                          leaf(RAM + (2 << 20), PAGE, 3, MEM_RWX_4K | SHARED_OWNED),
+                         leaf(RAM + 0x800000, PAGE, 3, 0x4), leaf(RAM + 0x900000, PAGE, 3, 0x4),   # hyp text, data
                          *hyp_owned], [(pa, 3) for pa in s_alloc], [])
     snap.hyp_text = (RAM + 0x800000, RAM + 0x801000)
-    snap.hyp_s1 = Walk([leaf(RAM + 0x800000, PAGE, 3, HYP_TEXT_RX), leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW)],
+    # the page the host shares is borrowed in the hyp's linear map (hyp VA == PA: physvirt offset 0)
+    snap.hyp_s1 = Walk([leaf(RAM + (2 << 20), PAGE, 3, HYP_DATA_RW | SHARED_BORROWED_S1),
+                        leaf(RAM + 0x800000, PAGE, 3, HYP_TEXT_RX), leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW)],
                        [(pa, 3) for pa in h_alloc], [])
     return snap
 
@@ -122,7 +126,7 @@ def _corrupt_page_states(s):
 
 
 def _corrupt_carveout(s):
-    s.host_s2.leaves[5] = leaf(CARVE + 2 * PAGE, PAGE, 3, MEM_RWX_4K)   # the host maps hyp memory
+    s.host_s2.leaves[7] = leaf(CARVE + 2 * PAGE, PAGE, 3, MEM_RWX_4K)   # the host maps hyp memory
 
 
 def _corrupt_vm_table(s):
@@ -227,8 +231,10 @@ CORRUPTIONS = {
     "carveout-hyp-owned": _corrupt_carveout, "vm-table": _corrupt_vm_table,
     "free-blocks-zero": lambda s: s.pools["hpool"].dirty_free.append((s.pools["hpool"].range_start, 0, 0x10)),
     "pool-sizes": lambda s: setattr(s.pools["host_s2_pool"], "range_end", s.pools["host_s2_pool"].range_end - PAGE),
+    # the hyp keeps mapping a page the host took back (an unshare that left the hyp's mapping)
+    "hyp-s1-pages": lambda s: s.host_s2.leaves.__setitem__(2, leaf(RAM + (2 << 20), PAGE, 3, MEM_RWX_4K)),
     "hyp-s1-permissions": lambda s: s.hyp_s1.leaves.__setitem__(
-        1, leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW & ~(1 << 54))),
+        2, leaf(RAM + 0x900000, PAGE, 3, HYP_DATA_RW & ~(1 << 54))),
 }
 
 
@@ -237,10 +243,10 @@ CORRUPTIONS = {
                                        (HYP_DATA_RW, None)])
 def test_hyp_stage1_permissions_follow_the_kernels_rules(pte, seen):
     s = copy.deepcopy(good_state())
-    s.hyp_s1.leaves[1] = leaf(RAM + 0x900000 if seen != "writable and executable" else RAM + 0x800000, PAGE, 3, pte)
+    s.hyp_s1.leaves[2] = leaf(RAM + 0x900000 if seen != "writable and executable" else RAM + 0x800000, PAGE, 3, pte)
     fired = findings(s, "hyp-s1-permissions")
     assert (fired[0].seen.startswith(seen) if seen else fired == []), fired
-    s.hyp_s1.leaves[1] = leaf(RAM + 0x800000, PAGE, 3, HYP_DATA_RW)       # the text, writable
+    s.hyp_s1.leaves[2] = leaf(RAM + 0x800000, PAGE, 3, HYP_DATA_RW)       # the text, writable
     assert [f.seen for f in findings(s, "hyp-s1-permissions")] == ["writable"]
 
 
@@ -303,7 +309,8 @@ def test_duck_typed_states_work_too():
     duck.host_s2, duck.unavailable = None, {"host_s2": "OSError: QMP went away"}
     lost = "the host stage-2 could not be read: OSError: QMP went away"
     missing = {f.check for f in run_checks(duck) if f.seen == lost}
-    assert missing == {"s2-idmap", "s2-leaf-attributes", "s2-invalid-leaves", "s2-page-states", "carveout-hyp-owned"}
+    assert missing == {"s2-idmap", "s2-leaf-attributes", "s2-invalid-leaves", "s2-page-states", "carveout-hyp-owned",
+                       "hyp-s1-pages"}
 
 
 def test_rules_follow_the_dwarf_shape_when_the_version_string_disagrees():
