@@ -520,45 +520,38 @@ def hyp_s1_permissions(snap: Any, rules: VersionRules) -> Iterable[Finding]:
             yield Finding("hyp-s1-permissions", where, "the hyp text mapped read-only", "writable")
 
 
-def _host_s2_holds_states(snap: Any, rules: VersionRules) -> str | None:
-    """Where the vmemmap holds the page states (6.14+), page-state-hyp-s1 checks against them."""
-    if getattr(snap, "page_states", None) is not None or "page_states" in getattr(snap, "unavailable", {}):
-        return "the vmemmap holds the page states: page-state-hyp-s1 checks the hyp stage-1 against them"
-    return None
-
-
-@check("hyp-s1-pages", applies=_host_s2_holds_states)
+@check("hyp-s1-pages")
 def hyp_s1_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
-    """§7.15, before 6.14: every memory page the hyp maps (its linear map or private range) is
-    one it owns or borrows, as the host stage-2 says: mapped as the hyp's own, it is annotated
-    owner hyp; mapped borrowed, the host maps it SHARED_OWNED. And every page the host shares is
-    mapped borrowed in the hyp's linear map (no guests share memory at EL2 before 6.14; FF-A
-    shares are not made on QEMU)."""
+    """§7.15: every memory page the hyp maps (its linear map or private range) is one it owns or
+    borrows, and the host agrees: a page the hyp owns is NOPAGE for the host (annotated in its
+    stage-2), a page it borrows is the host's SHARED_OWNED. The hyp's state is the mapping's
+    software bits, or from 6.14 the vmemmap's; the host's is its stage-2, or the vmemmap's. Before
+    6.14 also: every page the host shares is mapped borrowed in the hyp's linear map (no guest
+    shares memory at EL2 then; FF-A shares are not made on QEMU)."""
     _host_s2(snap)
     _hyp_s1(snap)
+    vmemmap = getattr(snap, "page_states", None) is not None
+    if not vmemmap and "page_states" in getattr(snap, "unavailable", {}):
+        raise MissingInput(f"the page states could not be read: {snap.unavailable['page_states']}")
     offset = (getattr(snap, "hyp_physvirt_offset", None) or 0) & ((1 << 64) - 1)
     borrowed: set[int] = set()
     for leaf in snap.hyp_s1.leaves:
         if not leaf.valid or not _in_memblock(snap, leaf.pa, leaf.pa + leaf.size):
             continue
-        state = leaf.state or "OWNED"
         linear = (leaf.pa - leaf.addr) & ((1 << 64) - 1) == offset
         for va, pa in _pages(leaf):
-            if state == "SHARED_BORROWED" and linear:
+            hyp = _name(_state(snap, pa)[1]) if vmemmap else leaf.state or "OWNED"
+            host = snap.host_state(pa)
+            want = {"OWNED": "NOPAGE", "SHARED_BORROWED": "SHARED_OWNED", "SHARED_OWNED": "SHARED_BORROWED"}.get(hyp)
+            if hyp == "SHARED_BORROWED" and linear:
                 borrowed.add(pa)
-            host = snap.host_s2.leaf_at(pa)
-            if state == "OWNED":
-                ok, want = host is not None and not host.valid and host.owner == OWNER_HYP, "annotated owner hyp"
-            elif state == "SHARED_BORROWED":
-                ok, want = host is not None and host.valid and host.state == "SHARED_OWNED", "host SHARED_OWNED"
-            else:
-                ok, want = host is not None and host.valid and host.state == "SHARED_BORROWED", "host SHARED_BORROWED"
-            if not ok:
-                seen = "an empty entry (the host's)" if host is None else host.describe()
-                yield Finding("hyp-s1-pages", f"hyp VA {va:#x} -> page {pa:#x} (hyp {state})",
-                              f"a page the hyp {'owns' if state == 'OWNED' else 'borrows'}: host stage-2 {want}",
-                              f"host stage-2 {seen}")
+            if want is None or host != want:
+                yield Finding("hyp-s1-pages", f"hyp VA {va:#x} -> page {pa:#x} (hyp {hyp})",
+                              f"a page the hyp owns or borrows: host {want or 'NOPAGE or SHARED_OWNED'}",
+                              f"host {host}")
                 break                       # one finding per hyp mapping
+    if vmemmap:
+        return                              # page-state-pairs: what the host shares, someone borrows
     for leaf in snap.host_s2.leaves:
         if leaf.valid and leaf.state == "SHARED_OWNED":
             for pa in range(leaf.addr, leaf.addr + leaf.size, PAGE):

@@ -48,6 +48,26 @@ def errno_name(ret: int | None) -> str:
     return "nothing" if ret is None else ERRNO_NAMES.get(ret, str(ret))
 
 
+def fnv1a(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & MASK64
+    return h
+
+
+ZERO_HASH = fnv1a(bytes(PAGE - 8))        # a page that is zero past its first word
+
+
+@dataclass(frozen=True)
+class PageScan:
+    """What a donation's pages held past their first word (a memcache link) where el2trace
+    scanned them: the first non-zero byte, and a hash of each of the first pages."""
+
+    scanned: int
+    first_dirty: int | None     # PA of the first non-zero byte, None: all zero
+    hashes: tuple[int, ...]     # FNV-1a 64 of each of the first pages scanned
+
+
 @dataclass(frozen=True)
 class Transition:
     """One traced call of a transition function."""
@@ -60,8 +80,7 @@ class Transition:
     ret: int | None           # what it returned (None: void)
     hypercall: str | None     # the host hypercall it ran under ("__pkvm_init_vm"); None: none seen
     call: int | None          # that hypercall's entry sequence number
-    dirty: int | None = None  # given back: PA of the first non-zero byte past a page's first word (-1: clean)
-    scanned: int = 0          # how many of its pages that scan covered
+    scan: PageScan | None = None   # the donation's pages: given back at its entry, given at its return
 
     def __str__(self) -> str:
         under = f" in {self.hypercall}" if self.hypercall else ""
@@ -103,6 +122,7 @@ class TransitionChecker:
     by_name: dict[str, int] = field(default_factory=dict)
     _in_call: dict[int, list[Transition]] = field(default_factory=dict)   # hypercall entry seq -> its calls
     _seed_state: Callable[[int], Pair] | None = None
+    _given: dict[int, int] = field(default_factory=dict)     # page the host donated -> its hash then
 
     def seed(self, snap: SnapshotStates) -> None:
         """Start (again) from a snapshot's states. The pins are not in a snapshot: those counted
@@ -131,6 +151,11 @@ class TransitionChecker:
         """One call, in order of its return. Before a seed it is only counted."""
         self.count += 1
         self.by_name[t.name] = self.by_name.get(t.name, 0) + 1
+        if t.scan is not None and t.ret == 0:
+            if t.name == "__pkvm_host_donate_hyp":
+                self._given.update(zip(t.pages(), t.scan.hashes))
+            elif t.name == "__pkvm_hyp_donate_host":
+                self._given_back(t, t.scan)
         if t.call is not None:
             self._in_call.setdefault(t.call, []).append(t)
         if self.states is None:
@@ -145,10 +170,24 @@ class TransitionChecker:
         elif t.name == UNPIN:
             for pa in t.pages():
                 self.states.pins[pa] = self.states.pins.get(pa, 0) - 1
-        if t.dirty is not None and t.dirty >= 0:
-            self.findings.append(f"{t}: page {t.dirty & ~(PAGE - 1):#x} goes back to the host holding hyp data "
-                                 f"(byte {t.dirty & (PAGE - 1):#x} is not zero): pages the hyp gives back must "
-                                 "be cleared first")
+
+    def _given_back(self, t: Transition, scan: PageScan) -> None:
+        """Pages back with the host hold no hyp data: zero past their first word, or what the
+        host itself put there when it donated them (a memcache page the hyp never used)."""
+        pages = t.pages()
+        hyp_data = [pa for pa, h in zip(pages, scan.hashes) if h != ZERO_HASH and self._given.get(pa) != h]
+        unhashed = pages[len(scan.hashes):scan.scanned]
+        if scan.first_dirty is not None and unhashed and scan.first_dirty >= unhashed[0]:
+            hyp_data.append(scan.first_dirty & ~(PAGE - 1))
+        for pa in pages:
+            self._given.pop(pa, None)
+        if hyp_data and self.states is not None:
+            first = hyp_data[0]
+            byte = f" (byte {scan.first_dirty & (PAGE - 1):#x} is not zero)" if scan.first_dirty and \
+                scan.first_dirty & ~(PAGE - 1) == first else ""
+            self.findings.append(f"{t}: page {first:#x}{byte} goes back to the host holding hyp data "
+                                 f"({len(hyp_data)} such page(s), neither zero nor what the host donated): pages "
+                                 "the hyp gives back must be cleared first")
 
     def _transition(self, t: Transition, kind: str) -> None:
         assert self.states is not None

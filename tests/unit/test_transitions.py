@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from harness.model.stage2 import State
-from harness.model.transitions import EBUSY, EPERM, SnapshotStates, Transition, TransitionChecker
+from harness.model.transitions import (
+    EBUSY,
+    EPERM,
+    ZERO_HASH,
+    PageScan,
+    SnapshotStates,
+    Transition,
+    TransitionChecker,
+    fnv1a,
+)
 
 OWN, SO, SB, N = State.OWNED, State.SHARED_OWNED, State.SHARED_BORROWED, State.NOPAGE
 P = 0x4000_0000
@@ -15,8 +24,8 @@ def states(hyp_pages: dict[int, tuple[State, State]], guest: set[int] | None = N
 
 
 def call(name: str, pa: int, nr: int = 1, ret: int | None = 0, hypercall: str | None = None,
-         at: int | None = None, seq: int = 0, dirty: int | None = None) -> Transition:
-    return Transition(seq, 0, name, pa, nr, ret, hypercall, at, dirty, nr)
+         at: int | None = None, seq: int = 0, scan: PageScan | None = None) -> Transition:
+    return Transition(seq, 0, name, pa, nr, ret, hypercall, at, scan)
 
 
 def seeded(hyp_pages: dict[int, tuple[State, State]] | None = None) -> TransitionChecker:
@@ -91,9 +100,24 @@ def test_pages_only_guests_and_the_host_hold_are_left_to_the_guest_checks():
 
 def test_a_page_given_back_with_hyp_data_in_it_is_reported():
     checker = seeded({P: (N, OWN)})
-    checker.transition(call("__pkvm_hyp_donate_host", P, dirty=P + 0x10))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 0x10, (fnv1a(b"\1" * 4088),))))
     [finding] = checker.compare(states({}))
-    assert "page 0x40000000 goes back to the host holding hyp data (byte 0x10 is not zero)" in finding
+    assert "page 0x40000000 (byte 0x10 is not zero) goes back to the host holding hyp data" in finding
+
+
+def test_a_page_given_back_as_the_host_gave_it_is_not_hyp_data():
+    host_data = fnv1a(b"host" * 1022)
+    checker = seeded()
+    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, P + 8, (host_data,)), seq=1))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 8, (host_data,)), seq=2))
+    assert checker.compare(states({})) == []
+    # a zero page is clean whatever the host gave; once given back, the host's hash is forgotten
+    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, P + 8, (host_data,)), seq=3))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, None, (ZERO_HASH,)), seq=4))
+    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, None, (ZERO_HASH,)), seq=5))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 8, (host_data,)), seq=6))
+    [finding] = checker.compare(states({}))
+    assert "goes back to the host holding hyp data" in finding
 
 
 def test_a_vm_whose_teardown_keeps_a_donated_page_is_reported():

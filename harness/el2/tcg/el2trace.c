@@ -18,10 +18,11 @@
  *   extra <register name>                                 one more register in every probe record
  * Reads (comma separated): m<reg>+<off>:<len> at a register; e<reg>+<off>:<len> at the register
  * as it was at this vCPU's last entry of fn; p<reg>:<len>, q<reg>:<len> the hyp_page of the page
- * holding the hyp VA in the register (now, or at entry); z<reg>:<nreg> scans the pages whose
- * first pfn is in <reg> and whose count is in <nreg> (at most ZERO_SCAN_MAX) for non-zero bytes
- * past each page's first word, a memcache link (16 bytes: u64 pages scanned, u64 PA of the first
- * such byte or ~0). reg 0..30 is x0..x30, 31 is sp.
+ * holding the hyp VA in the register (now, or at entry); z<reg>:<nreg> (now), y<reg>:<nreg> (at
+ * entry) scan the pages whose first pfn is in <reg> and whose count is in <nreg> (at most
+ * SCAN_MAX) past each page's first word, a memcache link: u64 pages scanned, u64 PA of the first
+ * non-zero byte or ~0, then a 64-bit FNV-1a hash of each of the first SCAN_HASHED pages (that
+ *  * part of it; 0 past the pages scanned): 144 bytes. reg 0..30 is x0..x30, 31 is sp.
  *
  * Record (little endian): u32 len, u8 type, u8 kind, u16 fn, u32 vcpu, u32 failed-read mask,
  * u64 seq, u64 link pc, then for probes u64 x0..x7, x30, sp, the extra registers and the reads'
@@ -40,7 +41,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 enum { REC_META = 1, REC_PROBE = 2, REC_COVER = 3, REC_STATS = 4, REC_VARS = 5 };
 enum { MAX_READS = 4, MAX_FN = 32, NREGS = 10, MAX_EXTRA = 2, MAX_ANCHOR_WORDS = 8 };
-enum { PAGE = 4096, ZERO_SCAN_MAX = 1024 };
+enum { PAGE = 4096, SCAN_MAX = 1024, SCAN_HASHED = 16, SCAN_LEN = 16 + 8 * SCAN_HASHED };
 
 struct read_spec { char kind; int reg; uint64_t off; uint32_t len; };
 
@@ -154,22 +155,26 @@ static bool page_addr(const uint64_t vars[2], uint64_t va, uint64_t *addr)
     return vars[0] != 0;
 }
 
-/* The first non-zero byte past the first word of any of `pages` pages from pfn (see `z` reads). */
-static bool zero_scan(const uint64_t vars[2], uint64_t pfn, uint64_t pages, uint64_t out[2])
+/* What `pages` pages from pfn hold past their first word (see `z` reads); out: SCAN_LEN bytes. */
+static bool page_scan(const uint64_t vars[2], uint64_t pfn, uint64_t pages, uint64_t *out)
 {
     static __thread uint8_t page[PAGE];
-    out[0] = pages < ZERO_SCAN_MAX ? pages : ZERO_SCAN_MAX;
+    memset(out, 0, SCAN_LEN);
+    out[0] = pages < SCAN_MAX ? pages : SCAN_MAX;
     out[1] = ~0ull;
     for (uint64_t i = 0; i < out[0]; i++) {
-        uint64_t pa = (pfn + i) * PAGE;
+        uint64_t pa = (pfn + i) * PAGE, hash = 0xcbf29ce484222325ull;
         if (!read_mem(pa - vars[1], page, PAGE)) {
             return false;
         }
         for (int b = 8; b < PAGE; b++) {
-            if (page[b]) {
+            if (page[b] && out[1] == ~0ull) {
                 out[1] = pa + b;
-                return true;
             }
+            hash = (hash ^ page[b]) * 0x100000001b3ull;
+        }
+        if (i < SCAN_HASHED) {
+            out[2 + i] = hash;
         }
     }
     return true;
@@ -203,17 +208,17 @@ static void on_probe(unsigned int vcpu, void *udata)
     uint64_t *entry = vcpu < max_vcpus ? saved[vcpu][p->fn] : regs;
     for (int i = 0; i < p->nreads; i++) {
         const struct read_spec *r = &p->reads[i];
-        const uint64_t *from = (r->kind == 'e' || r->kind == 'q') ? entry : regs;
+        const uint64_t *from = (r->kind == 'e' || r->kind == 'q' || r->kind == 'y') ? entry : regs;
         uint64_t va = reg_value(from, r->reg) + r->off;
         bool ok = true;
-        if (r->kind == 'z') {
-            uint64_t scan[2] = { 0, ~0ull };
-            ok = have_vars && zero_scan(vars, va - r->off, reg_value(from, (int)r->off), scan);
+        if (r->kind == 'z' || r->kind == 'y') {
+            uint64_t scan[SCAN_LEN / 8] = { 0 };
+            ok = have_vars && page_scan(vars, va - r->off, reg_value(from, (int)r->off), scan);
             memcpy(payload + at, scan, sizeof(scan));
         } else if (r->kind == 'p' || r->kind == 'q') {
             ok = have_vars && page_addr(vars, va, &va);
         }
-        ok = ok && (r->kind == 'z' || read_mem(va, payload + at, r->len));
+        ok = ok && (r->kind == 'z' || r->kind == 'y' || read_mem(va, payload + at, r->len));
         if (!ok) {
             memset(payload + at, 0, r->len);
             failed |= 1u << i;
@@ -413,11 +418,11 @@ static void parse_reads(struct probe *p, char *list)
         unsigned long long off = 0;
         int ok = (r->kind == 'm' || r->kind == 'e')
             ? sscanf(tok + 1, "%d+%llx:%u", &r->reg, &off, &r->len) == 3
-            : r->kind == 'z' ? sscanf(tok + 1, "%d:%llu", &r->reg, &off) == 2 && off < 8
+            : r->kind == 'z' || r->kind == 'y' ? sscanf(tok + 1, "%d:%llu", &r->reg, &off) == 2 && off < 8
             : (r->kind == 'p' || r->kind == 'q') && sscanf(tok + 1, "%d:%u", &r->reg, &r->len) == 2;
-        r->off = off;                  /* for a `z` read: the register holding the page count */
-        if (r->kind == 'z') {
-            r->len = 16;
+        r->off = off;                  /* for a page scan: the register holding the page count */
+        if (r->kind == 'z' || r->kind == 'y') {
+            r->len = SCAN_LEN;
         }
         if (!ok || r->reg < 0 || r->reg > 31 || r->len == 0 || r->len > 256) {
             die("bad read in the spec: ", tok);

@@ -29,9 +29,12 @@ FUNCTIONS = (*ALLOCATOR, TRAP)
 # has only the share pair). Each takes the host and hyp locks and runs to completion inside them.
 TRANSITIONS = ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_host_donate_hyp",
                "__pkvm_hyp_donate_host", "hyp_pin_shared_mem", "hyp_unpin_shared_mem")
-# What the hyp gives back must hold none of its data: scanned at the call (x0 pfn, x1 pages).
-ZERO_SCANNED = {"__pkvm_hyp_donate_host": "z0:1"}
-ZERO_SCAN_MAX = 1024                  # pages scanned per call (el2trace.c)
+# The pages a donation moves (x0 pfn, x1 pages), scanned where the hyp maps them: what the hyp
+# gives back at its entry, what it is given at its return. What comes back must hold no hyp data:
+# zero, or what the host put there (the same hash). `z`/`y` reads, el2trace.c.
+PAGE_SCANS = {"__pkvm_hyp_donate_host": ("e", "z0:1"), "__pkvm_host_donate_hyp": ("r", "y0:1")}
+SCAN_HASHED = 16                      # pages hashed per call (el2trace.c SCAN_HASHED)
+SCAN_LEN = 16 + 8 * SCAN_HASHED
 RET_WORDS = (0xD65F03C0, 0xD65F0BFF, 0xD65F0FFF)       # ret, retaa, retab
 HOST_VECTOR = "__kvm_hyp_host_vector"
 ANCHOR_WORDS = 4
@@ -111,9 +114,10 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
             raise Unavailable(f"{sym} has no size in vmlinux's symbol table")
         body = _words(text[addr - start:addr - start + size])
         lines.append(f"anchor {addr:x} " + " ".join(f"{w:x}" for w in body[:ANCHOR_WORDS]))
+        scan = PAGE_SCANS.get(name, ("", ""))
         entry_reads = page_reads if name in ("hyp_put_page", "hyp_get_page") else \
-            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [ZERO_SCANNED[name]] if name in ZERO_SCANNED else []
-        ret_reads = [f"e0+0:{8 * RESULT_REGS}"] if name == TRAP else []
+            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "e" else []
+        ret_reads = [f"e0+0:{8 * RESULT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "r" else []
         lines.append(f"probe {fn_id} e {addr:x} {','.join(entry_reads) or '-'}")
         reads[f"{fn_id}e"] = [_length(r) for r in entry_reads]
         rets = [addr + 4 * i for i, w in enumerate(body) if w in RET_WORDS]
@@ -129,7 +133,7 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
 
 
 def _length(read: str) -> int:
-    return 16 if read.startswith("z") else int(read.rsplit(":", 1)[1])
+    return SCAN_LEN if read[0] in "zy" else int(read.rsplit(":", 1)[1])
 
 
 def write(spec: Spec, run_dir: Path) -> tuple[Path, Path]:

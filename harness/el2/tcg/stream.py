@@ -21,9 +21,9 @@ from pathlib import Path
 
 from harness.el2.decode import field_value, h2p
 from harness.el2.symbols import Field
-from harness.el2.tcg.probes import RESULT_REGS, TRAP, ZERO_SCANNED, Layout
+from harness.el2.tcg.probes import PAGE_SCANS, RESULT_REGS, SCAN_HASHED, TRAP, Layout
 from harness.el2.trace import Op
-from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, Transition
+from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, PageScan, Transition
 
 META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
@@ -249,13 +249,16 @@ class Calls:
             start, end = x[0] & ~0xFFF, (x[1] + 0xFFF) & ~0xFFF
             pa, nr_pages = self.pa(start), (end - start) >> 12
         ret_value = None if name == UNPIN else struct.unpack("<i", struct.pack("<I", ret.regs()[0] & U32))[0]
-        dirty, scanned = None, 0
-        if name in ZERO_SCANNED and reads and not entry.failed & 1:
-            scanned, first = struct.unpack_from("<QQ", reads[0])
-            dirty = -1 if first == (1 << 64) - 1 else first
+        scan = None
+        if name in PAGE_SCANS:
+            where, at = (entry, reads) if PAGE_SCANS[name][0] == "e" else (ret, self._reads(ret))
+            if at and not where.failed & 1:
+                scanned, first, *hashes = struct.unpack_from(f"<QQ{SCAN_HASHED}Q", at[0])
+                scan = PageScan(scanned, None if first == (1 << 64) - 1 else first,
+                                tuple(hashes[:min(scanned, SCAN_HASHED)]))
         under = self._under.pop((entry.vcpu, entry.fn), None)
         return Transition(ret.seq, entry.vcpu, name, pa, nr_pages, ret_value, under[1] if under else None,
-                          under[0] if under else None, dirty, scanned)
+                          under[0] if under else None, scan)
 
     def _op(self, entry: Record, reads: list[bytes], ret: Record | None) -> Op | None:
         name = self.layout.functions[entry.fn]
