@@ -276,6 +276,14 @@ class KernelVersion:
         and unmapped like the rest of the hyp image. Read in 7.2.13 and 7.3.4."""
         return self.at_least(7, 2)
 
+    @property
+    def hyp_stacks_owned_by_hyp(self) -> bool:
+        """fix_host_ownership() also walks each CPU's stack page, which sits in the private VA
+        range, and annotates it owner hyp. Without that walk the stack pages the host allocated
+        stay the host's: mapped for it, writable, while EL2 runs on them. Read: 6.12.117, 7.2 and
+        7.3 have the walk, 6.1.192 has not (where between it came is not read here)."""
+        return self.at_least(6, 12)
+
     def config_fragments(self, el2_debug: bool = True) -> list[str]:
         """kernel_configs/ fragments this version needs beyond pkvm.config: options that were
         renamed or removed between releases, and with EL2 debugging (--el2-debug on, the
