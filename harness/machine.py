@@ -22,7 +22,7 @@ from harness.kernel import config as kconfig
 from harness.kernel import prebuilt
 from harness.kernel import source as ksource
 from harness.kernel.build import BuildRequest, KernelArtifacts, build
-from harness.options import BootOptions, KernelOptions
+from harness.options import BootOptions, KernelOptions, mib
 from harness.targets.qemu import QemuSpec, find_qemu, socket_path
 from harness.targets.qemu_target import GuestLogin, QemuTarget
 
@@ -102,6 +102,7 @@ def qemu_spec(b: BootOptions, kernel: KernelArtifacts, initramfs: Initramfs, run
               gdb: bool = False) -> QemuSpec:
     return QemuSpec(kernel=kernel.image, initrd=initramfs.path, qmp_socket=socket_path(run_dir, "qmp.sock"),
                     ready_marker=READY_MARKER, cpu=b.cpu, smp=b.smp, mem=b.mem, append=" ".join(b.append),
+                    ram_regions=tuple(mib(r) for r in b.ram_regions.split(",")) if b.ram_regions else (),
                     qemu=b.qemu, extra_args=tuple(b.qemu_args),
                     gdb_socket=socket_path(run_dir, "gdb.sock") if gdb else None)
 

@@ -34,6 +34,26 @@ def mem_size(text: str) -> str:
     return text.strip()
 
 
+def mib(text: str) -> int:
+    """A mem_size() string in MiB."""
+    m = _MEM_RE.fullmatch(text.strip())
+    assert m, text
+    return int(m.group(1)) * (1024 if m.group(2).upper() == "G" else 1)
+
+
+def ram_regions(text: str) -> str:
+    """--ram-regions: two or more sizes (MiB, or with M or G), each a NUMA node of its own: Linux
+    keeps them as separate memblocks, so pKVM's hyp_memory has one region per node."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) < 2 or not all(_MEM_RE.fullmatch(p) for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of RAM region sizes; "
+                                         "give two or more, e.g. 768M,640M")
+    if sum(mib(p) for p in parts) < 256:
+        raise argparse.ArgumentTypeError(f"{text} is too little memory for a pKVM host; "
+                                         "give at least 256 (MiB) in all")
+    return ",".join(parts)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -124,6 +144,8 @@ BOOT = (
     Option("smp", "smp", "vCPUs of the pKVM host (default: %(default)s)", type=positive_int, default=2, metavar="N"),
     Option("mem", "mem", "QEMU -m: MiB, or with M or G (default: %(default)s)", type=mem_size, default="1024",
            metavar="SIZE"),
+    Option("ram-regions", "ram_regions", "RAM as several regions, one NUMA node each, e.g. 768M,640M (QEMU -m is "
+           "their sum; --mem is then ignored)", type=ram_regions, metavar="SIZES"),
     Option("append", "append", "extra kernel command-line arguments (repeatable)", repeat=True, metavar="ARGS"),
     Option("qemu", "qemu", "QEMU binary (default: %(default)s)", default="qemu-system-aarch64", metavar="PATH"),
     Option("qemu-arg", "qemu_args", "extra QEMU argument (repeatable; use --qemu-arg=-foo for dashes)",
@@ -162,6 +184,7 @@ class BootOptions:
     cpu: str = "max"
     smp: int = 2
     mem: str = "1024"
+    ram_regions: str | None = None     # "768M,640M": one NUMA node per size
     append: list[str] = field(default_factory=list)
     qemu: str = "qemu-system-aarch64"
     qemu_args: list[str] = field(default_factory=list)

@@ -247,7 +247,9 @@ def decode_vms(read: ReadFn, kernel: ksyms.KernelInfo, kimage_voffset: int, hyp_
             continue
         pa = h2p(hyp_physvirt_offset, va)
         handle = u32(read, pa + st.offset("kvm.arch.pkvm.handle")) if st.has("kvm.arch.pkvm.handle") else None
-        nr = u32(read, pa + st.offset("nr_vcpus")) if st.has("nr_vcpus") else None
+        # the vCPUs the hyp VM holds: nr_vcpus until 6.x, then its struct kvm's created_vcpus (7.x)
+        nr_field = "nr_vcpus" if st.has("nr_vcpus") else "kvm.created_vcpus"
+        nr = u32(read, pa + st.offset(nr_field)) if st.has(nr_field) else None
         pgd = u64(read, pa + st.offset("kvm.arch.mmu.pgd_phys")) if st.has("kvm.arch.mmu.pgd_phys") else None
         pool = decode_pool(read, kernel, hyp_physvirt_offset, f"vm{handle if handle is not None else i}",
                            pa + st.offset("pool"))

@@ -116,3 +116,14 @@ def memory_for_hpool_pages(pages: int, version: VersionLike, base: int = 0x4000_
         if hyp_reserve([(base, mib << 20)], kv, hyp_page_size).hyp_s1 == pages:
             return mib
     raise ValueError(f"no memory size gives hpool {pages} pages on Linux {kv}")
+
+
+def stage2_pgd_pages(ipa_bits: int) -> int:
+    """Pages of a VM's stage-2 PGD, 4 KiB granule (kvm_pgtable_stage2_pgd_size): the start level
+    holds 2^(ipa_bits - its shift) entries in concatenated tables of 512. Levels:
+    ARM64_HW_PGTABLE_LEVELS(ipa_bits - 4), at most 4, so up to 16 tables are concatenated. Under
+    pKVM a VM's IPA size is kvm_ipa_limit whatever KVM_CREATE_VM asks (mmu.c, kvm_init_stage2_mmu),
+    and its EL2 pool is exactly this PGD (kvm_guest_prepare_stage2)."""
+    levels = min(((ipa_bits - 4) - 4) // (PAGE_SHIFT - 3), 4)
+    start_shift = PAGE_SHIFT + (PAGE_SHIFT - 3) * (levels - 1)
+    return max(1, (1 << max(0, ipa_bits - start_shift)) // PTRS_PER_PTE)

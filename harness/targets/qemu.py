@@ -64,6 +64,7 @@ class QemuSpec:
     cpu: str = "max"
     smp: int = 2
     mem: str = "1024"
+    ram_regions: tuple[int, ...] = ()   # MiB per NUMA node (then -m is their sum); () : one region
     append: str = ""
     qemu: str = "qemu-system-aarch64"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -78,7 +79,7 @@ class QemuSpec:
 
     def argv(self) -> list[str]:
         return [
-            self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), "-m", self.mem,
+            self.qemu, "-M", MACHINE, "-cpu", self.cpu, "-smp", str(self.smp), *self.memory_args(),
             # signal=off: a Ctrl-C sent to the console reaches the guest, not QEMU
             "-display", "none", "-monitor", "none", "-chardev", "stdio,id=con0,signal=off",
             "-serial", "chardev:con0", *(["-no-reboot"] if self.no_reboot else []),
@@ -90,6 +91,18 @@ class QemuSpec:
             *(["-plugin", f"{self.plugin[0]},spec={self.plugin[1]},out={self.plugin[2]}"] if self.plugin else []),
             *self.extra_args,
         ]
+
+    def memory_args(self) -> list[str]:
+        """-m, and with ram_regions a NUMA node per region (the CPUs on the first; the others
+        memory only): each becomes a memblock of its own, contiguous with the next."""
+        if not self.ram_regions:
+            return ["-m", self.mem]
+        out = ["-m", f"{sum(self.ram_regions)}M"]
+        for i, size in enumerate(self.ram_regions):
+            cpus = f",cpus=0-{self.smp - 1}" if i == 0 else ""
+            out += ["-object", f"memory-backend-ram,id=ram{i},size={size}M",
+                    "-numa", f"node,nodeid={i},memdev=ram{i}{cpus}"]
+        return out
 
     def net_args(self) -> list[str]:
         if self.ssh_port is None:

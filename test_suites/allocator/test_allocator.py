@@ -17,6 +17,7 @@ import pytest
 
 from harness.kernel.version import KernelVersion
 from harness.model.invariants import CHECKS, evaluate, render, run_checks
+from harness.model.sizing import stage2_pgd_pages
 from harness.targets.guests import BackgroundGuests, guest_args, guest_pages, run_guests, touch_phys
 from harness.verdict import clean, scan
 
@@ -34,10 +35,28 @@ def _hpool_free(snap) -> dict[int, int]:
 
 
 @pytest.fixture(scope="module")
-def warmed(target, payload):
-    """One VM lifecycle first: the host's first VM maps hyp structures that stay (per-CPU data,
-    the vm_table page), so baselines are taken after it."""
+def warmed(target, payload, el2):
+    """One VM lifecycle first: the host's first VM leaves hyp structures that stay, so baselines
+    are taken after it. What it left is returned: (snapshot before, snapshot after), for the test
+    that explains each page."""
+    before = el2.snapshot()
     run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=2, pages=8))
+    return before, el2.snapshot()
+
+
+def test_what_the_first_vm_leaves_at_el2_is_hyp_stage1_tables(warmed, el2_leak):
+    """The first VM's lasting allocations are explained, not absorbed into the baselines: every
+    page hpool still holds after it is a table page of the hyp stage-1 (its mappings of the
+    per-CPU and VM structures' VA ranges stay built), and no other pool keeps one."""
+    before, after = warmed
+    from harness.model.leaks import held, page_uses
+    kept = held(after.pools["hpool"]) - held(before.pools["hpool"])
+    uses = page_uses(after)
+    unexplained = sorted(pa for pa in kept if not uses.get(pa, "").startswith("a hyp stage-1 table page"))
+    assert unexplained == [], el2_leak(before, after, "hpool")
+    assert held(after.pools["host_s2_pool"]) - held(before.pools["host_s2_pool"]) <= \
+        {pa for pa, _ in after.host_s2.tables}, "host_s2_pool holds pages that are not host stage-2 tables"
+    print(f"the first VM left {len(kept)} hyp stage-1 table page(s) in hpool")
 
 
 def test_every_invariant_holds_after_boot(el2, harness_gap):
@@ -99,7 +118,13 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, el2_leak, warm
     guests.wait("ready")
     live = el2.snapshot()
     if "vm_table" not in live.absent:          # 6.1 does not track VMs at EL2
+        # each VM as asked: one vCPU, and a pool of exactly its stage-2 PGD; under pKVM every VM
+        # gets kvm_ipa_limit bits of IPA whatever it asks (kvm_init_stage2_mmu), the host
+        # stage-2's own size (QEMU's max with LPA2: 52 bits, a 16-page PGD)
         assert len(live.vms) == 12 and all(vm.pool is not None for vm in live.vms)
+        assert [vm.nr_vcpus for vm in live.vms] == [1] * 12
+        ipa_bits = live.host_s2_root[1]
+        assert {vm.pool.nr_pages for vm in live.vms} == {stage2_pgd_pages(ipa_bits)}, f"IPA {ipa_bits} bits"
     assert live.pools["hpool"].free_pages < before.pools["hpool"].free_pages      # hyp stage-1 grew
     findings = run_checks(live)
     assert findings == [], render(findings)

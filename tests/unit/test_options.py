@@ -101,6 +101,8 @@ def test_a_session_that_does_not_ask_for_the_harness_gets_nothing_from_it(tmp_pa
     (["--mem", "banana"], "'banana' is not a memory size"),
     (["--mem", "64"], "too little memory"),
     (["--smp", "0"], "0 must be 1 or more"),
+    (["--ram-regions", "1G"], "'1G' is not a list of RAM region sizes"),
+    (["--ram-regions", "100M,100M"], "too little memory"),
     (["--boot-timeout", "-1"], "must be more than 0 seconds"),
     (["--jobs", "x"], "'x' is not a whole number"),
 ])

@@ -27,6 +27,8 @@ CASES = {
     "cortex-a72-console-gdb": dict(cpu="cortex-a72", gdb=True),
     "max-options": dict(cpu="max", smp=4, mem="2G", append=["loglevel=8", "kvm-arm.hyp_debug=1"],
                         qemu_args=["-d", "guest_errors"]),
+    # two RAM regions, one NUMA node each (the nightly's second machine shape)
+    "max-ram-regions": dict(cpu="max", smp=3, ram_regions="768M,640M"),
 }
 
 
