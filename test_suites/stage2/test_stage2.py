@@ -57,6 +57,32 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el
     assert (findings := run_checks(after)) == [], render(findings)
 
 
+def test_the_host_stage2_is_the_models_at_every_ram_region_edge(target, payload, el2):
+    """At the first and last page of every RAM region (with --ram-regions, several regions meet
+    inside RAM): the entry there lies inside its region, and where the host has not touched the
+    page yet, its access maps exactly what the model predicts, never across the edge."""
+    snap = el2.snapshot()
+    regions = [Region(base, length) for base, length, _ in snap.memblocks]
+    version = el2.kernel.kernel_version
+    print("RAM regions: " + ", ".join(f"[{r.base:#x}, {r.end:#x})" for r in regions))
+    touched = []
+    for addr in sorted({r.base for r in regions} | {r.end - PAGE for r in regions}):
+        region = next(r for r in regions if r.base <= addr < r.end)
+        leaf = el2.snapshot().host_s2.leaf_at(addr) if touched else snap.host_s2.leaf_at(addr)
+        if leaf is None:               # never touched and not annotated: the host's to touch now
+            want = predict_from_tables(addr, regions, el2.snapshot().host_s2, version)
+            assert touch_phys(target, payload("pkvm_guest"), [addr])[addr].startswith("value=")
+            leaf = el2.snapshot().host_s2.leaf_at(addr)
+            assert leaf is not None and leaf.level == want.leaf_level and \
+                want.start <= leaf.addr < want.start + want.size, \
+                f"{addr:#x}: model {want}, kernel {leaf.describe() if leaf else 'nothing mapped'}"
+            touched.append(addr)
+        assert region.base <= leaf.addr and leaf.addr + leaf.size <= region.end, \
+            f"the host stage-2 entry at {addr:#x} ({leaf.addr:#x}+{leaf.size:#x}) crosses its region's edge"
+    print(f"edges touched now: {[hex(a) for a in touched]}")
+    assert (findings := run_checks(el2.snapshot())) == [], render(findings)
+
+
 def test_the_carveout_and_the_hyp_image_are_hyp_owned(el2):
     """Every page of the carveout and of the hyp's text is hyp-owned: annotated invalid in the host
     stage-2; from 7.2 the hyp text instead stays mapped for the host read-only and execute-never

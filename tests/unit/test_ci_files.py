@@ -71,6 +71,14 @@ def test_the_suites_job_sets_up_caches_runs_uploads_and_publishes(workflow):
     assert "${{" not in runs
 
 
+def test_a_cell_runs_another_machine_shape(workflow):
+    suites = workflow["jobs"]["suites"]
+    shaped = [c for c in suites["strategy"]["matrix"]["include"] if c.get("ram_regions")]
+    assert shaped and all(len(c["ram_regions"].split(",")) >= 2 for c in shaped)
+    runs = "\n".join(step.get("run", "") for step in suites["steps"])
+    assert '--pkvm-ram-regions "$RAM_REGIONS"' in runs and "two-regions" in suites["env"]["CELL"]
+
+
 def test_the_summary_job_renders_every_cell_after_the_matrix(workflow):
     summary = workflow["jobs"]["summary"]
     assert summary["needs"] == "suites" and summary["if"] == "always()"
