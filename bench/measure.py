@@ -243,6 +243,20 @@ def suite_wall(runs: int, *args: str) -> list[float]:
     return out
 
 
+def suite_checks(runs: int) -> tuple[list[float], list[float]]:
+    """The default suites' wall time, and the part of it the after-test checks took (invariants on
+    a fresh snapshot and the page-state transitions after every EL2 suite test: result.json's
+    el2trace.after_test_checks)."""
+    walls, checks = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-oracle-") as tmp:
+            walls.append(_timed([sys.executable, "-m", "pytest", "test_suites", "-m", "not slow", "-q",
+                                 "-p", "no:cacheprovider", "--pkvm-run-dir", tmp], timeout=3600))
+            result = json.loads((Path(tmp) / "result.json").read_text())
+            checks.append(float(result["el2trace"]["after_test_checks"]["seconds"]))
+    return walls, checks
+
+
 FIRST_PYTEST_RESULT = re.compile(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR)")
 
 

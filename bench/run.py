@@ -15,6 +15,8 @@ Sections (all by default; --only a,b to pick):
   el2       snapshot latency, the cost of one traced operation, the model's ops/s
   el2trace  the TCG plugin: a workload with and without it, the suites with tracing, replay and
             coverage against none of them, boot to pKVM on QEMU 10 against QEMU 7.2
+  oracle    the default suites, and the share of them the after-test checks take (invariants on a
+            fresh snapshot, the page-state transitions) after every EL2 suite test
   bisect    time per bisect step (the nine-commit history of tests/integration/kernel_history.py)
   scaling   snapshot time and model replay time against guest memory and traced operations
 
@@ -42,7 +44,7 @@ from harness.options import KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 from harness.targets.qemu_debian12 import qemu_7_2  # noqa: E402
 
-SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "bisect", "scaling"]
+SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "oracle", "bisect", "scaling"]
 MEMORY_MIB = ["512", "1024", "2048", "4096"]
 MODEL_OPS = [1_000, 10_000, 100_000, 1_000_000]
 
@@ -176,6 +178,13 @@ def main() -> int:
         f.add("el2trace", "QEMU 10.0 + el2trace start to pKVM initialized",
               measure.pkvm_up_times(kernel, cache, n, el2_plugin="on"), "s")
         f.add("el2trace", "QEMU 7.2 start to pKVM initialized", measure.pkvm_up_times(kernel, cache, n, qemu=q72), "s")
+    if "oracle" in only:
+        print("oracle (the after-test checks: invariants and page-state transitions)", flush=True)
+        walls, checks = measure.suite_checks(max(1, n // 2))
+        f.add("oracle", "default suites", walls, "s")
+        f.add("oracle", "of which after-test checks (every EL2 suite test)", checks, "s")
+        f.ratio("oracle", "suites / suites without the after-test checks", walls,
+                [w - c for w, c in zip(walls, checks)], target="<= 1.3")
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)

@@ -285,24 +285,34 @@ def el2_leak(request: pytest.FixtureRequest, el2: Any) -> Callable[[Any, Any, st
 def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[None]:
     """After the test: the kernel log since it began has no WARN, BUG, oops or EL2 panic, and (where
     EL2 memory can be read) every invariant holds on a fresh snapshot; with el2trace, every
-    host/hyp page-state transition the test made was the model's (harness.model.transitions). The EL2 suites take it for
-    every test (their conftest); a finding fails the test (at its teardown), with the lines or
-    findings. A test that already failed is not judged again."""
-    from harness.model.invariants import render, run_checks
-    from harness.verdict import clean, scan
-
+    host/hyp page-state transition the test made was the model's (harness.model.transitions).
+    The EL2 suites take it for every test (their conftest); a finding fails the test (at its
+    teardown), with the lines or findings. A test that already failed is not judged again, but
+    its transitions are. The time it takes goes to result.json (el2trace.after_test_checks)."""
     el2 = request.getfixturevalue("el2") if isinstance(target, El2Memory) else None
     live = _recorder(request.config).live if el2 is not None else None
     if live is not None and el2 is not None and live.transitions.states is None:
         live.check_transitions(el2.snapshot(while_paused=live.poll))     # the model starts here
     mark = target.dmesg_mark()
     yield
-    failed = getattr(request.node, "stash", {}).get(PHASE_FAILED, False)
     if target.death() is not None:
         return
+    started = time.monotonic()
+    try:
+        _judge_after_test(target, mark, el2, live, getattr(request.node, "stash", {}).get(PHASE_FAILED, False))
+    finally:
+        recorder = _recorder(request.config)
+        recorder.after_checks = (recorder.after_checks[0] + 1, recorder.after_checks[1] + time.monotonic() - started)
+
+
+def _judge_after_test(target: Target, mark: Any, el2: Any, live: Any, failed: bool) -> None:
+    """The kernel log since `mark`, the invariants on a fresh snapshot, and with el2trace the
+    transitions since the last check; after a failed test, only the transitions (this test's
+    evidence, an error at its teardown, not the next test's)."""
+    from harness.model.invariants import render, run_checks
+    from harness.verdict import clean, scan
+
     if failed:
-        # Not judged again, but a transition that went wrong in it is this test's evidence (an
-        # error at its teardown), not the next test's.
         wrong = live.check_transitions(el2.snapshot(while_paused=live.poll)) if live is not None and el2 else []
         if wrong:
             pytest.fail("page-state transitions during this test:\n" + "\n".join(f"[transitions] {t}" for t in wrong))

@@ -64,6 +64,7 @@ class SuiteRecorder:
         self.panic_line: str | None = None       # the console's first panic line, when that is why
         self.live: Any = None                    # harness.replay.LiveReplay, when the target runs el2trace
         self.el2_summary: dict[str, Any] = {}    # the live replay's totals, in result.json
+        self.after_checks = (0, 0.0)              # el2_clean_after: tests judged, seconds spent
         self._live_counts = (0, 0)               # (allocator calls, hypercalls) at the last judgement
 
     def attach(self, run_dir: Path) -> None:
@@ -161,7 +162,12 @@ class SuiteRecorder:
             return
         self.live.poll()
         cov = self.live.calls.coverage
+        checker = self.live.transitions
         self.el2_summary = {"allocator_calls": self.live.ops_total, "hypercalls": self.live.host_calls_total,
+                            "transitions": {"calls": checker.count, "by_function": checker.by_name,
+                                            "vm_teardowns_settled": checker.settled},
+                            "after_test_checks": {"tests": self.after_checks[0],
+                                                  "seconds": round(self.after_checks[1], 2)},
                             "replay_divergence": self.live.replayer.divergence is not None,
                             "hyp_blocks_executed": len(cov.blocks), "probe_hits_not_at_el2": cov.probe_hits_not_at_el2,
                             "read_failures": cov.read_failures}
