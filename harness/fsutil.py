@@ -8,8 +8,9 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -81,3 +82,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def take_tar_member(tar: tarfile.TarFile, wanted: Callable[[str], bool], dest: Path) -> bool:
+    """Stream the first member whose name `wanted` accepts into `dest`, whole or not at all (a
+    .part file renamed at the end). False when the archive has no such member."""
+    for info in tar:
+        if wanted(info.name):
+            f = tar.extractfile(info)
+            assert f is not None
+            tmp = dest.with_suffix(".part")
+            with open(tmp, "wb") as out:
+                while chunk := f.read(1 << 20):
+                    out.write(chunk)
+            tmp.rename(dest)
+            return True
+    return False

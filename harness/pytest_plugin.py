@@ -367,7 +367,10 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         box = types.SimpleNamespace(trace=None, result=None)
         request.node.stash.setdefault(REPLAYS, []).append(box)   # a failing test's report shows its divergence
         start = el2.snapshot(while_paused=live.poll)
-        live.compare(start)                                       # pools of VMs gone since are dropped here
+        before = live.compare(start)                              # pools of VMs gone since are dropped here
+        if before:                # the models already disagree with the kernel: the window would not be judged
+            pytest.fail("the replay's pools differ from the kernel's before this window began:\n  "
+                        + "\n  ".join(before[:10]))
         mark, started, live.ops = live.mark(), time.monotonic(), []
         try:
             yield box

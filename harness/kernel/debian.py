@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InfraError, UsageError
-from harness.fsutil import file_lock
+from harness.fsutil import file_lock, take_tar_member
 from harness.procs import die_with_parent
 
 MIRROR = "http://deb.debian.org/debian"
@@ -131,22 +131,14 @@ def _take_tarball(deb: Path, member: str, final: Path) -> None:
     r = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
                          preexec_fn=die_with_parent())
     assert r.stdout is not None
-    tmp = final.with_suffix(".part")
     try:
         with tarfile.open(fileobj=r.stdout, mode="r|") as tar:
-            for info in tar:
-                if info.name.lstrip("./") == member:
-                    f = tar.extractfile(info)
-                    assert f is not None
-                    with open(tmp, "wb") as out:
-                        while chunk := f.read(1 << 20):
-                            out.write(chunk)
-                    break
-            else:
-                raise InfraError(f"{deb.name} holds no {member}", hint=f"delete {deb} and run again")
+            found = take_tar_member(tar, lambda name: name.lstrip("./") == member, final)
     finally:
         r.stdout.close()
         r.wait()
+    if not found:
+        raise InfraError(f"{deb.name} holds no {member}", hint=f"delete {deb} and run again")
     if r.returncode not in (0, -13):     # -13: SIGPIPE, when the member was found before the end
+        final.unlink()
         raise InfraError(f"dpkg-deb could not read {deb.name} (exit {r.returncode})", hint=f"delete {deb}")
-    tmp.rename(final)

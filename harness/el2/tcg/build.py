@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InfraError, UsageError
-from harness.fsutil import file_lock
+from harness.fsutil import file_lock, take_tar_member
 from harness.kernel.debian import KEYRING, MIRROR, apt_private
 from harness.procs import die_with_parent
 
@@ -175,16 +175,12 @@ def _download(url: str, dest: Path, sha256: str) -> None:
 
 
 def _extract_member(tarball: Path, suffix: str, dest: Path) -> None:
+    def wanted(name: str) -> bool:           # <top directory>/<suffix>
+        return name.endswith("/" + suffix) and name.count("/") == suffix.count("/") + 1
+
     with tarfile.open(tarball) as tar:
-        for info in tar:
-            if info.name.endswith("/" + suffix) and info.name.count("/") == suffix.count("/") + 1:
-                f = tar.extractfile(info)
-                assert f is not None
-                tmp = dest.with_suffix(".part")
-                tmp.write_bytes(f.read())
-                tmp.rename(dest)
-                return
-    raise InfraError(f"{tarball.name} holds no {suffix}", hint="delete the cache directory and run again")
+        if not take_tar_member(tar, wanted, dest):
+            raise InfraError(f"{tarball.name} holds no {suffix}", hint="delete the cache directory and run again")
 
 
 def main() -> int:
