@@ -313,6 +313,26 @@ def snapshot_pauses(kernel: KernelArtifacts, cache: Path, mem: str, count: int) 
             return [r.snapshot().pause_ms for _ in range(count)]
 
 
+def free_block_reads(kernel: KernelArtifacts, cache: Path, count: int) -> tuple[list[float], list[float], int]:
+    """A snapshot's pause with the contents of every free block read (free-blocks-zero) and
+    without (that read replaced by nothing, here only), alternating; and the bytes read."""
+    from unittest import mock
+
+    from harness.el2 import decode
+
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-free-") as run_dir:
+        with _machine(cache, Path(run_dir)).start(Path(run_dir)) as target, \
+                El2Reader(target.qmp_socket, target.vmlinux, cache) as r:
+            snap = r.snapshot()
+            free = sum(p.free_pages for p in snap.pools.values()) * 4096
+            with_reads, without = [], []
+            for _ in range(count):
+                with_reads.append(r.snapshot().pause_ms)
+                with mock.patch.object(decode, "_dirty_free", lambda *a: []):
+                    without.append(r.snapshot().pause_ms)
+            return with_reads, without, free
+
+
 def traced_workload(mem: str, runs: int, workload: str = LIFECYCLE) -> list[dict]:
     """Per run: the workload untraced and traced, the calls traced, and the model's replay time."""
     cache = default_cache_dir()

@@ -185,6 +185,9 @@ def main() -> int:
         f.add("oracle", "of which after-test checks (every EL2 suite test)", checks, "s")
         f.ratio("oracle", "suites / suites without the after-test checks", walls,
                 [w - c for w, c in zip(walls, checks)], target="<= 1.3")
+        with_reads, without, free = measure.free_block_reads(kernel, cache, 2 * n)
+        f.add("oracle", f"EL2 snapshot reading every free block ({free >> 20} MiB)", with_reads, "ms", digits=1)
+        f.add("oracle", "EL2 snapshot without reading the free blocks", without, "ms", digits=1)
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)
