@@ -13,6 +13,7 @@ from harness.el2.tcg.probes import Layout
 from harness.el2.tcg.stream import Calls, Follower, HostCall
 from harness.el2.trace import Op, Trace, load, pools_from_json
 from harness.errors import UsageError
+from harness.model.guest_transitions import GUEST_FUNCTIONS
 from harness.model.replay import Divergence, Replayer, ReplayResult, replay
 from harness.model.transitions import Transition, TransitionChecker, snapshot_states
 
@@ -90,7 +91,7 @@ class LiveReplay:
         self.host_calls_total = 0
         self._reported = False
         self.allocated_by: dict[int, Op] = {}     # page PA -> the traced hyp_alloc_pages that returned it
-        self.transitions = TransitionChecker()
+        self.transitions = TransitionChecker(guests_traced=any(f in layout.functions for f in GUEST_FUNCTIONS))
 
     @property
     def ops_total(self) -> int:

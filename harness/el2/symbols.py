@@ -22,10 +22,10 @@ from elftools.elf.sections import NoteSection, SymbolTableSection
 from harness.fsutil import atomic_write_text
 from harness.kernel.version import KernelVersion
 
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 # Structs the EL2 readers need. host_kvm is the pre-6.0 name of host_mmu.
 WANTED = ("hyp_pool", "hyp_page", "host_mmu", "host_kvm", "kvm_pgtable", "kvm_s2_mmu", "kvm_arch",
-          "pkvm_hyp_vm", "memblock_region", "list_head", "kvm_pgtable_mm_ops")
+          "pkvm_hyp_vm", "memblock_region", "list_head", "kvm_pgtable_mm_ops", "pkvm_hyp_vcpu")
 # Functions whose compile units define those structs, in the order they are tried.
 CU_ANCHORS = ("__kvm_nvhe_host_stage2_idmap_locked", "__kvm_nvhe_handle_host_mem_abort",
               "__kvm_nvhe_hyp_alloc_pages", "__kvm_nvhe___pkvm_init_vm", "__kvm_nvhe___pkvm_init",
@@ -176,7 +176,7 @@ def _parse(elf: ELFFile, build_id: str) -> KernelInfo:
                 name = _name(die)
                 if name in WANTED and name not in structs:
                     structs[name] = Struct(name, die.attributes["DW_AT_byte_size"].value, _flatten(die))
-        if all(n in structs for n in WANTED if n != "host_kvm"):
+        if all(n in structs for n in WANTED if n not in ("host_kvm", "pkvm_hyp_vcpu")):
             break
     for name in WANTED:
         if name not in structs:

@@ -15,9 +15,9 @@ they took effect):
 - the pages donated for a VM (its pkvm_hyp_vm and PGD at __pkvm_init_vm, each vCPU's structure at
   __pkvm_init_vcpu) all come back to the host at its teardown.
 
-Not judged: the guest transitions of 6.14+ (a page only guests and the host share is left out of
-the comparison), the FF-A shares (no FF-A on QEMU), and pins taken before the first snapshot (an
-unshare of a page shared then may be refused -EBUSY or not).
+From 6.14 the host/guest calls are followed too (harness.model.guest_transitions): each page's
+guest share count is compared as well. Not judged: the FF-A shares (no FF-A on QEMU), and pins
+taken before the first snapshot (an unshare of a page shared then may be refused -EBUSY or not).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.model.guest_transitions import DONATE, ENOMEM, GUEST_FUNCTIONS, SHARE, GuestMap, judge
 from harness.model.stage2 import STATE_CODES, TRANSITIONS, IllegalTransition, PageStates, State, state_name
 
 PAGE = 4096
@@ -81,10 +82,15 @@ class Transition:
     hypercall: str | None     # the host hypercall it ran under ("__pkvm_init_vm"); None: none seen
     call: int | None          # that hypercall's entry sequence number
     scan: PageScan | None = None   # the donation's pages: given back at its entry, given at its return
+    gfn: int | None = None         # a guest call's guest frame
+    vm: int | None = None          # a guest call's pkvm_hyp_vm (hyp VA: a key, not read)
 
     def __str__(self) -> str:
         under = f" in {self.hypercall}" if self.hypercall else ""
-        return f"{self.name}({self.pa >> 12:#x}, {self.nr_pages}) = {errno_name(self.ret)}{under} (seq {self.seq})"
+        pfn = f"pfn {self.pa >> 12:#x}, " if self.pa else ""
+        args = f"{self.pa >> 12:#x}, {self.nr_pages}" if self.gfn is None else \
+            f"{pfn}gfn {self.gfn:#x}, {self.nr_pages}, VM@{self.vm or 0:#x}"
+        return f"{self.name}({args}) = {errno_name(self.ret)}{under} (seq {self.seq})"
 
     def pages(self) -> list[int]:
         return [self.pa + i * PAGE for i in range(self.nr_pages)]
@@ -102,6 +108,7 @@ class SnapshotStates:
     hyp_pages: dict[int, Pair]
     state: Callable[[int], Pair]
     guest_pages: set[int] = field(default_factory=set)
+    count: Callable[[int], int] = lambda pa: 0      # host_share_guest_count (6.14+)
 
 
 @dataclass
@@ -123,6 +130,10 @@ class TransitionChecker:
     _in_call: dict[int, list[Transition]] = field(default_factory=dict)   # hypercall entry seq -> its calls
     _seed_state: Callable[[int], Pair] | None = None
     _given: dict[int, int] = field(default_factory=dict)     # page the host donated -> its hash then
+    counts: dict[int, int] = field(default_factory=dict)     # page -> guest shares, once a call named it
+    guests: GuestMap = field(default_factory=GuestMap)       # (VM, gfn) -> page, from power-on
+    guests_traced: bool = False               # the guest calls are traced: their pages are compared too
+    _seed_count: Callable[[int], int] | None = None
 
     def seed(self, snap: SnapshotStates) -> None:
         """Start (again) from a snapshot's states. The pins are not in a snapshot: those counted
@@ -134,7 +145,9 @@ class TransitionChecker:
         self.unknown_pins = self.unknown_pins & borrowed if self.states else borrowed
         self.states = PageStates(host, hyp, pins)
         self.touched = {}
+        self.counts = {}
         self._seed_state = snap.state
+        self._seed_count = snap.count
 
     def _learn(self, pages: list[int]) -> None:
         """A page first named since the seed: its states as the seed snapshot had them (the seed
@@ -158,6 +171,9 @@ class TransitionChecker:
                 self._given_back(t, t.scan)
         if t.call is not None:
             self._in_call.setdefault(t.call, []).append(t)
+        if t.name in GUEST_FUNCTIONS:
+            self._guest(t)
+            return
         if self.states is None:
             return
         self._learn(t.pages())
@@ -170,6 +186,38 @@ class TransitionChecker:
         elif t.name == UNPIN:
             for pa in t.pages():
                 self.states.pins[pa] = self.states.pins.get(pa, 0) - 1
+
+    def _count(self, pa: int) -> int:
+        if pa in self.counts:
+            return self.counts[pa]
+        return self._seed_count(pa) if self._seed_count is not None else 0
+
+    def _guest(self, t: Transition) -> None:
+        """A host/guest call (6.14+): judged once seeded; the guest map follows every success."""
+        seeded = self.states is not None
+        if seeded:
+            self._learn(t.pages() if t.pa else [])
+        view = self.states.view if self.states is not None else (lambda pa: (State.OWNED, State.NOPAGE))
+        out = judge(t, view, self._count, self.guests)
+        if t.ret == 0:
+            for key, frame in out.frames.items():
+                if frame is None:
+                    self.guests.frames.pop(key, None)
+                else:
+                    self.guests.frames[key] = frame
+        if self.states is None:
+            return
+        self._learn(out.pages)
+        for pa in out.pages:
+            self.touched[pa] = t
+        refused_for_memory = t.ret == ENOMEM and out.want == 0 and t.name in (SHARE, DONATE)
+        if out.want is not None and t.ret != out.want and not refused_for_memory:
+            why = f" ({out.why})" if out.why else ""
+            self.findings.append(f"{t}: the model predicts {errno_name(out.want)}{why}")
+        if t.ret == 0:
+            for pa, host in out.host.items():
+                self.states.host[pa] = host
+            self.counts.update(out.counts)
 
     def _given_back(self, t: Transition, scan: PageScan) -> None:
         """Pages back with the host hold no hyp data: zero past their first word, or what the
@@ -265,16 +313,20 @@ class TransitionChecker:
             return out
         pages = set(self.touched) | set(snap.hyp_pages) | {pa for pa, y in self.states.hyp.items()
                                                             if y != State.NOPAGE}
+        if self.guests_traced:
+            pages |= snap.guest_pages | {pa for pa, n in self.counts.items() if n}
         wrong = []
         for pa in sorted(pages):
             want, seen = self.states.view(pa), snap.hyp_pages.get(pa) or snap.state(pa)
-            if pa in snap.guest_pages and want[1] == seen[1] == State.NOPAGE:
+            if not self.guests_traced and pa in snap.guest_pages and want[1] == seen[1] == State.NOPAGE:
                 continue
-            if want != seen:
+            want_n, seen_n = self._count(pa), snap.count(pa)
+            if want != seen or want_n != seen_n:
                 by = self.touched.get(pa)
                 cause = f"after {by}" if by else "no traced transition named it"
-                wrong.append(f"page {pa:#x}: expected host {want[0].value} / hyp {want[1].value} ({cause}), "
-                             f"saw host {seen[0].value} / hyp {seen[1].value}")
+                guests = (f", guests {want_n}", f", guests {seen_n}") if want_n != seen_n else ("", "")
+                wrong.append(f"page {pa:#x}: expected host {want[0].value} / hyp {want[1].value}{guests[0]} "
+                             f"({cause}), saw host {seen[0].value} / hyp {seen[1].value}{guests[1]}")
         if wrong:
             more = f"\n    ... and {len(wrong) - MAX_LINES} more" if len(wrong) > MAX_LINES else ""
             out.append(f"{len(wrong)} page(s) not in the state the traced transitions leave them in:\n    "
@@ -295,7 +347,7 @@ def snapshot_states(snap: Any) -> SnapshotStates:
                      for pa, (h, y, _) in snap.page_states.items() if y != nopage}
         guest = {pa for pa, (h, y, count) in snap.page_states.items()
                  if y == nopage and (count or h in (nopage, STATE_CODES[State.SHARED_BORROWED]))}
-        return SnapshotStates(hyp_pages, pair, guest)
+        return SnapshotStates(hyp_pages, pair, guest, lambda pa: snap.page_state(pa)[2])
     if snap.hyp_s1 is None or snap.hyp_physvirt_offset is None or snap.host_s2 is None:
         missing = "hyp_s1" if snap.hyp_s1 is None else "host_s2" if snap.host_s2 is None else "hyp_physvirt_offset"
         raise ValueError(f"the snapshot has no {missing} to read page states from: "

@@ -141,3 +141,73 @@ def test_calls_before_the_first_snapshot_are_counted_not_judged():
     checker = TransitionChecker()
     checker.transition(call("__pkvm_host_share_hyp", P, ret=EPERM))
     assert checker.compare(states({})) == [] and checker.count == 1
+
+
+# --- the host/guest transitions of 6.14+ --------------------------------------------------------
+
+VM, GFN = 0xFFFF_8000_1234_0000, 0x80
+
+
+def guest_call(name: str, *, pa: int = 0, gfn: int | None = GFN, nr: int = 1, ret: int = 0, seq: int = 0,
+               vm: int | None = VM) -> Transition:
+    return Transition(seq, 0, name, pa, nr, ret, None, None, None, gfn, vm)
+
+
+def guest_states(pages: dict[int, tuple[State, int]]) -> SnapshotStates:
+    """A 6.14+ snapshot: the host's state and guest share count of some pages (hyp NOPAGE)."""
+    return SnapshotStates({}, lambda pa: (pages.get(pa, (OWN, 0))[0], N), set(pages),
+                          lambda pa: pages.get(pa, (OWN, 0))[1])
+
+
+def guest_checker() -> TransitionChecker:
+    checker = TransitionChecker(guests_traced=True)
+    assert checker.compare(guest_states({})) == []
+    return checker
+
+
+def test_a_page_shared_with_two_guests_counts_both_and_comes_back_after_both_unshares():
+    checker = guest_checker()
+    checker.transition(guest_call("__pkvm_host_share_guest", pa=P, seq=1))
+    checker.transition(guest_call("__pkvm_host_share_guest", pa=P, vm=VM + 0x1000, seq=2))
+    assert checker.compare(guest_states({P: (SO, 2)})) == []
+    checker.transition(guest_call("__pkvm_host_unshare_guest", seq=3))        # names the gfn, not the page
+    assert checker.compare(guest_states({P: (SO, 1)})) == []
+    checker.transition(guest_call("__pkvm_host_unshare_guest", vm=VM + 0x1000, seq=4))
+    assert checker.compare(guest_states({})) == []
+
+
+def test_a_share_count_that_slips_is_found_with_the_call():
+    checker = guest_checker()
+    checker.transition(guest_call("__pkvm_host_share_guest", pa=P, seq=7))
+    [finding] = checker.compare(guest_states({P: (SO, 2)}))       # the kernel counted it twice
+    assert "page 0x40000000: expected host SHARED_OWNED / hyp NOPAGE, guests 1" in finding
+    assert "__pkvm_host_share_guest(pfn 0x40000, gfn 0x80" in finding and "guests 2" in finding
+
+
+def test_a_share_of_a_page_the_hyp_borrows_or_a_guest_owns_is_refused():
+    checker = guest_checker()
+    checker.transition(call("__pkvm_host_share_hyp", P, seq=1))
+    checker.transition(guest_call("__pkvm_host_share_guest", pa=P, ret=0, seq=2))
+    [finding] = checker.compare(SnapshotStates({P: (SO, SB)}, lambda pa: (SO, SB) if pa == P else (OWN, N),
+                                               set(), lambda pa: 1 if pa == P else 0))
+    assert "__pkvm_host_share_guest" in finding and "predicts -EPERM" in finding
+
+
+def test_a_donation_to_a_guest_and_its_reclaim():
+    checker = guest_checker()
+    checker.transition(guest_call("__pkvm_host_donate_guest", pa=P, seq=1))
+    assert checker.compare(guest_states({P: (N, 0)})) == []
+    checker.transition(guest_call("__pkvm_guest_share_host", seq=2))
+    assert checker.compare(guest_states({P: (SB, 0)})) == []
+    checker.transition(guest_call("__pkvm_host_reclaim_page_guest", seq=3))
+    assert checker.compare(guest_states({})) == []
+    # unsharing what is not mapped is refused, and changes nothing
+    checker.transition(guest_call("__pkvm_host_unshare_guest", ret=0, seq=4))
+    [finding] = checker.compare(guest_states({}))
+    assert "predicts -ENOENT (gfn 0x80+1 is not mapped)" in finding
+
+
+def test_a_refusal_for_want_of_memcache_pages_changes_nothing():
+    checker = guest_checker()
+    checker.transition(guest_call("__pkvm_host_share_guest", pa=P, ret=-12, seq=1))
+    assert checker.compare(guest_states({})) == []

@@ -29,6 +29,12 @@ FUNCTIONS = (*ALLOCATOR, TRAP)
 # has only the share pair). Each takes the host and hyp locks and runs to completion inside them.
 TRANSITIONS = ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_host_donate_hyp",
                "__pkvm_hyp_donate_host", "hyp_pin_shared_mem", "hyp_unpin_shared_mem")
+# The host/guest transitions (6.14+: harness.model.guest_transitions), each with the register
+# holding its pkvm_hyp_vcpu, whose vcpu.kvm (the pkvm_hyp_vm) is read at entry: a VM key.
+GUEST_TRANSITIONS = {"__pkvm_host_share_guest": 3, "__pkvm_host_unshare_guest": None,
+                     "__pkvm_host_donate_guest": 2, "__pkvm_host_reclaim_page_guest": None,
+                     "__pkvm_host_force_reclaim_page_guest": None, "__pkvm_guest_share_host": 0,
+                     "__pkvm_guest_unshare_host": 0}
 # The pages a donation moves (x0 pfn, x1 pages), scanned where the hyp maps them: what the hyp
 # gives back at its entry, what it is given at its return. What comes back must hold no hyp data:
 # zero, or what the host put there (the same hash). `z`/`y` reads, el2trace.c.
@@ -106,7 +112,9 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
     for entry in range(0, 0x800, 0x80):            # the host's first EL2 code at a hyp VA
         words = _words(text[vector + entry - start:][:4 * ANCHOR_WORDS])
         lines.append(f"anchor {vector + entry:x} " + " ".join(f"{w:x}" for w in words))
-    functions = [*FUNCTIONS, *(n for n in TRANSITIONS if NVHE + n in info.symbols)]
+    vcpu_kvm = info.struct("pkvm_hyp_vcpu").offset("vcpu.kvm") if info.has_struct("pkvm_hyp_vcpu") else None
+    guest_calls = [n for n in GUEST_TRANSITIONS if NVHE + n in info.symbols and vcpu_kvm is not None]
+    functions = [*FUNCTIONS, *(n for n in TRANSITIONS if NVHE + n in info.symbols), *guest_calls]
     for fn_id, name in enumerate(functions):
         sym = NVHE + name
         addr, size = info.sym(sym), info.sizes.get(sym, 0)
@@ -115,8 +123,10 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         body = _words(text[addr - start:addr - start + size])
         lines.append(f"anchor {addr:x} " + " ".join(f"{w:x}" for w in body[:ANCHOR_WORDS]))
         scan = PAGE_SCANS.get(name, ("", ""))
+        vcpu_reg = GUEST_TRANSITIONS.get(name)
         entry_reads = page_reads if name in ("hyp_put_page", "hyp_get_page") else \
-            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "e" else []
+            [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "e" else \
+            [f"m{vcpu_reg}+{vcpu_kvm:x}:8"] if vcpu_reg is not None else []
         ret_reads = [f"e0+0:{8 * RESULT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "r" else []
         lines.append(f"probe {fn_id} e {addr:x} {','.join(entry_reads) or '-'}")
         reads[f"{fn_id}e"] = [_length(r) for r in entry_reads]

@@ -23,6 +23,7 @@ from harness.el2.decode import field_value, h2p
 from harness.el2.symbols import Field
 from harness.el2.tcg.probes import PAGE_SCANS, RESULT_REGS, SCAN_HASHED, TRAP, Layout
 from harness.el2.trace import Op
+from harness.model.guest_transitions import DONATE, FORCE_RECLAIM, GUEST_FUNCTIONS, RECLAIM, SHARE, UNSHARE
 from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, PageScan, Transition
 
 META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
@@ -195,7 +196,7 @@ class Calls:
     def _probe(self, r: Record, ops: list[Op], calls: list[HostCall]) -> None:
         name = self.layout.functions[r.fn] if r.fn < len(self.layout.functions) else "?"
         key = (r.vcpu, r.fn)
-        if r.kind == "e" and (name in TRANSITION_OF or name in (PIN, UNPIN)):
+        if r.kind == "e" and (name in TRANSITION_OF or name in (PIN, UNPIN) or name in GUEST_FUNCTIONS):
             self._under[key] = self._hypercall_open(r.vcpu)
         if r.kind == "e":
             if key in self._open:              # its return was never seen: order it at its entry
@@ -213,6 +214,8 @@ class Calls:
         elif name in TRANSITION_OF or name in (PIN, UNPIN):
             if (t := self._transition(name, entry, reads, r)) is not None:
                 self.transitions.append(t)
+        elif name in GUEST_FUNCTIONS:
+            self.transitions.append(self._guest_transition(name, entry, reads, r))
         elif (op := self._op(entry, reads, r)) is not None:
             ops.append(op)
 
@@ -239,6 +242,20 @@ class Calls:
         result = struct.unpack_from(f"<{RESULT_REGS}Q", self._reads(ret)[0]) if self._reads(ret) else None
         return HostCall(ret.seq, entry.vcpu, regs[0], tuple(regs[1:]), result, entry.seq, hcall[1])
 
+    def _guest_transition(self, name: str, entry: Record, reads: list[bytes], ret: Record) -> Transition:
+        """A host/guest call: its page (where it names one), guest frame, count and VM (the
+        pkvm_hyp_vm's hyp VA, read from the vCPU where the call takes one)."""
+        x = entry.regs()
+        read_vm = struct.unpack_from("<Q", reads[0])[0] if reads and not entry.failed & 1 else None
+        pa, gfn, nr, vm = {
+            SHARE: (x[0] << 12, x[1], x[2], read_vm), UNSHARE: (0, x[0], x[1], x[2]),
+            DONATE: (x[0] << 12, x[1], 1, read_vm), RECLAIM: (0, x[0], 1, x[1]),
+            FORCE_RECLAIM: (x[0] & ~0xFFF, None, 1, None),
+        }.get(name, (0, x[1], 1, read_vm))                           # the guest's share / unshare
+        under = self._under.pop((entry.vcpu, entry.fn), None)
+        return Transition(ret.seq, entry.vcpu, name, pa, nr, _int(ret.regs()[0]), under[1] if under else None,
+                          under[0] if under else None, None, gfn, vm)
+
     def _transition(self, name: str, entry: Record, reads: list[bytes], ret: Record) -> Transition | None:
         if self.physvirt is None:
             return None
@@ -248,7 +265,7 @@ class Calls:
         else:                                  # pin, unpin: [from, to) hyp VAs
             start, end = x[0] & ~0xFFF, (x[1] + 0xFFF) & ~0xFFF
             pa, nr_pages = self.pa(start), (end - start) >> 12
-        ret_value = None if name == UNPIN else struct.unpack("<i", struct.pack("<I", ret.regs()[0] & U32))[0]
+        ret_value = None if name == UNPIN else _int(ret.regs()[0])
         scan = None
         if name in PAGE_SCANS:
             where, at = (entry, reads) if PAGE_SCANS[name][0] == "e" else (ret, self._reads(ret))
@@ -284,6 +301,11 @@ class Calls:
             return Op(seq, entry.vcpu, None, "split",
                       {"addr": ((x[0] - self.vmemmap) // self.layout.page_size) << 12})
         return None
+
+
+def _int(x0: int) -> int:
+    """A C int return value from x0."""
+    return int(struct.unpack("<i", struct.pack("<I", x0 & U32))[0])
 
 
 def decode_file(path: Path, layout: Layout) -> Iterator[Op | HostCall]:
