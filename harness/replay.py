@@ -91,6 +91,7 @@ class LiveReplay:
         self.host_calls_total = 0
         self._reported = False
         self.allocated_by: dict[int, Op] = {}     # page PA -> the traced hyp_alloc_pages that returned it
+        self.differed_in: str | None = None       # the test whose el2_trace window first found the pools differ
         self.transitions = TransitionChecker(guests_traced=any(f in layout.functions for f in GUEST_FUNCTIONS))
 
     @property

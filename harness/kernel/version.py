@@ -277,6 +277,14 @@ class KernelVersion:
         return self.at_least(7, 2)
 
     @property
+    def guest_transitions_read(self) -> bool:
+        """The host/guest transition functions of mem_protect.c have the signatures el2trace's
+        decoder reads: __pkvm_host_share_guest(pfn, gfn, nr_pages, vcpu, prot) and
+        __pkvm_host_unshare_guest(gfn, nr_pages, vm). Read in 7.2 and 7.3; 6.14 had no nr_pages
+        (between, not read here), so those kernels are not probed for them."""
+        return self.at_least(7, 2)
+
+    @property
     def hyp_stacks_owned_by_hyp(self) -> bool:
         """fix_host_ownership() also walks each CPU's stack page, which sits in the private VA
         range, and annotates it owner hyp. Without that walk the stack pages the host allocated

@@ -87,9 +87,10 @@ def judge(t: Any, view: Any, count: Any, guests: GuestMap) -> Outcome:
         frame = guests.pages_of(t.vm, t.gfn, 1)[0]
         need, to, host = (DONATED, SHARED_BACK, State.SHARED_BORROWED) if t.name == GUEST_SHARE else \
             (SHARED_BACK, DONATED, State.NOPAGE)
-        if frame is None or frame[1] != need:
-            return Outcome(EPERM, f"gfn {t.gfn:#x} is {frame[1] if frame else 'not mapped'}, not {need}",
-                           [frame[0]] if frame else [], {}, {}, {})
+        if frame is None:                   # not faulted in yet (-ENOENT), or poisoned (-EHWPOISON)
+            return Outcome(None, "not mapped", [], {}, {}, {})
+        if frame[1] != need:
+            return Outcome(EPERM, f"gfn {t.gfn:#x} is {frame[1]}, not {need}", [frame[0]], {}, {}, {})
         return Outcome(0, "", [frame[0]], {frame[0]: host}, {}, {(t.vm, t.gfn): (frame[0], to)})
     # reclaim of a dying VM's page, by frame or (forced) by page: what the guest owned comes back
     key = (t.vm, t.gfn) if t.name == RECLAIM else guests.frame_of(t.pa)
@@ -98,6 +99,8 @@ def judge(t: Any, view: Any, count: Any, guests: GuestMap) -> Outcome:
         return Outcome(None, "not mapped", [], {}, {}, {})
     if frame[1] == SHARED:
         return Outcome(EPERM, "the host shared that page: it is unshared, not reclaimed", [frame[0]], {}, {}, {})
+    if t.name == FORCE_RECLAIM and frame[1] != DONATED:
+        return Outcome(EPERM, "a forced reclaim takes only a page the guest owns alone", [frame[0]], {}, {}, {})
     return Outcome(0, "", [frame[0]], {frame[0]: State.OWNED}, {}, {key: None})
 
 

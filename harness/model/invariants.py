@@ -534,13 +534,17 @@ def hyp_s1_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     vmemmap = getattr(snap, "page_states", None) is not None
     if not vmemmap and "page_states" in getattr(snap, "unavailable", {}):
         raise MissingInput(f"the page states could not be read: {snap.unavailable['page_states']}")
-    offset = (getattr(snap, "hyp_physvirt_offset", None) or 0) & ((1 << 64) - 1)
+    if getattr(snap, "hyp_physvirt_offset", None) is None:
+        raise MissingInput("hyp_physvirt_offset could not be read: the hyp's linear map is not known")
+    offset = snap.hyp_physvirt_offset & ((1 << 64) - 1)
     borrowed: set[int] = set()
     for leaf in snap.hyp_s1.leaves:
-        if not leaf.valid or not _in_memblock(snap, leaf.pa, leaf.pa + leaf.size):
+        if not leaf.valid or _in_memblock(snap, leaf.pa, leaf.pa + leaf.size) is False:
             continue
         linear = (leaf.pa - leaf.addr) & ((1 << 64) - 1) == offset
         for va, pa in _pages(leaf):
+            if not _in_memblock(snap, pa, pa + PAGE):    # a block across a region edge: its pages one by one
+                continue
             hyp = _name(_state(snap, pa)[1]) if vmemmap else leaf.state or "OWNED"
             host = snap.host_state(pa)
             want = {"OWNED": "NOPAGE", "SHARED_BORROWED": "SHARED_OWNED", "SHARED_OWNED": "SHARED_BORROWED"}.get(hyp)

@@ -162,9 +162,10 @@ class Replayer:
         if kind == "init":
             fresh = HypPool(args["pfn"] * PAGE, args["nr_pages"], args["reserved_pages"], version=self.version)
             # Pages of a torn-down VM's pool go back to the host and may come back as a new VM's
-            # pool: the old model describes memory that was reclaimed, so it retires here.
+            # pool (or its pkvm_hyp_vm, the pool's struct, at the same address): the old model
+            # describes memory that was reclaimed, so it retires here.
             for old in [p for p, m in models.items()
-                        if p != pa and m.range_start < fresh.range_end and fresh.range_start < m.range_end]:
+                        if p == pa or m.range_start < fresh.range_end and fresh.range_start < m.range_end]:
                 del models[old]
                 self.dropped.append(self.name(old))
             models[pa] = fresh

@@ -65,7 +65,7 @@ class PageScan:
     scanned them: the first non-zero byte, and a hash of each of the first pages."""
 
     scanned: int
-    first_dirty: int | None     # PA of the first non-zero byte, None: all zero
+    first_dirty: int | None     # PA of the first non-zero byte in a page past the hashed ones; None: none
     hashes: tuple[int, ...]     # FNV-1a 64 of each of the first pages scanned
 
 
@@ -139,6 +139,9 @@ class TransitionChecker:
         """Start (again) from a snapshot's states. The pins are not in a snapshot: those counted
         so far stay, and on the first seed every page the hyp borrows has pins nobody counted."""
         host: dict[int, State] = {pa: h for pa, (h, _) in snap.hyp_pages.items() if h != State.OWNED}
+        for pa in snap.guest_pages:           # what the host and guests alone hold (6.14+)
+            if (state := snap.state(pa)[0]) != State.OWNED:
+                host[pa] = state
         hyp: dict[int, State] = {pa: y for pa, (_, y) in snap.hyp_pages.items()}
         borrowed = {pa for pa, (_, y) in snap.hyp_pages.items() if y == State.SHARED_BORROWED}
         pins = {pa: n for pa, n in self.states.pins.items() if pa in borrowed} if self.states else {}
@@ -184,8 +187,8 @@ class TransitionChecker:
         elif t.name == PIN:
             self._pin(t)
         elif t.name == UNPIN:
-            for pa in t.pages():
-                self.states.pins[pa] = self.states.pins.get(pa, 0) - 1
+            for pa in t.pages():              # a pin from before the first snapshot was not counted
+                self.states.pins[pa] = max(0, self.states.pins.get(pa, 0) - 1)
 
     def _count(self, pa: int) -> int:
         if pa in self.counts:
@@ -224,8 +227,7 @@ class TransitionChecker:
         host itself put there when it donated them (a memcache page the hyp never used)."""
         pages = t.pages()
         hyp_data = [pa for pa, h in zip(pages, scan.hashes) if h != ZERO_HASH and self._given.get(pa) != h]
-        unhashed = pages[len(scan.hashes):scan.scanned]
-        if scan.first_dirty is not None and unhashed and scan.first_dirty >= unhashed[0]:
+        if scan.first_dirty is not None:      # past the hashed pages: not zero is hyp data
             hyp_data.append(scan.first_dirty & ~(PAGE - 1))
         for pa in pages:
             self._given.pop(pa, None)
@@ -283,7 +285,7 @@ class TransitionChecker:
         calls = self._in_call.pop(entry_seq, [])
         ok = result is not None and len(result) > 1 and result[1] & 0xFFFF_FFFF == 0
         donated = {pa: name for t in calls if t.name == "__pkvm_host_donate_hyp" and t.ret == 0 for pa in t.pages()}
-        if name == VM_INIT and result is not None and len(result) > 1 and result[1] >= HANDLE_OFFSET:
+        if name == VM_INIT and result is not None and len(result) > 1 and HANDLE_OFFSET <= result[1] < 1 << 32:
             self.vms[result[1]] = VmLedger(result[1], {pa: "the pkvm_hyp_vm or its PGD (__pkvm_init_vm)"
                                                        for pa in donated})
         elif name == VCPU_INIT and ok and args:

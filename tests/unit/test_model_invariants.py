@@ -301,7 +301,8 @@ def test_duck_typed_states_work_too():
                            list_errors=[], dirty_free=[])
     hyp_s1 = Walk([], [], [])
     duck = SimpleNamespace(pools={"p": pool}, host_s2=Walk([], [], []), kernel_version="6.12", carveout=(0, 0),
-                           memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={})
+                           memblocks=[], vms=[], hyp_s1=hyp_s1, hyp_text=(0, 0), unavailable={},
+                           hyp_physvirt_offset=0)
     # pool-sizes needs pKVM's own two pools and the memblocks: without them it says so (good_state covers it)
     assert {f.check for f in run_checks(duck)} == {"pool-sizes"}
     assert [f.seen for f in run_checks(duck, only=["pool-sizes"])] == ["the hyp memblocks could not be read: None"]

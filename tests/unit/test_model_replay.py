@@ -212,3 +212,17 @@ def test_a_snapshot_listing_a_memcache_page_free_starts_the_model_with_it():
                                 {p0: (0, 0), p0 + 4096: (1, 0), EXT: (1, 0)})}
     r = replay(initial, ops, final, "7.3", {VM_POOL: "vm0"})
     assert r.ok, r.divergence.render() if r.divergence else r.final_mismatches
+
+
+def test_a_pool_initialised_again_at_the_same_struct_retires_the_old_model():
+    """A torn-down VM's pkvm_hyp_vm pages may come back as the next VM's: its pool struct is then
+    at the same address, and the first VM's model retires (it is listed as dropped)."""
+    from harness.model.replay import Replayer
+
+    vm_pool = 0x4100_0000
+    replayer = Replayer({}, "6.12")
+    replayer.feed([Op(0, 0, vm_pool, "init", {"pfn": 0x42000, "nr_pages": 16, "reserved_pages": 0}),
+                   Op(1, 0, vm_pool, "alloc", {"order": 0}, 0x4200_0000),
+                   Op(2, 0, vm_pool, "init", {"pfn": 0x43000, "nr_pages": 16, "reserved_pages": 0}),
+                   Op(3, 0, vm_pool, "alloc", {"order": 0}, 0x4300_0000)])
+    assert replayer.divergence is None and replayer.dropped == [f"pool@{vm_pool:#x}"]

@@ -100,22 +100,32 @@ def test_pages_only_guests_and_the_host_hold_are_left_to_the_guest_checks():
 
 def test_a_page_given_back_with_hyp_data_in_it_is_reported():
     checker = seeded({P: (N, OWN)})
-    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 0x10, (fnv1a(b"\1" * 4088),))))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, None, (fnv1a(b"\1" * 4088),))))
     [finding] = checker.compare(states({}))
-    assert "page 0x40000000 (byte 0x10 is not zero) goes back to the host holding hyp data" in finding
+    assert "page 0x40000000 goes back to the host holding hyp data" in finding
+
+
+def test_past_the_hashed_pages_any_non_zero_byte_is_hyp_data():
+    checker = seeded({P + i * 4096: (N, OWN) for i in range(20)})
+    host_data = fnv1a(b"host" * 1022)
+    checker._given[P] = host_data                          # page 0: as the host gave it
+    hashes = (host_data,) + (ZERO_HASH,) * 15
+    checker.transition(call("__pkvm_hyp_donate_host", P, 20, scan=PageScan(20, P + 18 * 4096 + 0x20, hashes)))
+    [finding] = checker.compare(states({}))
+    assert "page 0x40012000 (byte 0x20 is not zero) goes back to the host holding hyp data" in finding
 
 
 def test_a_page_given_back_as_the_host_gave_it_is_not_hyp_data():
     host_data = fnv1a(b"host" * 1022)
     checker = seeded()
-    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, P + 8, (host_data,)), seq=1))
-    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 8, (host_data,)), seq=2))
+    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, None, (host_data,)), seq=1))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, None, (host_data,)), seq=2))
     assert checker.compare(states({})) == []
     # a zero page is clean whatever the host gave; once given back, the host's hash is forgotten
-    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, P + 8, (host_data,)), seq=3))
+    checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, None, (host_data,)), seq=3))
     checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, None, (ZERO_HASH,)), seq=4))
     checker.transition(call("__pkvm_host_donate_hyp", P, scan=PageScan(1, None, (ZERO_HASH,)), seq=5))
-    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, P + 8, (host_data,)), seq=6))
+    checker.transition(call("__pkvm_hyp_donate_host", P, scan=PageScan(1, None, (host_data,)), seq=6))
     [finding] = checker.compare(states({}))
     assert "goes back to the host holding hyp data" in finding
 
@@ -135,6 +145,20 @@ def test_a_vm_whose_teardown_keeps_a_donated_page_is_reported():
     assert checker.settled == 1
     assert "VM 0x1000: 1 page(s) donated for it were not given back to the host by __pkvm_teardown_vm" in ledger
     assert "0x42000000: a vCPU structure (__pkvm_init_vcpu)" in ledger
+
+
+def test_an_unpin_of_a_pin_from_before_the_first_snapshot_does_not_leave_a_negative_pin():
+    checker = seeded()
+    checker.transition(call("__pkvm_host_share_hyp", P, seq=1))
+    checker.transition(call("hyp_unpin_shared_mem", P, ret=None, seq=2))
+    checker.transition(call("__pkvm_host_unshare_hyp", P, seq=3))
+    assert checker.compare(states({})) == []
+
+
+def test_a_reseed_keeps_the_pages_only_the_host_and_guests_hold():
+    checker = TransitionChecker(guests_traced=True)
+    live = guest_states({P: (SO, 1)})
+    assert checker.compare(live) == [] and checker.compare(live) == []
 
 
 def test_calls_before_the_first_snapshot_are_counted_not_judged():

@@ -21,8 +21,9 @@
  * holding the hyp VA in the register (now, or at entry); z<reg>:<nreg> (now), y<reg>:<nreg> (at
  * entry) scan the pages whose first pfn is in <reg> and whose count is in <nreg> (at most
  * SCAN_MAX) past each page's first word, a memcache link: u64 pages scanned, u64 PA of the first
- * non-zero byte or ~0, then a 64-bit FNV-1a hash of each of the first SCAN_HASHED pages (that
- *  * part of it; 0 past the pages scanned): 144 bytes. reg 0..30 is x0..x30, 31 is sp.
+ * non-zero byte in a page past the first SCAN_HASHED or ~0, then a 64-bit FNV-1a hash of that part
+ * of each of the first SCAN_HASHED pages (0 past the pages scanned): 144 bytes. reg 0..30 is
+ * x0..x30, 31 is sp.
  *
  * Record (little endian): u32 len, u8 type, u8 kind, u16 fn, u32 vcpu, u32 failed-read mask,
  * u64 seq, u64 link pc, then for probes u64 x0..x7, x30, sp, the extra registers and the reads'
@@ -168,8 +169,8 @@ static bool page_scan(const uint64_t vars[2], uint64_t pfn, uint64_t pages, uint
             return false;
         }
         for (int b = 8; b < PAGE; b++) {
-            if (page[b] && out[1] == ~0ull) {
-                out[1] = pa + b;
+            if (page[b] && out[1] == ~0ull && i >= SCAN_HASHED) {
+                out[1] = pa + b;       /* a page with no hash of its own */
             }
             hash = (hash ^ page[b]) * 0x100000001b3ull;
         }

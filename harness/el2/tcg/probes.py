@@ -18,6 +18,7 @@ from elftools.elf.elffile import ELFFile
 from harness.el2.decode import NVHE
 from harness.el2.symbols import KernelInfo, Unavailable
 from harness.fsutil import atomic_write_bytes, atomic_write_text
+from harness.kernel.version import KernelVersion
 
 # Function ids are the plugin's `fn` field; their order is fixed here and saved with the run.
 ALLOCATOR = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page", "hyp_split_page")
@@ -113,7 +114,8 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         words = _words(text[vector + entry - start:][:4 * ANCHOR_WORDS])
         lines.append(f"anchor {vector + entry:x} " + " ".join(f"{w:x}" for w in words))
     vcpu_kvm = info.struct("pkvm_hyp_vcpu").offset("vcpu.kvm") if info.has_struct("pkvm_hyp_vcpu") else None
-    guest_calls = [n for n in GUEST_TRANSITIONS if NVHE + n in info.symbols and vcpu_kvm is not None]
+    guest_calls = [n for n in GUEST_TRANSITIONS if NVHE + n in info.symbols and vcpu_kvm is not None
+                   and KernelVersion.parse(info.version).guest_transitions_read] if info.version != "unknown" else []
     functions = [*FUNCTIONS, *(n for n in TRANSITIONS if NVHE + n in info.symbols), *guest_calls]
     for fn_id, name in enumerate(functions):
         sym = NVHE + name
