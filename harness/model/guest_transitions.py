@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.model.errnos import ENOENT, EPERM
 from harness.model.stage2 import State
 
 PAGE = 4096
-EPERM, ENOENT, ENOMEM = -1, -2, -12
 SHARE, UNSHARE, DONATE = "__pkvm_host_share_guest", "__pkvm_host_unshare_guest", "__pkvm_host_donate_guest"
 RECLAIM, FORCE_RECLAIM = "__pkvm_host_reclaim_page_guest", "__pkvm_host_force_reclaim_page_guest"
 GUEST_SHARE, GUEST_UNSHARE = "__pkvm_guest_share_host", "__pkvm_guest_unshare_host"

@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.model.guest_transitions import DONATE, ENOMEM, GUEST_FUNCTIONS, SHARE, GuestMap, judge
+from harness.model.errnos import EBUSY, ENOMEM, EPERM, errno_name
+from harness.model.guest_transitions import DONATE as GUEST_DONATE
+from harness.model.guest_transitions import GUEST_FUNCTIONS, PAGE, GuestMap, judge
+from harness.model.guest_transitions import SHARE as GUEST_SHARE
 from harness.model.stage2 import STATE_CODES, TRANSITIONS, IllegalTransition, PageStates, State, state_name
 
-PAGE = 4096
 MASK64 = (1 << 64) - 1
-EPERM, EBUSY = -1, -16
-ERRNO_NAMES = {0: "0", EPERM: "-EPERM", EBUSY: "-EBUSY", -12: "-ENOMEM", -22: "-EINVAL", -2: "-ENOENT"}
 HANDLE_OFFSET = 0x1000
 MAX_LINES = 12                      # page lines per finding; the rest are counted
 
@@ -43,10 +43,6 @@ PIN, UNPIN = "hyp_pin_shared_mem", "hyp_unpin_shared_mem"
 # The hypercalls whose donations belong to a VM, and those that give a VM's memory back.
 VM_INIT, VCPU_INIT = "__pkvm_init_vm", "__pkvm_init_vcpu"
 VM_TEARDOWN = ("__pkvm_teardown_vm", "__pkvm_finalize_teardown_vm")
-
-
-def errno_name(ret: int | None) -> str:
-    return "nothing" if ret is None else ERRNO_NAMES.get(ret, str(ret))
 
 
 def fnv1a(data: bytes) -> int:
@@ -213,7 +209,7 @@ class TransitionChecker:
         self._learn(out.pages)
         for pa in out.pages:
             self.touched[pa] = t
-        refused_for_memory = t.ret == ENOMEM and out.want == 0 and t.name in (SHARE, DONATE)
+        refused_for_memory = t.ret == ENOMEM and out.want == 0 and t.name in (GUEST_SHARE, GUEST_DONATE)
         if out.want is not None and t.ret != out.want and not refused_for_memory:
             why = f" ({out.why})" if out.why else ""
             self.findings.append(f"{t}: the model predicts {errno_name(out.want)}{why}")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from harness.model.errnos import EBUSY, EPERM
 from harness.model.stage2 import State
 from harness.model.transitions import (
-    EBUSY,
-    EPERM,
     ZERO_HASH,
     PageScan,
     SnapshotStates,

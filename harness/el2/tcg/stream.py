@@ -1,5 +1,6 @@
 """el2trace's record stream, decoded: raw records (`read_records`), and the calls they describe
-(`Calls`): allocator operations in the replay's `Op` form, and host hypercalls.
+(`Calls`): allocator operations in the replay's `Op` form, host hypercalls, and the page-state
+transitions (harness.model.transitions.Transition), each with the hypercall it ran under.
 
 The stream is the file the plugin appends to while the machine runs; `Follower` reads what is new
 each time it is asked, keeping a partial record for the next time.
@@ -252,9 +253,8 @@ class Calls:
             DONATE: (x[0] << 12, x[1], 1, read_vm), RECLAIM: (0, x[0], 1, x[1]),
             FORCE_RECLAIM: (x[0] & ~0xFFF, None, 1, None),
         }.get(name, (0, x[1], 1, read_vm))                           # the guest's share / unshare
-        under = self._under.pop((entry.vcpu, entry.fn), None)
-        return Transition(ret.seq, entry.vcpu, name, pa, nr, _int(ret.regs()[0]), under[1] if under else None,
-                          under[0] if under else None, None, gfn, vm)
+        hcall, call = self._take_under(entry)
+        return Transition(ret.seq, entry.vcpu, name, pa, nr, _int(ret.regs()[0]), hcall, call, None, gfn, vm)
 
     def _transition(self, name: str, entry: Record, reads: list[bytes], ret: Record) -> Transition | None:
         if self.physvirt is None:
@@ -273,9 +273,13 @@ class Calls:
                 scanned, first, *hashes = struct.unpack_from(f"<QQ{SCAN_HASHED}Q", at[0])
                 scan = PageScan(scanned, None if first == (1 << 64) - 1 else first,
                                 tuple(hashes[:min(scanned, SCAN_HASHED)]))
+        hcall, call = self._take_under(entry)
+        return Transition(ret.seq, entry.vcpu, name, pa, nr_pages, ret_value, hcall, call, scan)
+
+    def _take_under(self, entry: Record) -> tuple[str | None, int | None]:
+        """(name, entry seq) of the host hypercall a transition's entry ran under, if any."""
         under = self._under.pop((entry.vcpu, entry.fn), None)
-        return Transition(ret.seq, entry.vcpu, name, pa, nr_pages, ret_value, under[1] if under else None,
-                          under[0] if under else None, scan)
+        return (under[1], under[0]) if under else (None, None)
 
     def _op(self, entry: Record, reads: list[bytes], ret: Record | None) -> Op | None:
         name = self.layout.functions[entry.fn]
