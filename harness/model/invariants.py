@@ -31,6 +31,7 @@ from harness.model.stage2 import (
     STATE_CODES,
     STATE_OF_CODE,
     State,
+    in_hyp_linear_map,
     state_name,
 )
 
@@ -236,6 +237,7 @@ def pool_sizes(snap: Any, rules: VersionRules) -> Iterable[Finding]:
     numbers kvm_hyp_reserve() reserved the carveout with)."""
     if not snap.memblocks:
         raise MissingInput(f"the hyp memblocks could not be read: {snap.unavailable.get('memblocks')}")
+    # only the vmemmap's share of the reserve depends on sizeof(struct hyp_page): not the pools'
     want = hyp_reserve([(base, size) for base, size, _ in snap.memblocks], _kv(rules), 4)
     for name, pages in (("hpool", want.hyp_s1), ("host_s2_pool", want.host_s2)):
         pool = snap.pools.get(name)
@@ -431,7 +433,7 @@ def carveout_hyp_owned(snap: Any, rules: VersionRules) -> Iterable[Finding]:
                           "an empty host stage-2 entry: the host's next access would map it")
             pa += PAGE
             continue
-        if leaf.valid or leaf.owner != 1:
+        if leaf.valid or leaf.owner != OWNER_HYP:
             yield Finding("carveout-hyp-owned", f"host stage-2 entry {leaf.addr:#x} in the carveout",
                           "invalid, owner hyp", leaf.describe() if hasattr(leaf, "describe") else f"{leaf.pte:#x}")
         pa = leaf.addr + leaf.size          # one finding per entry; its other pages are the same
@@ -536,12 +538,11 @@ def hyp_s1_pages(snap: Any, rules: VersionRules) -> Iterable[Finding]:
         raise MissingInput(f"the page states could not be read: {snap.unavailable['page_states']}")
     if getattr(snap, "hyp_physvirt_offset", None) is None:
         raise MissingInput("hyp_physvirt_offset could not be read: the hyp's linear map is not known")
-    offset = snap.hyp_physvirt_offset & ((1 << 64) - 1)
     borrowed: set[int] = set()
     for leaf in snap.hyp_s1.leaves:
         if not leaf.valid or _in_memblock(snap, leaf.pa, leaf.pa + leaf.size) is False:
             continue
-        linear = (leaf.pa - leaf.addr) & ((1 << 64) - 1) == offset
+        linear = in_hyp_linear_map(leaf, snap.hyp_physvirt_offset)
         for va, pa in _pages(leaf):
             if not _in_memblock(snap, pa, pa + PAGE):    # a block across a region edge: its pages one by one
                 continue

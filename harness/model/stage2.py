@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from harness.kernel.version import MODEL_REFERENCE, KernelVersion, VersionLike
 
@@ -26,6 +27,7 @@ PAGE_SHIFT = 12
 LAST_LEVEL = 3
 MIN_BLOCK_LEVEL = 1           # 4 KiB granule: blocks at levels 1 (1 GiB) and 2 (2 MiB)
 ADDR_LIMIT = 1 << 64
+MASK64 = ADDR_LIMIT - 1
 MEMATTR_NORMAL = 0xF          # the host forces NOFWB: MT_S2_NORMAL for memory and MMIO alike
 MEMATTR_FWB_AS_S1 = 0x7       # MT_S2_FWB_AS_S1: 7.2+ host stage-2 on a CPU with FEAT_S2FWB
 
@@ -191,6 +193,12 @@ class State(str, Enum):
 STATE_CODES = {State.OWNED: 0, State.SHARED_OWNED: 1, State.SHARED_BORROWED: 2, State.NOPAGE: 3}
 STATE_OF_CODE = {code: state for state, code in STATE_CODES.items()}
 DEFAULT_VMEMMAP_STATE = (STATE_CODES[State.OWNED], STATE_CODES[State.NOPAGE], 0)
+
+
+def in_hyp_linear_map(leaf: Any, hyp_physvirt_offset: int) -> bool:
+    """Whether a hyp stage-1 leaf is in the hyp's linear map (hyp VA = PA - hyp_physvirt_offset),
+    not its private range (stacks, fixmap, vmemmap, MMIO)."""
+    return (leaf.pa - leaf.addr) & MASK64 == hyp_physvirt_offset & MASK64
 
 
 def state_name(code: int) -> str:

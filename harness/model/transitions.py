@@ -30,9 +30,17 @@ from harness.model.errnos import EBUSY, ENOMEM, EPERM, errno_name
 from harness.model.guest_transitions import DONATE as GUEST_DONATE
 from harness.model.guest_transitions import GUEST_FUNCTIONS, PAGE, GuestMap, judge
 from harness.model.guest_transitions import SHARE as GUEST_SHARE
-from harness.model.stage2 import STATE_CODES, TRANSITIONS, IllegalTransition, PageStates, State, state_name
+from harness.model.stage2 import (
+    MASK64,
+    STATE_CODES,
+    TRANSITIONS,
+    IllegalTransition,
+    PageStates,
+    State,
+    in_hyp_linear_map,
+    state_name,
+)
 
-MASK64 = (1 << 64) - 1
 HANDLE_OFFSET = 0x1000
 MAX_LINES = 12                      # page lines per finding; the rest are counted
 
@@ -40,6 +48,7 @@ MAX_LINES = 12                      # page lines per finding; the rest are count
 TRANSITION_OF = {"__pkvm_host_share_hyp": "host_share_hyp", "__pkvm_host_unshare_hyp": "host_unshare_hyp",
                  "__pkvm_host_donate_hyp": "host_donate_hyp", "__pkvm_hyp_donate_host": "hyp_donate_host"}
 PIN, UNPIN = "hyp_pin_shared_mem", "hyp_unpin_shared_mem"
+HOST_HYP_FUNCTIONS = (*TRANSITION_OF, PIN, UNPIN)     # what el2trace probes for them (6.1: the share pair)
 # The hypercalls whose donations belong to a VM, and those that give a VM's memory back.
 VM_INIT, VCPU_INIT = "__pkvm_init_vm", "__pkvm_init_vcpu"
 VM_TEARDOWN = ("__pkvm_teardown_vm", "__pkvm_finalize_teardown_vm")
@@ -193,9 +202,8 @@ class TransitionChecker:
 
     def _guest(self, t: Transition) -> None:
         """A host/guest call (6.14+): judged once seeded; the guest map follows every success."""
-        seeded = self.states is not None
-        if seeded:
-            self._learn(t.pages() if t.pa else [])
+        if self.states is not None:
+            self._learn(t.pages() if t.pa else [])    # the page a share or donation names, before judging
         view = self.states.view if self.states is not None else (lambda pa: (State.OWNED, State.NOPAGE))
         out = judge(t, view, self._count, self.guests)
         if t.ret == 0:
@@ -206,7 +214,7 @@ class TransitionChecker:
                     self.guests.frames[key] = frame
         if self.states is None:
             return
-        self._learn(out.pages)
+        self._learn(out.pages)                # the pages an unshare or reclaim resolved to
         for pa in out.pages:
             self.touched[pa] = t
         refused_for_memory = t.ret == ENOMEM and out.want == 0 and t.name in (GUEST_SHARE, GUEST_DONATE)
@@ -350,10 +358,9 @@ def snapshot_states(snap: Any) -> SnapshotStates:
         missing = "hyp_s1" if snap.hyp_s1 is None else "host_s2" if snap.host_s2 is None else "hyp_physvirt_offset"
         raise ValueError(f"the snapshot has no {missing} to read page states from: "
                          f"{snap.unavailable.get(missing, 'not read')}")
-    offset = snap.hyp_physvirt_offset & MASK64
     hyp_pages = {}
     for leaf in snap.hyp_s1.leaves:
-        if leaf.valid and (leaf.pa - leaf.addr) & MASK64 == offset:        # the linear map only
+        if leaf.valid and in_hyp_linear_map(leaf, snap.hyp_physvirt_offset):
             for pa in range(leaf.pa, leaf.pa + leaf.size, PAGE):
                 hyp_pages[pa] = (_state(snap.host_state(pa)), _state(leaf.state or "OWNED"))
     return SnapshotStates(hyp_pages, pair)

@@ -19,6 +19,8 @@ from harness.el2.decode import NVHE
 from harness.el2.symbols import KernelInfo, Unavailable
 from harness.fsutil import atomic_write_bytes, atomic_write_text
 from harness.kernel.version import KernelVersion
+from harness.model.guest_transitions import DONATE, GUEST_FUNCTIONS, GUEST_SHARE, GUEST_UNSHARE, SHARE
+from harness.model.transitions import HOST_HYP_FUNCTIONS
 
 # Function ids are the plugin's `fn` field; their order is fixed here and saved with the run.
 ALLOCATOR = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page", "hyp_split_page")
@@ -26,16 +28,12 @@ ALLOCATOR = ("hyp_pool_init", "hyp_alloc_pages", "hyp_put_page", "hyp_get_page",
 # host exception at EL2; ESR_EL2 tells a hypercall (EC 0x16) from a stage-2 fault.
 TRAP = "handle_trap"
 FUNCTIONS = (*ALLOCATOR, TRAP)
-# The page-state transitions between host and hyp (mem_protect.c), where the kernel has them (6.1
-# has only the share pair). Each takes the host and hyp locks and runs to completion inside them.
-TRANSITIONS = ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_host_donate_hyp",
-               "__pkvm_hyp_donate_host", "hyp_pin_shared_mem", "hyp_unpin_shared_mem")
-# The host/guest transitions (6.14+: harness.model.guest_transitions), each with the register
-# holding its pkvm_hyp_vcpu, whose vcpu.kvm (the pkvm_hyp_vm) is read at entry: a VM key.
-GUEST_TRANSITIONS = {"__pkvm_host_share_guest": 3, "__pkvm_host_unshare_guest": None,
-                     "__pkvm_host_donate_guest": 2, "__pkvm_host_reclaim_page_guest": None,
-                     "__pkvm_host_force_reclaim_page_guest": None, "__pkvm_guest_share_host": 0,
-                     "__pkvm_guest_unshare_host": 0}
+# Also probed where the kernel has them: the page-state transitions between host and hyp
+# (harness.model.transitions.HOST_HYP_FUNCTIONS) and between host and guests (6.14+:
+# harness.model.guest_transitions.GUEST_FUNCTIONS). Each runs whole under its components' locks.
+# The guest calls that take a pkvm_hyp_vcpu, by the register holding it: its vcpu.kvm (the
+# pkvm_hyp_vm) is read at entry, a VM key.
+GUEST_VCPU_REGISTER = {SHARE: 3, DONATE: 2, GUEST_SHARE: 0, GUEST_UNSHARE: 0}
 # The pages a donation moves (x0 pfn, x1 pages), scanned where the hyp maps them: what the hyp
 # gives back at its entry, what it is given at its return. What comes back must hold no hyp data:
 # zero, or what the host put there (the same hash). `z`/`y` reads, el2trace.c.
@@ -114,9 +112,9 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         words = _words(text[vector + entry - start:][:4 * ANCHOR_WORDS])
         lines.append(f"anchor {vector + entry:x} " + " ".join(f"{w:x}" for w in words))
     vcpu_kvm = info.struct("pkvm_hyp_vcpu").offset("vcpu.kvm") if info.has_struct("pkvm_hyp_vcpu") else None
-    guest_calls = [n for n in GUEST_TRANSITIONS if NVHE + n in info.symbols and vcpu_kvm is not None
+    guest_calls = [n for n in GUEST_FUNCTIONS if NVHE + n in info.symbols and vcpu_kvm is not None
                    and KernelVersion.parse(info.version).guest_transitions_read] if info.version != "unknown" else []
-    functions = [*FUNCTIONS, *(n for n in TRANSITIONS if NVHE + n in info.symbols), *guest_calls]
+    functions = [*FUNCTIONS, *(n for n in HOST_HYP_FUNCTIONS if NVHE + n in info.symbols), *guest_calls]
     for fn_id, name in enumerate(functions):
         sym = NVHE + name
         addr, size = info.sym(sym), info.sizes.get(sym, 0)
@@ -125,7 +123,7 @@ def make_spec(info: KernelInfo, vmlinux: Path) -> Spec:
         body = _words(text[addr - start:addr - start + size])
         lines.append(f"anchor {addr:x} " + " ".join(f"{w:x}" for w in body[:ANCHOR_WORDS]))
         scan = PAGE_SCANS.get(name, ("", ""))
-        vcpu_reg = GUEST_TRANSITIONS.get(name)
+        vcpu_reg = GUEST_VCPU_REGISTER.get(name)
         entry_reads = page_reads if name in ("hyp_put_page", "hyp_get_page") else \
             [f"m0+0:{8 * CTXT_REGS}"] if name == TRAP else [scan[1]] if scan[0] == "e" else \
             [f"m{vcpu_reg}+{vcpu_kvm:x}:8"] if vcpu_reg is not None else []

@@ -25,7 +25,7 @@ from harness.el2.symbols import Field
 from harness.el2.tcg.probes import PAGE_SCANS, RESULT_REGS, SCAN_HASHED, TRAP, Layout
 from harness.el2.trace import Op
 from harness.model.guest_transitions import DONATE, FORCE_RECLAIM, GUEST_FUNCTIONS, RECLAIM, SHARE, UNSHARE
-from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, PageScan, Transition
+from harness.model.transitions import HOST_HYP_FUNCTIONS, TRANSITION_OF, UNPIN, PageScan, Transition
 
 META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
@@ -197,7 +197,7 @@ class Calls:
     def _probe(self, r: Record, ops: list[Op], calls: list[HostCall]) -> None:
         name = self.layout.functions[r.fn] if r.fn < len(self.layout.functions) else "?"
         key = (r.vcpu, r.fn)
-        if r.kind == "e" and (name in TRANSITION_OF or name in (PIN, UNPIN) or name in GUEST_FUNCTIONS):
+        if r.kind == "e" and (name in HOST_HYP_FUNCTIONS or name in GUEST_FUNCTIONS):
             self._under[key] = self._hypercall_open(r.vcpu)
         if r.kind == "e":
             if key in self._open:              # its return was never seen: order it at its entry
@@ -212,7 +212,7 @@ class Calls:
         if name == TRAP:
             if (call := self._host_call(entry, reads, r)) is not None:
                 calls.append(call)
-        elif name in TRANSITION_OF or name in (PIN, UNPIN):
+        elif name in HOST_HYP_FUNCTIONS:
             if (t := self._transition(name, entry, reads, r)) is not None:
                 self.transitions.append(t)
         elif name in GUEST_FUNCTIONS:
