@@ -92,6 +92,23 @@ def parser() -> _Parser:
     p.add_argument("traced_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the shell command to run on the target, after --")
 
+    from harness.el2.inject import SITES
+    p = _qemu_command(sub, "inject", "fail EL2 allocations on purpose: count a workload's calls per site, fail "
+                      "one (--site, --nth), or sweep them all (--sweep)")
+    p.add_argument("--site", choices=[s.name for s in SITES], help="the allocation site to fail")
+    p.add_argument("--nth", type=options.positive_int, metavar="N", help="fail its Nth call (from 1)")
+    p.add_argument("--pool", metavar="POOL", help="count only this pool's calls: hpool, host_s2_pool or vm")
+    p.add_argument("--sweep", action="store_true", help="one run per allocation call of the workload, failing it")
+    p.add_argument("--limit", type=options.positive_int, metavar="N", help="sweep the first N calls only")
+    p.add_argument("--workload", choices=("lifecycle", "random"), default="lifecycle",
+                   help="lifecycle: one VM created, run, its memory touched, destroyed; random: the allocator "
+                        "suite's randomized workload for --seed (default: %(default)s)")
+    p.add_argument("--vcpus", type=options.positive_int, default=1, metavar="K", help="the lifecycle VM's vCPUs")
+    p.add_argument("--seed", type=int, default=1, help="the random workload's seed (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print inject.json instead of the table")
+    p.add_argument("workload_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="a shell command to run on the target instead of --workload")
+
     p = sub.add_parser("bisect", epilog=EPILOG,
                        help="find the commit that broke EL2: build, boot and run the suites at each step")
     _common_args(p)
@@ -325,6 +342,27 @@ def cmd_trace(a: argparse.Namespace) -> int:
     return code
 
 
+def cmd_inject(a: argparse.Namespace) -> int:
+    from harness.commands.inject import InjectRequest, inject_command
+    from harness.el2.inject import Plan
+
+    command = a.workload_command[1:] if a.workload_command[:1] == ["--"] else a.workload_command
+    if (a.site is None) != (a.nth is None):
+        raise UsageError("--site and --nth go together", hint="pkvm-harness inject --site hyp_alloc_pages --nth 3")
+    if a.sweep and a.site:
+        raise UsageError("--sweep fails every call in turn: it takes no --site", hint="drop --site and --nth")
+    if a.pool and not a.site:
+        raise UsageError("--pool narrows --site's count", hint="add --site hyp_alloc_pages --nth N")
+    req = InjectRequest(a.workload, a.vcpus, a.seed, " ".join(command) or None,
+                        Plan(a.site, a.nth, a.pool) if a.site else None, a.sweep, a.limit)
+    out = inject_command(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir, req,
+                         quiet=a.quiet, progress=None if a.quiet or a.json else print)
+    print((out.run_dir / "inject.json").read_text() if a.json else out.text, end="" if a.json else "\n")
+    if not a.json:
+        print(f"run dir: {out.run_dir} (inject.json, inject.md, console.log)")
+    return out.code
+
+
 def cmd_coverage(a: argparse.Namespace) -> int:
     from harness.report.run_coverage import el2_coverage, render
 
@@ -362,7 +400,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 COMMANDS = {"doctor": cmd_doctor, "build": cmd_build, "rootfs": cmd_rootfs, "run": cmd_run, "boot": cmd_run,
             "test": cmd_test,
-            "inspect": cmd_inspect, "trace": cmd_trace, "replay": cmd_replay, "coverage": cmd_coverage,
+            "inspect": cmd_inspect, "trace": cmd_trace, "inject": cmd_inject, "replay": cmd_replay,
+            "coverage": cmd_coverage,
             "bisect": cmd_bisect, "report": cmd_report}
 
 

@@ -19,7 +19,7 @@ from harness.errors import HarnessError, UsageError
 from harness.image.initramfs import READY_MARKER, Initramfs, build_initramfs
 from harness.image.payloads import Payloads, build_payloads
 from harness.kernel import config as kconfig
-from harness.kernel import prebuilt
+from harness.kernel import overlays, prebuilt
 from harness.kernel import source as ksource
 from harness.kernel.build import BuildRequest, KernelArtifacts, build
 from harness.options import BootOptions, KernelOptions, mib
@@ -34,9 +34,11 @@ def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> 
     src = opts.kernel_src
     if opts.kernel_build is not None and src is None:
         src = prebuilt.source_of(opts.kernel_build)
-    source = ksource.with_patches(ksource.resolve(src, cache_dir, quiet=quiet, kernel=opts.kernel),
-                                  [Path(p) for p in opts.patches], cache_dir, quiet=quiet)
-    requested = kconfig.merge(opts.fragments, opts.kconfig, version=source.version, el2_debug=opts.el2_debug == "on")
+    pristine = ksource.resolve(src, cache_dir, quiet=quiet, kernel=opts.kernel)
+    requested = kconfig.merge(opts.fragments, opts.kconfig, version=pristine.version, el2_debug=opts.el2_debug == "on")
+    # harness-only code (the hostile host) comes with the symbol that enables it, as a patch
+    added = overlays.patches_for(requested, pristine.tree, cache_dir)
+    source = ksource.with_patches(pristine, [Path(p) for p in opts.patches] + added, cache_dir, quiet=quiet)
     return BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
                         cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,
                         **({"jobs": opts.jobs} if opts.jobs else {}))

@@ -240,6 +240,33 @@ class GdbStub:
             raise RspError(f"cannot read {length} bytes at {addr:#x}: {reply}")
         return bytes.fromhex(reply)
 
+    def any_at_el2(self) -> bool:
+        """Is any vCPU executing hyp code? (A vCPU at EL1/EL0 has no hyp call half done.)"""
+        return any(self.registers(thread).el == 2 for thread in self.threads())
+
+    def run_until_outside_el2(self, bursts: int = 200) -> None:
+        """With the machine stopped: run it in short bursts until no vCPU is at EL2, so no hyp
+        call is half done (nor holds a pool lock) when it is stopped."""
+        for _ in range(bursts):
+            if not self.any_at_el2():
+                return
+            self.resume()
+            time.sleep(0.002)
+            self.interrupt(self.timeout)
+        raise RuntimeError(f"a vCPU stayed at EL2 for {bursts} bursts")
+
+    def step_past(self, thread: str | None, pc: int) -> int:
+        """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
+        single-step override the breakpoint under the PC, so one step of this vCPU gets past it
+        without removing it (removing and re-inserting would also throw away translated code).
+        A step now and then ends where it began (seen under load); resuming from there would
+        see the call twice, so the PC is checked and the step repeated. Returns the repeats."""
+        for repeats in range(8):
+            self.step(thread, self.timeout)
+            if self.read_pc() != pc:
+                return repeats
+        raise RuntimeError(f"CPU {thread} does not step past the breakpoint at {pc:#x}")
+
     def resume(self) -> None:
         """Continue every vCPU; the next stop arrives through wait_stop()."""
         self._send("c")

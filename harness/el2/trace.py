@@ -63,7 +63,7 @@ class Trace:
     final: Snapshot | None
     hits_ignored: int            # breakpoint hits not at EL2 (a host process at the same VA)
     seconds: float
-    steps_repeated: int = 0      # single-steps that had to be repeated (see Tracer._step_over)
+    steps_repeated: int = 0      # single-steps that had to be repeated (see GdbStub.step_past)
 
     def per_pool(self) -> dict[int | None, dict[str, int]]:
         out: dict[int | None, dict[str, int]] = {}
@@ -117,7 +117,7 @@ class Tracer:
             # one (it would change a pool after the snapshot without a record): let it run on,
             # untraced, until no vCPU is at EL2. This snapshot is then both consistent and the
             # trace's starting point.
-            self._quiesce(self._gdb)
+            self._gdb.run_until_outside_el2()
             self.initial = self.reader.snapshot()
             if self.initial.hyp_physvirt_offset is None or self.initial.vmemmap_va is None:
                 raise ksyms.Unavailable("the snapshot lacks hyp_physvirt_offset or the hyp vmemmap: "
@@ -190,7 +190,7 @@ class Tracer:
                 if stop is None:
                     if self._stop.is_set():
                         gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
-                        if self._any_at_el2(gdb):
+                        if gdb.any_at_el2():
                             self._drain_rounds += 1      # a hyp call is under way: let it finish, traced
                             if self._drain_rounds > 200:
                                 raise RuntimeError("a vCPU stayed at EL2 for 200 rounds at the end of the trace")
@@ -201,24 +201,10 @@ class Tracer:
                 regs = gdb.registers(None)      # QEMU selects the vCPU that stopped
                 self._hit(stop.cpu, regs)
                 if not self._emulate_over(gdb, regs):
-                    self._step_over(gdb, stop.thread, regs.pc)
+                    self.steps_repeated += gdb.step_past(stop.thread, regs.pc)
                 gdb.resume()
         except BaseException as e:   # surfaced by stop(); the machine is detached in any case
             self.error = e
-
-    def _any_at_el2(self, gdb: GdbStub) -> bool:
-        """Is any vCPU executing hyp code? (A vCPU at EL1/EL0 has no hyp call half done.)"""
-        return any(gdb.registers(thread).el == 2 for thread in gdb.threads())
-
-    def _quiesce(self, gdb: GdbStub) -> None:
-        """Before breakpoints are armed: run the machine in short bursts until no vCPU is at EL2."""
-        for _ in range(200):
-            if not self._any_at_el2(gdb):
-                return
-            gdb.resume()
-            time.sleep(0.002)
-            gdb.interrupt(self.timeout)
-        raise RuntimeError("a vCPU stayed at EL2 for 200 bursts before the trace")
 
     def _emulate_over(self, gdb: GdbStub, regs: Registers) -> bool:
         """Pass the breakpoint by executing its instruction here: write the result and PC + 4.
@@ -231,19 +217,6 @@ class Tracer:
         gdb.write_register(32, regs.pc + 4)
         self.emulated += 1
         return True
-
-    def _step_over(self, gdb: GdbStub, thread: str | None, pc: int) -> None:
-        """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
-        single-step override the breakpoint under the PC, so one step of this vCPU gets past it
-        without removing it (removing and re-inserting would also throw away translated code).
-        A step now and then ends where it began (seen under load); resuming from there would
-        record the call twice, so the PC is checked and the step repeated."""
-        for _ in range(8):
-            gdb.step(thread, self.timeout)
-            if gdb.read_pc() != pc:
-                return
-            self.steps_repeated += 1
-        raise RuntimeError(f"CPU {thread} does not step past the breakpoint at {pc:#x}")
 
     def _record(self, cpu: int | None, pool: int | None, op: str, args: dict, result: int | None = None) -> dict:
         rec = Op(len(self.ops), cpu, pool, op, args, result)

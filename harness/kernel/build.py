@@ -109,6 +109,8 @@ def build(req: BuildRequest) -> KernelArtifacts:
 
     # Everything that can be judged without building is judged first.
     symbols = kconfig.kconfig_symbols(req.source.tree)
+    for name in req.source.added_symbols:      # a patch's own symbol, before the patch is in the tree
+        symbols.setdefault(name, kconfig.KconfigSymbol(name, "a patch", []))
     kconfig.check_known(req.requested, symbols)
     kconfig.check_combinations({o.name: o.value for o in req.requested.values()}, explicit_only=True)
 

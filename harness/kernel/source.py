@@ -39,6 +39,8 @@ class KernelSource:
     # The identity of what userspace builds see (tools/ and uapi headers): a patch set that
     # touches neither shares the guest payloads of the unpatched source.
     userspace_identity: str = ""
+    # Kconfig symbols the patches define: known before the patched tree is checked out
+    added_symbols: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.userspace_identity:
@@ -252,7 +254,16 @@ def with_patches(source: KernelSource, patches: list[Path], cache_dir: Path, *, 
     return KernelSource(tree=root / "tree", identity=identity,
                         version=source.version, origin=f"{source.origin} + {', '.join(p.name for p in patches)}",
                         checkout=lambda: _checkout(source.tree, root, resolved, digest),
-                        userspace_identity=source.userspace_identity if kernel_only else identity)
+                        userspace_identity=source.userspace_identity if kernel_only else identity,
+                        added_symbols=tuple(sym for p in patches for sym in added_symbols(p)))
+
+
+_ADDED_SYMBOL_RE = re.compile(r"^\+\s*(?:menu)?config\s+([A-Za-z0-9_]+)\s*$", re.MULTILINE)
+
+
+def added_symbols(patch: Path) -> list[str]:
+    """The Kconfig symbols a unified diff defines ("+config FOO" lines)."""
+    return _ADDED_SYMBOL_RE.findall(patch.read_text(errors="replace"))
 
 
 def patched_files(patch: Path) -> list[str]:

@@ -128,7 +128,11 @@ class ConsoleShell:
         frame = framing.Frame.new()
         start = time.monotonic()
         deadline = start + timeout
-        self.console.sendline(frame.wrap(cmd))
+        try:
+            self.console.sendline(frame.wrap(cmd))
+        except OSError as e:             # QEMU is gone (a panic with -no-reboot powers it off)
+            self.dead = True
+            raise TargetDead(f"the console is closed: {e}", command_started=False) from None
         try:
             if self.console.expect([frame.begin(), pexpect.EOF, pexpect.TIMEOUT], deadline) != 0:
                 raise _Stuck
@@ -147,11 +151,11 @@ class ConsoleShell:
         if not self.console.child.isalive():
             self.dead = True
             return False
-        self.console.child.sendcontrol("c")
         probe = framing.Frame.new()
-        self.console.sendline(probe.wrap("true"))
         deadline = time.monotonic() + self.PROBE_SECONDS
         try:
+            self.console.child.sendcontrol("c")
+            self.console.sendline(probe.wrap("true"))
             ok = self.console.expect([probe.end(), pexpect.EOF, pexpect.TIMEOUT], deadline) == 0
         except OSError:
             ok = False

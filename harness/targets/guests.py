@@ -3,6 +3,7 @@ background (so EL2 can be inspected while VMs live) with its progress read from 
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 import time
@@ -20,6 +21,20 @@ def guest_args(vms: int = 1, vcpus: int = 1, pages: int = 4, hold: int = 0, stri
     out += "".join(f" --slot {gpa:#x}:{n}:{k}" for gpa, n, k in slots)
     out += " --protected" * protected + " --pagemap" * pagemap
     return out + (f" --hold {hold}" if hold else "")
+
+
+def random_workload(seed: int) -> list[str]:
+    """pkvm_guest command lines drawn from `seed`: VM and vCPU counts, memslot layouts and touched
+    pages (the allocator suite's randomized workload, and one the fault sweep can run)."""
+    rng = random.Random(seed)
+
+    def extra_slots() -> tuple[tuple[int, int, int], ...]:
+        gpas = rng.sample([0x8000_0000, 0x9000_0000, 0x1_0000_0000, 0x2_4020_0000], rng.randint(0, 2))
+        return tuple((gpa, rng.choice([1, 8, 64, 512]), rng.choice([1, 2, 7])) for gpa in gpas)
+
+    return [guest_args(vms=rng.randint(1, 4), vcpus=rng.randint(1, 3), pages=rng.choice([2, 4, 16, 64]),
+                       stride=rng.choice([1, 1, 3]), slots=extra_slots())
+            for _ in range(rng.randint(3, 5))]
 
 
 def guest_pages(output: str) -> dict[int, dict[int, int | None]]:

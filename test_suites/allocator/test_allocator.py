@@ -11,14 +11,19 @@ What each check catches (see tests/mutants/ and `make test-mutants`):
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from harness.kernel.version import KernelVersion
 from harness.model.invariants import CHECKS, evaluate, render, run_checks
 from harness.model.sizing import stage2_pgd_pages
-from harness.targets.guests import BackgroundGuests, guest_args, guest_pages, run_guests, touch_phys
+from harness.targets.guests import (
+    BackgroundGuests,
+    guest_args,
+    guest_pages,
+    random_workload,
+    run_guests,
+    touch_phys,
+)
 from harness.verdict import clean, scan
 
 pytestmark = pytest.mark.needs_el2
@@ -139,15 +144,7 @@ def test_many_vms_alive_at_once_press_hpool(target, payload, el2, el2_leak, warm
 
 def test_a_randomized_workload_replays_exactly(target, payload, el2, el2_trace, warmed, seed):
     """VM counts, vCPU counts, memslot layouts and touched pages drawn from `seed`; replay with --pkvm-seed."""
-    rng = random.Random(seed)
-
-    def extra_slots() -> tuple[tuple[int, int, int], ...]:
-        gpas = rng.sample([0x8000_0000, 0x9000_0000, 0x1_0000_0000, 0x2_4020_0000], rng.randint(0, 2))
-        return tuple((gpa, rng.choice([1, 8, 64, 512]), rng.choice([1, 2, 7])) for gpa in gpas)
-
-    steps = [guest_args(vms=rng.randint(1, 4), vcpus=rng.randint(1, 3), pages=rng.choice([2, 4, 16, 64]),
-                        stride=rng.choice([1, 1, 3]), slots=extra_slots())
-             for _ in range(rng.randint(3, 5))]
+    steps = random_workload(seed)
     before = el2.snapshot()
     with el2_trace() as box:
         for args in steps:

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pkvm_hostile: the pkvm-harness's hostile host. Never in a shipping kernel: it exists only in a
+ * kernel built with kernel_configs/pkvm-hostile-host.config (CONFIG_PKVM_HOSTILE_HOST), and lets
+ * user space make host hypercalls with any arguments, as a compromised host kernel could.
+ *
+ * /sys/kernel/debug/pkvm_hostile/hvc
+ *   write: one call a line, "ID A1 A2 A3 A4 A5" (numbers in C notation; missing ones are 0), where
+ *          ID is the index in enum __kvm_host_smccc_func (the harness reads it from DWARF). Each is
+ *          issued as HVC KVM_HOST_SMCCC_ID(ID), in order, up to 64 a write.
+ *   read:  one line a call of the last write, "a0 a1 a2 a3" in hex (a0: the SMCCC status,
+ *          a1: the handler's return).
+ * /sys/kernel/debug/pkvm_hostile/pages
+ *   write: "alloc N" takes N zeroed pages from the page allocator and keeps them; "free PFN" gives
+ *          one back (only once it is the host's again: the harness tracks what it shared or gave).
+ *   read:  the PFNs held, one a line.
+ */
+#include <linux/arm-smccc.h>
+#include <linux/debugfs.h>
+#include <linux/gfp.h>
+#include <linux/init.h>
+#include <linux/list.h>
+#include <linux/mm.h>
+#include <linux/mutex.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+
+#define MAX_CALLS 64
+#define MAX_WRITE 4096
+
+struct held_page {
+	struct list_head node;
+	struct page *page;
+};
+
+static DEFINE_MUTEX(hostile_lock);
+static LIST_HEAD(held_pages);
+static struct arm_smccc_res results[MAX_CALLS];
+static int nr_results;
+
+static unsigned long hvc_id(unsigned long id)
+{
+	return ARM_SMCCC_CALL_VAL(ARM_SMCCC_FAST_CALL, ARM_SMCCC_SMC_64, ARM_SMCCC_OWNER_VENDOR_HYP, id);
+}
+
+static char *copy_line_buffer(const char __user *ubuf, size_t len)
+{
+	char *buf;
+
+	if (len == 0 || len >= MAX_WRITE)
+		return ERR_PTR(-EINVAL);
+	buf = kzalloc(len + 1, GFP_KERNEL);
+	if (!buf)
+		return ERR_PTR(-ENOMEM);
+	if (copy_from_user(buf, ubuf, len)) {
+		kfree(buf);
+		return ERR_PTR(-EFAULT);
+	}
+	return buf;
+}
+
+static ssize_t hvc_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
+{
+	char *buf, *cur, *line;
+	int n = 0;
+
+	buf = copy_line_buffer(ubuf, len);
+	if (IS_ERR(buf))
+		return PTR_ERR(buf);
+	mutex_lock(&hostile_lock);
+	cur = buf;
+	while ((line = strsep(&cur, "\n")) != NULL) {
+		unsigned long long a[6] = {0};
+		int got = sscanf(line, "%lli %lli %lli %lli %lli %lli", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5]);
+
+		if (got <= 0)
+			continue;
+		if (n == MAX_CALLS) {
+			n = -E2BIG;
+			break;
+		}
+		arm_smccc_1_1_hvc(hvc_id(a[0]), a[1], a[2], a[3], a[4], a[5], &results[n]);
+		n++;
+	}
+	nr_results = n < 0 ? 0 : n;
+	mutex_unlock(&hostile_lock);
+	kfree(buf);
+	return n < 0 ? n : len;
+}
+
+static ssize_t hvc_read(struct file *file, char __user *ubuf, size_t len, loff_t *ppos)
+{
+	char *out;
+	size_t used = 0;
+	ssize_t ret;
+	int i;
+
+	out = kzalloc(MAX_CALLS * 80, GFP_KERNEL);
+	if (!out)
+		return -ENOMEM;
+	mutex_lock(&hostile_lock);
+	for (i = 0; i < nr_results; i++)
+		used += scnprintf(out + used, MAX_CALLS * 80 - used, "%lx %lx %lx %lx\n",
+				  results[i].a0, results[i].a1, results[i].a2, results[i].a3);
+	mutex_unlock(&hostile_lock);
+	ret = simple_read_from_buffer(ubuf, len, ppos, out, used);
+	kfree(out);
+	return ret;
+}
+
+static ssize_t pages_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
+{
+	unsigned long long arg;
+	struct held_page *h, *tmp;
+	char *buf;
+	int ret = len;
+
+	buf = copy_line_buffer(ubuf, len);
+	if (IS_ERR(buf))
+		return PTR_ERR(buf);
+	mutex_lock(&hostile_lock);
+	if (sscanf(buf, "alloc %lli", &arg) == 1 && arg > 0 && arg <= 4096) {
+		while (arg--) {
+			h = kzalloc(sizeof(*h), GFP_KERNEL);
+			if (h)
+				h->page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+			if (!h || !h->page) {
+				kfree(h);
+				ret = -ENOMEM;
+				break;
+			}
+			list_add_tail(&h->node, &held_pages);
+		}
+	} else if (sscanf(buf, "free %lli", &arg) == 1) {
+		ret = -ENOENT;
+		list_for_each_entry_safe(h, tmp, &held_pages, node) {
+			if (page_to_pfn(h->page) == arg) {
+				list_del(&h->node);
+				__free_page(h->page);
+				kfree(h);
+				ret = len;
+				break;
+			}
+		}
+	} else {
+		ret = -EINVAL;
+	}
+	mutex_unlock(&hostile_lock);
+	kfree(buf);
+	return ret;
+}
+
+static ssize_t pages_read(struct file *file, char __user *ubuf, size_t len, loff_t *ppos)
+{
+	struct held_page *h;
+	size_t used = 0, size = 0;
+	ssize_t ret;
+	char *out;
+
+	mutex_lock(&hostile_lock);
+	list_for_each_entry(h, &held_pages, node)
+		size += 20;
+	out = kzalloc(size + 1, GFP_KERNEL);
+	if (out)
+		list_for_each_entry(h, &held_pages, node)
+			used += scnprintf(out + used, size + 1 - used, "%#lx\n", page_to_pfn(h->page));
+	mutex_unlock(&hostile_lock);
+	if (!out)
+		return -ENOMEM;
+	ret = simple_read_from_buffer(ubuf, len, ppos, out, used);
+	kfree(out);
+	return ret;
+}
+
+static const struct file_operations hvc_fops = {
+	.owner = THIS_MODULE, .read = hvc_read, .write = hvc_write, .llseek = default_llseek,
+};
+
+static const struct file_operations pages_fops = {
+	.owner = THIS_MODULE, .read = pages_read, .write = pages_write, .llseek = default_llseek,
+};
+
+static int __init pkvm_hostile_init(void)
+{
+	struct dentry *dir = debugfs_create_dir("pkvm_hostile", NULL);
+
+	debugfs_create_file("hvc", 0600, dir, NULL, &hvc_fops);
+	debugfs_create_file("pages", 0600, dir, NULL, &pages_fops);
+	pr_warn("pkvm_hostile: a hostile-host hypercall interface is in this kernel (a pkvm-harness test kernel)\n");
+	return 0;
+}
+late_initcall(pkvm_hostile_init);
