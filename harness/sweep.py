@@ -161,8 +161,10 @@ def count(machine: Machine, workload: Workload) -> Injection:
 
 
 def plans_of(counted: Injection, limit: int | None = None) -> list[Plan]:
-    """One plan per call the counting run saw, in the order they came."""
-    plans = [Plan(c.site, c.nth) for c in counted.calls]
+    """One plan per call the counting run saw, in the order they came. An allocator call is
+    numbered within its pool: the host stage-2's allocations come when the host faults, not in
+    step with the workload, so numbers across pools would shift from run to run."""
+    plans = [Plan(c.site, c.nth_in_pool, c.pool) for c in counted.calls]
     return plans[:limit] if limit is not None else plans
 
 
@@ -183,7 +185,7 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
         machine.reboot()
     if (fired := injector.result.fired) is not None:
         row.failed = str(fired)
-        row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], version)
+        row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], row.verdict, version)
     row.seconds = time.monotonic() - started
     return row
 

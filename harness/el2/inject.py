@@ -26,7 +26,7 @@ from harness.el2.memory import MASK64
 from harness.el2.snapshot import El2Reader
 from harness.model.errnos import ENOMEM
 
-MAX_CHAIN = 8           # callers kept per call: enough to reach the hypercall's handler
+MAX_CHAIN = 16          # callers kept per call: past the page-table walker's recursion to the hypercall
 VM_POOL = "vm"          # any VM's pool: they come and go, so they are counted as one
 
 
@@ -251,7 +251,7 @@ class Injector:
             except OSError:
                 break
             fp, lr = int.from_bytes(record[:8], "little"), int.from_bytes(record[8:], "little")
-            if not lr:
+            if not self._fn_addrs[0] <= lr < self._fn_addrs[-1]:    # left EL2's code: the host's frame
                 break
             out.append(self._function_at(lr).split("+")[0])
         return out

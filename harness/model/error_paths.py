@@ -17,37 +17,38 @@ from harness.kernel.version import KernelVersion
 class Explanation:
     under: str                  # a function in the failed call's caller chain
     site: str
+    ends: str                   # the verdict it explains (harness.sweep): another one is a finding
     why: str
     since: str = "6.1"
     until: str | None = None    # the first version it no longer holds for
 
-    def applies(self, site: str, chain: Sequence[str], version: KernelVersion) -> bool:
-        if site != self.site or self.under not in chain or version < KernelVersion.parse(self.since):
+    def applies(self, site: str, chain: Sequence[str], verdict: str, version: KernelVersion) -> bool:
+        if site != self.site or self.under not in chain or verdict != self.ends \
+                or version < KernelVersion.parse(self.since):
             return False
         return self.until is None or version < KernelVersion.parse(self.until)
 
 
+_DRAIN = ("not reachable: NULL is how {fn}'s drain of a torn-down VM's pool ends, so a real pool is empty "
+          "when it comes; failed earlier, the drain stops and the rest of the pool is never given back (what "
+          "the row shows)")
+
 EXPLAINED = (
-    Explanation("reclaim_guest_pages", "hyp_alloc_pages",
-                "not reachable: NULL is how reclaim_guest_pages' drain of a torn-down VM's pool ends, so a "
-                "real pool is empty when it comes; failed earlier, the drain stops and the rest of the pool "
-                "is never given back (what the row shows)"),
-    Explanation("guest_s2_zalloc_pages_exact", "hyp_alloc_pages",
+    Explanation("reclaim_guest_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_guest_pages")),
+    Explanation("reclaim_pgtable_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_pgtable_pages")),
+    Explanation("guest_s2_zalloc_pages_exact", "hyp_alloc_pages", "panicked",
                 "a latent missing NULL check (guest_s2_zalloc_pages_exact passes the result to "
                 "hyp_split_page unchecked): not reachable from the host, since the VM's pool is exactly the "
                 "stage-2 PGD EL2 sized and the host donated at __pkvm_init_vm", since="6.2"),
-    Explanation("do_share", "hyp_alloc_pages",
-                "by design: hpool is sized at boot for a hyp stage-1 that maps all of memory, so the mapping "
-                "a share adds cannot run out; if it did, do_share's WARN_ON(__do_share()) panics EL2",
-                until="6.14"),
-    Explanation("do_donate", "hyp_alloc_pages",
-                "by design: hpool is sized at boot for a hyp stage-1 that maps all of memory, so the mapping "
-                "a donation adds cannot run out; if it did, do_donate's WARN_ON(__do_donate()) panics EL2",
-                until="6.14"),
+    Explanation("pkvm_create_mappings_locked", "hyp_alloc_pages", "panicked",
+                "by design: hpool is sized at boot for a hyp stage-1 that maps all of memory, so a mapping "
+                "the hyp adds for a page it takes or borrows cannot run out; its callers WARN_ON a failure "
+                "(do_share and do_donate before 6.14, __pkvm_host_donate_hyp and hyp_pin_shared_mem after), "
+                "which panics EL2"),
 )
 
 
-def explain(site: str, chain: Sequence[str], version: KernelVersion) -> str | None:
-    """The kernel's own reason for how a failed call at `site` under `chain` ends, if known."""
+def explain(site: str, chain: Sequence[str], verdict: str, version: KernelVersion) -> str | None:
+    """The kernel's own reason why a failed call at `site` under `chain` ends in `verdict`, if known."""
     bases = [name.split(".")[0] for name in chain]
-    return next((e.why for e in EXPLAINED if e.applies(site, bases, version)), None)
+    return next((e.why for e in EXPLAINED if e.applies(site, bases, verdict, version)), None)

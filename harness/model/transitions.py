@@ -344,7 +344,11 @@ class TransitionChecker:
 def snapshot_states(snap: Any) -> SnapshotStates:
     """The page states of a Snapshot (harness.el2.state): from the vmemmap where it holds them
     (6.14+), else from the software bits of the hyp's linear map and the host stage-2."""
+    memory = [(base, base + size) for base, size, _ in snap.memblocks]
+
     def pair(pa: int) -> Pair:
+        if memory and not any(start <= pa < end for start, end in memory):
+            return State.NOPAGE, State.NOPAGE    # not memory: pKVM's checks read it as NOPAGE (-EPERM)
         return _state(snap.host_state(pa)), _state(snap.hyp_state(pa))
 
     if snap.page_states is not None:

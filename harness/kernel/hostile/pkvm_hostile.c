@@ -8,12 +8,15 @@
  *   write: one call a line, "ID A1 A2 A3 A4 A5" (numbers in C notation; missing ones are 0), where
  *          ID is the index in enum __kvm_host_smccc_func (the harness reads it from DWARF). Each is
  *          issued as HVC KVM_HOST_SMCCC_ID(ID), in order, up to 64 a write.
- *   read:  one line a call of the last write, "a0 a1 a2 a3" in hex (a0: the SMCCC status,
- *          a1: the handler's return).
+ *   read:  one line a call written since the last read, "a0 a1 a2 a3" in hex (a0: the SMCCC
+ *          status, a1: the handler's return). A shell's printf may write line by line: the
+ *          calls of several writes are kept until they are read.
  * /sys/kernel/debug/pkvm_hostile/pages
- *   write: "alloc N" takes N zeroed pages from the page allocator and keeps them; "free PFN" gives
- *          one back (only once it is the host's again: the harness tracks what it shared or gave).
- *   read:  the PFNs held, one a line.
+ *   write: "alloc N [ORDER]" takes N zeroed blocks of 2^ORDER pages from the page allocator and
+ *          keeps them; "free PFN" gives one back (only once it is the host's again: the harness
+ *          tracks what it shared or gave).
+ *   read:  the blocks held, one a line: "PFN KVA ORDER" (the block's first page frame, its kernel
+ *          linear-map address, which hypercalls that take a host VA want, and its order).
  */
 #include <linux/arm-smccc.h>
 #include <linux/debugfs.h>
@@ -31,12 +34,14 @@
 struct held_page {
 	struct list_head node;
 	struct page *page;
+	unsigned int order;
 };
 
 static DEFINE_MUTEX(hostile_lock);
 static LIST_HEAD(held_pages);
 static struct arm_smccc_res results[MAX_CALLS];
 static int nr_results;
+static bool results_read;
 
 static unsigned long hvc_id(unsigned long id)
 {
@@ -68,6 +73,11 @@ static ssize_t hvc_write(struct file *file, const char __user *ubuf, size_t len,
 	if (IS_ERR(buf))
 		return PTR_ERR(buf);
 	mutex_lock(&hostile_lock);
+	if (results_read) {
+		nr_results = 0;
+		results_read = false;
+	}
+	n = nr_results;
 	cur = buf;
 	while ((line = strsep(&cur, "\n")) != NULL) {
 		unsigned long long a[6] = {0};
@@ -99,6 +109,7 @@ static ssize_t hvc_read(struct file *file, char __user *ubuf, size_t len, loff_t
 	if (!out)
 		return -ENOMEM;
 	mutex_lock(&hostile_lock);
+	results_read = true;
 	for (i = 0; i < nr_results; i++)
 		used += scnprintf(out + used, MAX_CALLS * 80 - used, "%lx %lx %lx %lx\n",
 				  results[i].a0, results[i].a1, results[i].a2, results[i].a3);
@@ -110,7 +121,7 @@ static ssize_t hvc_read(struct file *file, char __user *ubuf, size_t len, loff_t
 
 static ssize_t pages_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
 {
-	unsigned long long arg;
+	unsigned long long arg, order = 0;
 	struct held_page *h, *tmp;
 	char *buf;
 	int ret = len;
@@ -119,11 +130,13 @@ static ssize_t pages_write(struct file *file, const char __user *ubuf, size_t le
 	if (IS_ERR(buf))
 		return PTR_ERR(buf);
 	mutex_lock(&hostile_lock);
-	if (sscanf(buf, "alloc %lli", &arg) == 1 && arg > 0 && arg <= 4096) {
+	if (sscanf(buf, "alloc %lli %lli", &arg, &order) >= 1 && arg > 0 && arg <= 4096 && order <= 4) {
 		while (arg--) {
 			h = kzalloc(sizeof(*h), GFP_KERNEL);
-			if (h)
-				h->page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+			if (h) {
+				h->order = order;
+				h->page = alloc_pages(GFP_KERNEL | __GFP_ZERO, order);
+			}
 			if (!h || !h->page) {
 				kfree(h);
 				ret = -ENOMEM;
@@ -136,7 +149,7 @@ static ssize_t pages_write(struct file *file, const char __user *ubuf, size_t le
 		list_for_each_entry_safe(h, tmp, &held_pages, node) {
 			if (page_to_pfn(h->page) == arg) {
 				list_del(&h->node);
-				__free_page(h->page);
+				__free_pages(h->page, h->order);
 				kfree(h);
 				ret = len;
 				break;
@@ -159,11 +172,12 @@ static ssize_t pages_read(struct file *file, char __user *ubuf, size_t len, loff
 
 	mutex_lock(&hostile_lock);
 	list_for_each_entry(h, &held_pages, node)
-		size += 20;
+		size += 64;
 	out = kzalloc(size + 1, GFP_KERNEL);
 	if (out)
 		list_for_each_entry(h, &held_pages, node)
-			used += scnprintf(out + used, size + 1 - used, "%#lx\n", page_to_pfn(h->page));
+			used += scnprintf(out + used, size + 1 - used, "%#lx %#lx %u\n", page_to_pfn(h->page),
+					  (unsigned long)page_address(h->page), h->order);
 	mutex_unlock(&hostile_lock);
 	if (!out)
 		return -ENOMEM;
