@@ -185,7 +185,8 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
         machine.reboot()
     if (fired := injector.result.fired) is not None:
         row.failed = str(fired)
-        row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], row.verdict, version)
+        row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], row.verdict,
+                                "\n".join(row.details), version)
     row.seconds = time.monotonic() - started
     return row
 

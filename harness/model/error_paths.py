@@ -7,6 +7,7 @@ reproducer is the row's site and N.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,12 +20,13 @@ class Explanation:
     site: str
     ends: str                   # the verdict it explains (harness.sweep): another one is a finding
     why: str
+    says: str = ""              # a regex the run's details must match (the panic line it explains)
     since: str = "6.1"
     until: str | None = None    # the first version it no longer holds for
 
-    def applies(self, site: str, chain: Sequence[str], verdict: str, version: KernelVersion) -> bool:
+    def applies(self, site: str, chain: Sequence[str], verdict: str, details: str, version: KernelVersion) -> bool:
         if site != self.site or self.under not in chain or verdict != self.ends \
-                or version < KernelVersion.parse(self.since):
+                or version < KernelVersion.parse(self.since) or not re.search(self.says, details):
             return False
         return self.until is None or version < KernelVersion.parse(self.until)
 
@@ -39,16 +41,18 @@ EXPLAINED = (
     Explanation("guest_s2_zalloc_pages_exact", "hyp_alloc_pages", "panicked",
                 "a latent missing NULL check (guest_s2_zalloc_pages_exact passes the result to "
                 "hyp_split_page unchecked): not reachable from the host, since the VM's pool is exactly the "
-                "stage-2 PGD EL2 sized and the host donated at __pkvm_init_vm", since="6.2"),
+                "stage-2 PGD EL2 sized and the host donated at __pkvm_init_vm",
+                says=r"nVHE hyp panic at: .*hyp_(get|split)_page", since="6.2"),
     Explanation("pkvm_create_mappings_locked", "hyp_alloc_pages", "panicked",
                 "by design: hpool is sized at boot for a hyp stage-1 that maps all of memory, so a mapping "
                 "the hyp adds for a page it takes or borrows cannot run out; its callers WARN_ON a failure "
                 "(do_share and do_donate before 6.14, __pkvm_host_donate_hyp and hyp_pin_shared_mem after), "
-                "which panics EL2"),
+                "which panics EL2", says=r"nVHE hyp BUG at: .*mem_protect\.c"),
 )
 
 
-def explain(site: str, chain: Sequence[str], verdict: str, version: KernelVersion) -> str | None:
-    """The kernel's own reason why a failed call at `site` under `chain` ends in `verdict`, if known."""
+def explain(site: str, chain: Sequence[str], verdict: str, details: str, version: KernelVersion) -> str | None:
+    """The kernel's own reason why a failed call at `site` under `chain` ends in `verdict` (with
+    `details`: the panic line, the leftovers), if known."""
     bases = [name.split(".")[0] for name in chain]
-    return next((e.why for e in EXPLAINED if e.applies(site, bases, verdict, version)), None)
+    return next((e.why for e in EXPLAINED if e.applies(site, bases, verdict, details, version)), None)

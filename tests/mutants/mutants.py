@@ -5,6 +5,8 @@ A mutant patch opens with a header that `patch` ignores:
     Kernels: <series range the patch is written for: "6.12+", "6.12-7.1", "7.2+">
     Options: <optional: pytest plugin options the mutant's kernel is run with, e.g.
               "--pkvm-el2-debug off" for a bug that upstream's EL2 selftest would catch first>
+    Sweep: <optional: a bug on an error path. The suites must miss it (they walk the happy
+            path) and `pkvm-harness inject --sweep` over this workload must catch it>
     <what the bug is, a few lines>
     Expect: <regex a failure message must match: the suites point at the bug>
 One name may have one patch per range (05 differs between 6.12 and 7.x); `catalogue(kernel)`
@@ -31,15 +33,16 @@ class Mutant:
     bug: str
     expect: re.Pattern[str]
     options: tuple[str, ...] = ()
+    sweep: str | None = None          # the fault sweep's workload that must catch it
 
 
 def _read(path: Path) -> Mutant:
     header = path.read_text().split("\n--- ", 1)[0].splitlines()
-    keys = ("Mutant:", "Kernels:", "Options:", "Expect:")
+    keys = ("Mutant:", "Kernels:", "Options:", "Sweep:", "Expect:")
     fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in header if line.startswith(keys)}
     bug = " ".join(line for line in header if not line.startswith(keys)).strip()
     return Mutant(fields["Mutant"], path, fields["Kernels"], bug, re.compile(fields["Expect"]),
-                  tuple(fields.get("Options", "").split()))
+                  tuple(fields.get("Options", "").split()), fields.get("Sweep"))
 
 
 def every_patch() -> list[Mutant]:

@@ -16,7 +16,8 @@ import pytest
 from harness.junit import failures
 
 REPO = Path(__file__).resolve().parents[2]
-SUITES = [str(REPO / "test_suites" / s) for s in ("boot", "allocator", "stage2")]
+# hostile skips itself unless the mutant's kernel has the hostile host (Options: --pkvm-config ...)
+SUITES = [str(REPO / "test_suites" / s) for s in ("boot", "allocator", "stage2", "hostile")]
 RESULTS: dict[str, dict] = {}      # mutant -> what caught it, for the table (conftest.py prints it)
 
 
@@ -45,8 +46,19 @@ def test_the_stock_kernel_passes_the_suites(tmp_path, kernel):
     assert code == 0 and failed == [] and total > 10, out
 
 
+def run_sweep(tmp_path: Path, kernel: str, patch: Path, workload: str) -> tuple[int, str]:
+    """`pkvm-harness inject --sweep` on the mutant's kernel: its exit code and its table."""
+    argv = [str(Path(sys.executable).with_name("pkvm-harness")), "inject", "--sweep", "--workload", workload,
+            "--kernel", kernel, "--patch", str(patch), "--el2-plugin", "off", "--runs-dir", str(tmp_path / "sweep"),
+            "-q"]
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    return r.returncode, r.stdout + r.stderr
+
+
 @pytest.mark.mutant
 def test_the_suites_catch_the_mutant(tmp_path, kernel, mutant):       # mutant: conftest.pytest_generate_tests
+    if mutant.sweep:
+        return check_error_path_mutant(tmp_path, kernel, mutant)
     code, failed, total, out = run_suites(tmp_path, kernel, mutant.path, mutant.options)
     RESULTS[mutant.name] = {"bug": mutant.bug, "caught_by": sorted({f.test for f in failed}), "tests": total,
                             "options": " ".join(mutant.options),
@@ -56,6 +68,20 @@ def test_the_suites_catch_the_mutant(tmp_path, kernel, mutant):       # mutant: 
     assert RESULTS[mutant.name]["pointed"], (
         f"{mutant.name} was caught, but no failure message matches /{mutant.expect.pattern}/:\n"
         + "\n---\n".join(f"{f.test}: {f.message[:600]}" for f in failed))
+
+
+def check_error_path_mutant(tmp_path: Path, kernel: str, mutant) -> None:
+    """An error-path bug: the suites (the happy path) must miss it, the fault sweep must catch it."""
+    code, failed, total, out = run_suites(tmp_path, kernel, mutant.path, mutant.options)
+    assert code == 0 and failed == [], (f"{mutant.name} is an error-path mutant, but the happy-path suites "
+                                        f"caught it: {[f.test for f in failed]}\n{out}")
+    code, table = run_sweep(tmp_path, kernel, mutant.path, mutant.sweep)
+    pointed = bool(mutant.expect.search(table))
+    RESULTS[mutant.name] = {"bug": mutant.bug, "caught_by": [f"pkvm-harness inject --sweep ({mutant.sweep})"]
+                            if code == 1 else [], "tests": total, "options": " ".join(mutant.options),
+                            "pointed": pointed}
+    assert code == 1, f"{mutant.name}: the sweep found nothing (exit {code}):\n{table[-3000:]}"
+    assert pointed, f"{mutant.name} was caught by the sweep, but no row matches /{mutant.expect.pattern}/:\n{table}"
 
 
 def write_table(path: Path) -> str:

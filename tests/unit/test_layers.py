@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"model"},                                   # pure: the reference model
     {"kernel", "targets"},                       # kernel builds; machines (QEMU, boards)
     {"image", "el2"},                            # initramfs from kernel parts; EL2 reads through targets
-    {"options", "rundir", "replay"},             # option declaration; run directories; trace replay
+    {"options", "rundir", "replay", "sweep", "hostile"},  # options; run dirs; trace replay; fault sweeps; hostile mixes
     {"report"},                                  # result.json, JUnit, evidence, rendering
     {"machine"},                                 # the one assembly
     {"commands", "bisect", "doctor", "pytest_plugin"},

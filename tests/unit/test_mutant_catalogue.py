@@ -36,5 +36,11 @@ def test_7_x_has_the_ported_mutants_and_ones_in_code_that_exists_only_since_6_14
     assert set(old) - set(new) == {name for name, m in old.items() if re.search(r"-6\.\d+$", m.kernels)}
     assert len(set(new) - set(old)) >= 2
     assert old["05-host-abort-block-size"].path != new["05-host-abort-block-size"].path
-    assert {m.kernels for name, m in new.items() if name not in old} == {"7.2+"}
-    assert [m.name for m in catalogue("7.2")] == list(new)
+    assert {m.kernels for name, m in new.items() if name not in old} == {"7.2+", "7.3+"}
+    assert [m.name for m in catalogue("7.2")] == [n for n, m in new.items() if m.kernels != "7.3+"]
+
+
+def test_error_path_mutants_name_the_sweep_that_must_catch_them():
+    swept = [m for m in every_patch() if m.sweep]
+    assert len(swept) >= 2
+    assert all(m.sweep in ("lifecycle", "random") for m in swept)
