@@ -135,9 +135,11 @@ def build_after_touching_page_alloc(runs: int, scratch: Path) -> list[float]:
 
 # --- boot ----------------------------------------------------------------------------------------
 
-def _machine(cache: Path, run_dir: Path, *, payloads: bool = False, gdb: bool = False, **boot: str) -> Machine:
-    """The default machine, assembled as the CLI does (harness.machine), for a run directory."""
-    request = MachineRequest.check(KernelOptions(), BootOptions(**boot), cache, quiet=True)  # type: ignore[arg-type]
+def _machine(cache: Path, run_dir: Path, *, payloads: bool = False, gdb: bool = False,
+             kernel: KernelOptions | None = None, **boot: str) -> Machine:
+    """The default machine (or `kernel`'s), assembled as the CLI does (harness.machine)."""
+    request = MachineRequest.check(kernel or KernelOptions(), BootOptions(**boot), cache,  # type: ignore[arg-type]
+                                   quiet=True)
     return assemble(request, run_dir, payloads=payloads, gdb=gdb)
 
 
@@ -378,3 +380,46 @@ def bisect_steps(cache: Path) -> list[float]:
 
     report = run_bisect(cache, fresh_kernels=True)
     return [s["seconds"] for s in report["steps"]]     # with --check-ends: the two ends are steps too
+
+
+# --- error paths -------------------------------------------------------------------------------------
+
+def fault_sweep(cache: Path, vcpus: int = 1) -> tuple[float, int, int]:
+    """One full fault sweep of a `vcpus`-vCPU lifecycle (harness.sweep), el2trace off as the
+    CLI's users run it for speed: its wall time, its runs and its unexplained findings."""
+    from harness import sweep as sw
+
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-sweep-") as run_dir:
+        machine = _machine(cache, Path(run_dir), payloads=True, gdb=True, el2_plugin="off")
+        with machine.start(Path(run_dir)) as target:
+            def reopen() -> El2Reader:
+                return El2Reader(target.qmp_socket, target.vmlinux, cache)
+
+            m = sw.Machine(target, reopen(), reopen)
+            try:
+                result = sw.sweep(m, sw.lifecycle(GUEST_DIR, vcpus))
+            finally:
+                m.reader.close()
+    return result.seconds, len(result.rows), len(result.findings)
+
+
+def hostile_mix_rates(cache: Path, runs: int) -> tuple[list[float], list[float]]:
+    """Hypercalls per second of the hostile host's random mix (harness.hostile), judged after
+    every step (a snapshot, the invariants, the module pages' states) and unjudged, alternating,
+    on the hostile-host test kernel; VM lifecycles are left out of the mixes timed here."""
+    from harness.hostile import run_mix
+    from harness.model.hostile import VM, mix
+    from harness.targets.hostile import HostileHost
+
+    on, off = [], []
+    with tempfile.TemporaryDirectory(prefix="pkvm-bench-hostile-") as run_dir:
+        machine = _machine(cache, Path(run_dir), payloads=True, el2_plugin="off",
+                           kernel=KernelOptions(fragments=["pkvm-hostile-host"]))
+        with machine.start(Path(run_dir)) as target, El2Reader(target.qmp_socket, target.vmlinux, cache) as r:
+            host = HostileHost(target, r.kernel.hypercalls)
+            for seed in range(runs):
+                steps = [s for s in mix(seed, length=40) if s.op != VM]
+                for checked, out in ((True, on), (False, off)):
+                    got = run_mix(host, steps, lambda vcpus: "", r.snapshot if checked else None)
+                    out.append(got.hypercalls / got.seconds)
+    return on, off

@@ -17,6 +17,8 @@ Sections (all by default; --only a,b to pick):
             coverage against none of them, boot to pKVM on QEMU 10 against QEMU 7.2
   oracle    the default suites, and the share of them the after-test checks take (invariants on a
             fresh snapshot, the page-state transitions) after every EL2 suite test
+  errors    a full fault sweep of a 1-vCPU lifecycle (runs, wall time); the hostile host's random
+            mix, hypercalls per second with the after-step checks and without
   bisect    time per bisect step (the nine-commit history of tests/integration/kernel_history.py)
   scaling   snapshot time and model replay time against guest memory and traced operations
 
@@ -44,7 +46,7 @@ from harness.options import KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 from harness.targets.qemu_debian12 import qemu_7_2  # noqa: E402
 
-SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "oracle", "bisect", "scaling"]
+SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "oracle", "errors", "bisect", "scaling"]
 MEMORY_MIB = ["512", "1024", "2048", "4096"]
 MODEL_OPS = [1_000, 10_000, 100_000, 1_000_000]
 
@@ -188,6 +190,14 @@ def main() -> int:
         with_reads, without, free = measure.free_block_reads(kernel, cache, 2 * n)
         f.add("oracle", f"EL2 snapshot reading every free block ({free >> 20} MiB)", with_reads, "ms", digits=1)
         f.add("oracle", "EL2 snapshot without reading the free blocks", without, "ms", digits=1)
+    if "errors" in only:
+        print("errors (a full fault sweep; the hostile host's random mix)", flush=True)
+        seconds, runs, findings = measure.fault_sweep(cache)
+        f.add("errors", f"full fault sweep of a 1-vCPU lifecycle ({runs} runs, {findings} unexplained)",
+              [seconds / 60], "min", "< 15", digits=1)
+        on, off = measure.hostile_mix_rates(cache, n)
+        f.add("errors", "hostile random mix, checked after every call", on, "calls/s", digits=1)
+        f.add("errors", "hostile random mix, unchecked", off, "calls/s", digits=1)
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)

@@ -181,7 +181,7 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
         _judge(machine, workload, before, row)
     except TargetDead as e:
         line = e.panic_line if isinstance(e, TargetPanicked) else e.one_line()
-        row = Row(plan, None, "", PANICKED, [line])
+        row = Row(plan, None, "(the machine died)", PANICKED, [line])
         machine.reboot()
     if (fired := injector.result.fired) is not None:
         row.failed = str(fired)

@@ -105,7 +105,7 @@ def _run(m: sw.Machine, workload: sw.Workload, req: InjectRequest,
         return InjectOutcome(Path(), "\n".join(lines), ExitCode.PASS, counted.to_dict())
     row = sw.run_one(m, workload, req.plan, KernelVersion.parse(m.reader.kernel.version))
     lines = [f"{req.plan}: {row.failed or 'did not fire (the workload made fewer such calls)'}",
-             f"host saw: {row.host_saw or '(the machine died)'}", f"verdict: {row.verdict}",
+             f"host saw: {row.host_saw}", f"verdict: {row.verdict}",
              *(f"  {d}" for d in row.details)]
     if row.explained:
         lines.append(f"explained: {row.explained}")

@@ -72,8 +72,8 @@ class Call:
     failed: bool = False
 
     def __str__(self) -> str:
-        pool = f"({self.pool}) " if self.pool else ""
-        return f"{self.site} call {self.nth} {pool}from {' < '.join([self.caller, *self.chain[:4]])}"
+        which = f"call {self.nth_in_pool} in {self.pool}" if self.pool else f"call {self.nth}"
+        return f"{self.site} {which} from {' < '.join([self.caller, *self.chain[:4]])}"
 
     def under(self, function: str) -> bool:
         """Whether `function` is the caller or one of its callers."""

@@ -31,7 +31,7 @@ class Explanation:
         return self.until is None or version < KernelVersion.parse(self.until)
 
 
-_DRAIN = ("not reachable: NULL is how {fn}'s drain of a torn-down VM's pool ends, so a real pool is empty "
+_DRAIN = ("not reachable: NULL is how {fn} ends its drain of a torn-down VM's pool, so a real pool is empty "
           "when it comes; failed earlier, the drain stops and the rest of the pool is never given back (what "
           "the row shows)")
 

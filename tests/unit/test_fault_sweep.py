@@ -114,7 +114,7 @@ def test_an_allocator_call_is_planned_by_its_number_within_its_pool():
 def test_a_call_knows_what_it_ran_under_and_says_where_it_came_from():
     c = _call(1, "hyp_alloc_pages", "hpool", 1, 1, failed=True)
     assert c.under("do_share") and c.under("hyp_zalloc_hyp_page") and not c.under("reclaim_guest_pages")
-    assert str(c) == "hyp_alloc_pages call 1 (hpool) from hyp_zalloc_hyp_page+0x18 < hyp_map_walker < do_share"
+    assert str(c) == "hyp_alloc_pages call 1 in hpool from hyp_zalloc_hyp_page+0x18 < hyp_map_walker < do_share"
     assert Injection(Plan("hyp_alloc_pages", 1), [c]).fired is c
 
 
