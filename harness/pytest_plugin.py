@@ -353,6 +353,29 @@ def el2_transitions(request: pytest.FixtureRequest, el2: Any) -> Callable[[], An
 
 
 @pytest.fixture
+def el2_inject(target: Target, el2: Any) -> Callable[..., Any]:
+    """el2_inject(site=None, nth=None, pool=None) -> a context manager that counts every call of
+    the EL2 allocation sites while its block runs and, given a site and N, fails that call
+    (harness.el2.inject: hyp_alloc_pages NULL, refill_memcache -ENOMEM, admit_host_page NULL);
+    on leaving, `.result` holds the Injection (the calls, the one failed). Through the gdbstub:
+    skips on targets without one. A panic it causes ends the session's target, as any does."""
+    from harness.el2.inject import Injector, Plan
+
+    if not isinstance(target, Debugger):
+        pytest.skip(f"{target.name} has no gdbstub to fail EL2 allocations through")
+
+    @contextlib.contextmanager
+    def window(site: str | None = None, nth: int | None = None, pool: str | None = None) -> Iterator[Any]:
+        box = types.SimpleNamespace(result=None)
+        injector = Injector(el2, target.gdb_socket, Plan(site, nth, pool) if site and nth else None)
+        with injector:
+            yield box
+            box.result = injector.stop()
+
+    return window
+
+
+@pytest.fixture
 def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Callable[[], Any]:
     """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
     on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult),

@@ -231,3 +231,31 @@ def test_host_s2_pool_pressure_is_relieved_by_unmapping_mmio(target, payload, el
     assert events == [], [e.line for e in events]
     findings = run_checks(after)
     assert findings == [], render(findings)
+
+
+def test_each_el2_allocation_of_a_lifecycle_is_counted_with_its_pool_and_callers(target, payload, el2, el2_inject,
+                                                                                  warmed):
+    """The fault injector's counting (harness.el2.inject), under el2trace: every allocator call
+    names its pool and its callers, and a VM's pool is drained under its teardown hypercall."""
+    from harness.model.transitions import VM_INIT, VM_TEARDOWN
+
+    with el2_inject() as box:
+        run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=1, pages=16))
+    calls = box.result.calls
+    assert calls and box.result.fired is None
+    assert all(c.pool for c in calls if c.site == "hyp_alloc_pages")
+    if VM_INIT in el2.kernel.hypercalls.values():            # 6.2+: EL2 keeps a pool per VM
+        vm = [c for c in calls if c.pool == "vm"]
+        assert any(c.under(f"handle_{t}") for c in vm for t in VM_TEARDOWN), [str(c) for c in vm]
+
+
+def test_a_vcpu_memcache_refill_that_fails_reaches_the_host_and_it_goes_on(target, payload, el2_inject, warmed):
+    """A failed top-up of a vCPU's memcache at EL2 (-ENOMEM) must come back to the host as an
+    error, change nothing, and leave the host able to run the next VM."""
+    guest = f"{payload('pkvm_guest')} {guest_args(vms=1, vcpus=1, pages=16)}"
+    with el2_inject("refill_memcache", 1) as box:
+        failed = target.run(guest, timeout=300)
+    if box.result.fired is None:
+        pytest.skip("this kernel tops up no vCPU memcache at EL2 for a normal VM's lifecycle (before 6.14)")
+    assert not failed.ok and "Cannot allocate memory" in failed.stdout + failed.stderr, failed.stdout
+    run_guests(target, payload("pkvm_guest"), guest_args(vms=1, vcpus=1, pages=16))
