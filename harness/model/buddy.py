@@ -630,8 +630,6 @@ class HypPool:
         else:
             return None                         # :208-211
         rc = self._rc
-        if rc[p]:                               # :217 hyp_set_page_refcounted, checked up front
-            raise self._bug_set_refcounted(p, "hyp_alloc_pages")
         pv = self._pv
         a, c = pv[p], nx[p]                     # :136 page_remove_from_list(p)
         nx[a] = c
@@ -639,7 +637,9 @@ class HypPool:
         nx[p] = -1
         k = self._ord[p]
         if k > order:
-            self._split_off(p, k, order)
+            self._split_off(p, k, order)        # a split that cannot find its buddy dies first
+        if rc[p]:                               # :217 hyp_set_page_refcounted
+            raise self._bug_set_refcounted(p, "hyp_alloc_pages")
         rc[p] = 1
         if p < self._heads:
             return (p + self._org) << PAGE_SHIFT
