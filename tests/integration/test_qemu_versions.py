@@ -39,3 +39,14 @@ def test_el2trace_on_refuses_qemu_7_2_in_one_line(kernel, cache_dir, tmp_path, o
         assembled(cache_dir, tmp_path, qemu=old_qemu, el2_plugin="on")
     assert "QEMU 7.2" in e.value.one_line() and "--el2-plugin off" in e.value.one_line()
     assert "\n" not in e.value.one_line()
+
+
+def test_qemu_7_2_fails_an_el2_allocation_through_the_gdbstub(kernel, cache_dir, tmp_path, old_qemu):
+    from harness.commands.inject import InjectRequest, inject_command
+    from harness.el2.inject import Plan
+
+    out = inject_command(KernelOptions(), BootOptions(qemu=old_qemu), cache_dir, tmp_path,
+                         InjectRequest(plan=Plan("hyp_alloc_pages", 2, "vm")), quiet=True)
+    assert out.data["failed"].startswith("hyp_alloc_pages call 2 in vm from reclaim_guest_pages")
+    assert out.data["verdict"] == "leaked" and out.data["explained"]
+    assert not qemu_pids_mentioning(str(tmp_path))
