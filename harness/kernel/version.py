@@ -292,6 +292,16 @@ class KernelVersion:
         7.3 have the walk, 6.1.192 has not (where between it came is not read here)."""
         return self.at_least(6, 12)
 
+    @property
+    def host_state_checks_memory(self) -> bool:
+        """host_get_page_state() reads an address that is not memory as NOPAGE, so a transition
+        of it is refused -EPERM. Without that (6.1.192) the check walk refuses only a non-memory
+        address the host stage-2 maps (-EINVAL, __check_page_state_visitor), and an unmapped one
+        passes as the host's OWNED: a share of a PFN past the end of memory succeeds and can
+        never be unshared (a kernel bug the hostile host found; the fix for 6.1 is
+        tests/fixes/6.1-host-share-of-non-memory.patch). Read: 6.12.117 and 7.x check."""
+        return self.at_least(6, 12)
+
     def config_fragments(self, el2_debug: bool = True) -> list[str]:
         """kernel_configs/ fragments this version needs beyond pkvm.config: options that were
         renamed or removed between releases, and with EL2 debugging (--el2-debug on, the

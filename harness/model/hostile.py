@@ -29,11 +29,13 @@ BAD_HANDLE = {"__pkvm_teardown_vm": ENOENT, "__pkvm_start_teardown_vm": EINVAL,
 INIT_VCPU_BAD_HANDLE = ENOENT
 
 
-def predict(transition: str, pair: tuple[State, State], *, is_memory: bool = True, pins: int = 0) -> int:
+def predict(transition: str, pair: tuple[State, State], *, is_memory: bool = True, pins: int = 0,
+            mapped_non_memory_errno: int = EPERM) -> int:
     """The return of `transition` ("host_share_hyp", ...) on one page whose (host, hyp) states
-    are `pair`."""
+    are `pair`. A page that is not memory is refused -EPERM, or with `mapped_non_memory_errno`
+    where the host stage-2 maps it (-EINVAL before KernelVersion.host_state_checks_memory)."""
     if not is_memory:
-        return EPERM
+        return mapped_non_memory_errno
     trial = PageStates({0: pair[0]}, {0: pair[1]}, {0: pins} if pins else {})
     try:
         trial.apply(transition, 0)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.model.errnos import EBUSY, ENOMEM, EPERM, errno_name
+from harness.model.errnos import EBUSY, EINVAL, ENOMEM, EPERM, errno_name
 from harness.model.guest_transitions import DONATE as GUEST_DONATE
 from harness.model.guest_transitions import GUEST_FUNCTIONS, PAGE, GuestMap, judge
 from harness.model.guest_transitions import SHARE as GUEST_SHARE
@@ -114,6 +114,7 @@ class SnapshotStates:
     state: Callable[[int], Pair]
     guest_pages: set[int] = field(default_factory=set)
     count: Callable[[int], int] = lambda pa: 0      # host_share_guest_count (6.14+)
+    memory: Callable[[int], bool] = lambda pa: True  # whether memory backs the page (the memblocks)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TransitionChecker:
     guests: GuestMap = field(default_factory=GuestMap)       # (VM, gfn) -> page, from power-on
     guests_traced: bool = False               # the guest calls are traced: their pages are compared too
     _seed_count: Callable[[int], int] | None = None
+    _seed_memory: Callable[[int], bool] = lambda pa: True
 
     def seed(self, snap: SnapshotStates) -> None:
         """Start (again) from a snapshot's states. The pins are not in a snapshot: those counted
@@ -156,6 +158,7 @@ class TransitionChecker:
         self.counts = {}
         self._seed_state = snap.state
         self._seed_count = snap.count
+        self._seed_memory = snap.memory
 
     def _learn(self, pages: list[int]) -> None:
         """A page first named since the seed: its states as the seed snapshot had them (the seed
@@ -253,7 +256,10 @@ class TransitionChecker:
             want, why = (EBUSY if "pinned" in str(e) else EPERM), str(e)
         maybe_busy = kind == "host_unshare_hyp" and want == 0 and t.ret == EBUSY and \
             any(pa in self.unknown_pins for pa in t.pages())
-        if t.ret != want and not maybe_busy:
+        # before KernelVersion.host_state_checks_memory (6.1) the check walk refuses a mapped
+        # non-memory page -EINVAL: a refusal all the same
+        not_memory = want == EPERM and t.ret == EINVAL and not all(map(self._seed_memory, t.pages()))
+        if t.ret != want and not maybe_busy and not not_memory:
             detail = f" ({why})" if why else ""
             self.findings.append(f"{t}: the model predicts {errno_name(want)}{detail}")
         if t.ret == 0:
@@ -346,8 +352,11 @@ def snapshot_states(snap: Any) -> SnapshotStates:
     (6.14+), else from the software bits of the hyp's linear map and the host stage-2."""
     memory = [(base, base + size) for base, size, _ in snap.memblocks]
 
+    def is_memory(pa: int) -> bool:
+        return not memory or any(start <= pa < end for start, end in memory)
+
     def pair(pa: int) -> Pair:
-        if memory and not any(start <= pa < end for start, end in memory):
+        if not is_memory(pa):
             return State.NOPAGE, State.NOPAGE    # not memory: pKVM's checks read it as NOPAGE (-EPERM)
         return _state(snap.host_state(pa)), _state(snap.hyp_state(pa))
 
@@ -357,7 +366,7 @@ def snapshot_states(snap: Any) -> SnapshotStates:
                      for pa, (h, y, _) in snap.page_states.items() if y != nopage}
         guest = {pa for pa, (h, y, count) in snap.page_states.items()
                  if y == nopage and (count or h in (nopage, STATE_CODES[State.SHARED_BORROWED]))}
-        return SnapshotStates(hyp_pages, pair, guest, lambda pa: snap.page_state(pa)[2])
+        return SnapshotStates(hyp_pages, pair, guest, lambda pa: snap.page_state(pa)[2], is_memory)
     if snap.hyp_s1 is None or snap.hyp_physvirt_offset is None or snap.host_s2 is None:
         missing = "hyp_s1" if snap.hyp_s1 is None else "host_s2" if snap.host_s2 is None else "hyp_physvirt_offset"
         raise ValueError(f"the snapshot has no {missing} to read page states from: "
@@ -367,7 +376,7 @@ def snapshot_states(snap: Any) -> SnapshotStates:
         if leaf.valid and in_hyp_linear_map(leaf, snap.hyp_physvirt_offset):
             for pa in range(leaf.pa, leaf.pa + leaf.size, PAGE):
                 hyp_pages[pa] = (_state(snap.host_state(pa)), _state(leaf.state or "OWNED"))
-    return SnapshotStates(hyp_pages, pair)
+    return SnapshotStates(hyp_pages, pair, memory=is_memory)
 
 
 def _state(name: str) -> State:

@@ -57,3 +57,31 @@ def test_the_hostile_host_suite_passes_on_each_kernels_test_build(kernel, tmp_pa
     assert r.returncode == 0 and failed == [], r.stdout[-4000:]
     assert "no hostile-host interface" not in r.stdout, "the test kernel had no hostile-host interface"
     assert total >= 7, r.stdout[-2000:]
+
+
+FIX_6_1 = REPO / "tests" / "fixes" / "6.1-host-share-of-non-memory.patch"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixed", [False, True], ids=["stock", "fixed"])
+def test_6_1_shares_a_pfn_past_memory_for_good_unless_fixed(cache_dir, tmp_path, fixed):
+    """The kernel bug the hostile host found on 6.1.192 (KernelVersion.host_state_checks_memory),
+    reproduced on the stock kernel, and gone with tests/fixes/6.1-host-share-of-non-memory.patch."""
+    from harness.el2.snapshot import El2Reader
+    from harness.model.errnos import EINVAL, EPERM
+    from harness.options import KernelOptions
+    from harness.targets.hostile import HostileHost
+    from tests.integration.conftest import assembled
+
+    kopts = KernelOptions(kernel="6.1", fragments=["pkvm-hostile-host"], patches=[FIX_6_1] if fixed else [])
+    machine = assembled(cache_dir, tmp_path, kopts)
+    with machine.start(tmp_path) as target, El2Reader(target.qmp_socket, target.vmlinux, cache_dir) as reader:
+        host = HostileHost(target, reader.kernel.hypercalls)
+        past = max(base + size for base, size, _ in reader.snapshot().memblocks) + (1 << 30)
+        share = host.call("__pkvm_host_share_hyp", past >> 12).ret
+        unshare = host.call("__pkvm_host_unshare_hyp", past >> 12).ret
+    if fixed:
+        assert (share, unshare) == (EPERM, EPERM)
+    else:
+        assert (share, unshare) == (0, EINVAL), \
+            f"6.1.192's bug no longer reproduces (share {share}, unshare {unshare}): update host_state_checks_memory"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.model.errnos import EBUSY, EPERM
+from harness.model.errnos import EBUSY, EINVAL, EPERM
 from harness.model.stage2 import State
 from harness.model.transitions import (
     ZERO_HASH,
@@ -234,3 +234,23 @@ def test_a_refusal_for_want_of_memcache_pages_changes_nothing():
     checker = guest_checker()
     checker.transition(guest_call("__pkvm_host_share_guest", pa=P, ret=-12, seq=1))
     assert checker.compare(guest_states({})) == []
+
+
+def test_a_page_that_is_not_memory_is_never_the_hosts_to_share():
+    uart = 0x0900_0000
+
+    def not_memory_states() -> SnapshotStates:
+        return SnapshotStates({}, lambda pa: (N, N) if pa == uart else HOST_OWNED, memory=lambda pa: pa != uart)
+
+    checker = TransitionChecker()
+    assert checker.compare(not_memory_states()) == []
+    checker.transition(call("__pkvm_host_share_hyp", uart, ret=EINVAL))     # 6.1: a mapped one, -EINVAL
+    checker.transition(call("__pkvm_host_share_hyp", uart, ret=EPERM))      # 6.12+
+    assert checker.compare(not_memory_states()) == []
+    checker.transition(call("__pkvm_host_share_hyp", uart, ret=0))          # 6.1's bug past the end of memory
+    returned, shared = checker.compare(not_memory_states())
+    assert "__pkvm_host_share_hyp(0x9000, 1) = 0" in returned and "predicts -EPERM" in returned
+    assert "page 0x9000000: expected host SHARED_OWNED" in shared       # followed as the kernel did it
+    checker.transition(call("__pkvm_host_share_hyp", P, ret=EINVAL))        # memory: -EINVAL is wrong
+    [finding] = checker.compare(not_memory_states())
+    assert "= -EINVAL" in finding
