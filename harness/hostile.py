@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any
 
 from harness.model.errnos import errno_name
@@ -47,20 +48,26 @@ def run_mix(host: HostileHost, steps: Sequence[Step], guest: Callable[[int], str
     model = MixModel()
     started = time.monotonic()
     try:
-        for i, step in enumerate(steps):
-            if step.op == VM:
-                host.target.run(guest(step.arg), timeout=300).check()
+        i = 0
+        while i < len(steps):
+            if steps[i].op == VM:
+                host.target.run(guest(steps[i].arg), timeout=300).check()
+                i += 1
                 continue
-            got = host.call(HYPERCALL[step.op], blocks[step.arg].pfn).ret
-            out.hypercalls += 1
-            want = model.apply(step)
-            finding = (f"{HYPERCALL[step.op]}(page {step.arg}) returned {errno_name(got)}, the model predicts "
-                       f"{errno_name(want)}") if got != want else ""
-            if not finding and snapshot is not None:
-                finding = _check(snapshot(), model, blocks)
-            if finding:
-                out.failed_at, out.finding = i, f"step {i} {step}: {finding}"
-                return out
+            # checked: one call, then a snapshot; unchecked: every call up to the next VM in one write
+            batch = [steps[i]] if snapshot is not None else list(takewhile(lambda s: s.op != VM, steps[i:]))
+            results = host.calls([(HYPERCALL[s.op], blocks[s.arg].pfn) for s in batch])
+            out.hypercalls += len(batch)
+            for j, (step, got) in enumerate(zip(batch, results, strict=True)):
+                want = model.apply(step)
+                finding = (f"{HYPERCALL[step.op]}(page {step.arg}) returned {errno_name(got.ret)}, the model "
+                           f"predicts {errno_name(want)}") if got.ret != want else ""
+                if not finding and snapshot is not None:
+                    finding = _check(snapshot(), model, blocks)
+                if finding:
+                    out.failed_at, out.finding = i + j, f"step {i + j} {step}: {finding}"
+                    return out
+            i += len(batch)
     finally:
         out.seconds = time.monotonic() - started
         _release(host, model, blocks)

@@ -14,6 +14,7 @@ from harness.targets.base import Target
 
 DIR = "/sys/kernel/debug/pkvm_hostile"
 MAX_CALLS = 64                          # per write, as the module takes them
+LINE_BUDGET = 512                       # characters of calls per shell line (a console line holds 768)
 SMCCC_RET_NOT_SUPPORTED = (1 << 64) - 1
 MASK64 = (1 << 64) - 1
 
@@ -72,13 +73,16 @@ class HostileHost:
         return self.ids[call]
 
     def calls(self, calls: Sequence[Call]) -> list[HvcResult]:
-        """Issue each call in order (up to 64 in one write); their results in order."""
+        """Issue each call in order, as many to a write as a console line holds (the module
+        takes 64); their results in order."""
+        lines = [" ".join(f"{a & MASK64:#x}" for a in (self.id(c[0]), *map(int, c[1:]))) + "\\n" for c in calls]
         out: list[HvcResult] = []
-        for i in range(0, len(calls), MAX_CALLS):
-            chunk = calls[i:i + MAX_CALLS]
-            lines = "".join(" ".join(f"{a & MASK64:#x}" for a in (self.id(c[0]), *map(int, c[1:]))) + "\\n"
-                            for c in chunk)
-            r = self.target.run(f"printf '{lines}' > {DIR}/hvc && cat {DIR}/hvc").check()
+        while lines:
+            n = 1
+            while n < min(len(lines), MAX_CALLS) and sum(map(len, lines[:n + 1])) <= LINE_BUDGET:
+                n += 1
+            chunk, lines = lines[:n], lines[n:]
+            r = self.target.run(f"printf '{''.join(chunk)}' > {DIR}/hvc && cat {DIR}/hvc").check()
             got = [HvcResult(*(int(w, 16) for w in line.split())) for line in r.stdout.splitlines() if line.strip()]
             if len(got) != len(chunk):
                 raise RuntimeError(f"{len(chunk)} hypercalls written, {len(got)} results read: {r.stdout!r}")
