@@ -92,12 +92,12 @@ def parser() -> _Parser:
     p.add_argument("traced_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the shell command to run on the target, after --")
 
-    from harness.el2.inject import SITES
+    from harness.el2.inject import POOLS, SITES
     p = _qemu_command(sub, "inject", "fail EL2 allocations on purpose: count a workload's calls per site, fail "
                       "one (--site, --nth), or sweep them all (--sweep)")
     p.add_argument("--site", choices=[s.name for s in SITES], help="the allocation site to fail")
     p.add_argument("--nth", type=options.positive_int, metavar="N", help="fail its Nth call (from 1)")
-    p.add_argument("--pool", metavar="POOL", help="count only this pool's calls: hpool, host_s2_pool or vm")
+    p.add_argument("--pool", choices=POOLS, help="count only this pool's calls (vm: any VM's)")
     p.add_argument("--sweep", action="store_true", help="one run per allocation call of the workload, failing it")
     p.add_argument("--limit", type=options.positive_int, metavar="N", help="sweep the first N calls only")
     p.add_argument("--workload", choices=("lifecycle", "random"), default="lifecycle",

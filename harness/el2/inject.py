@@ -24,10 +24,12 @@ from harness.el2.decode import NVHE
 from harness.el2.gdbstub import GdbStub
 from harness.el2.memory import MASK64
 from harness.el2.snapshot import El2Reader
+from harness.errors import UsageError
 from harness.model.errnos import ENOMEM
 
 MAX_CHAIN = 16          # callers kept per call: past the page-table walker's recursion to the hypercall
 VM_POOL = "vm"          # any VM's pool: they come and go, so they are counted as one
+POOLS = ("hpool", "host_s2_pool", VM_POOL)
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ class Injector:
         self.timeout = timeout
         self.sites = {s.name: s for s in sites_of(reader.kernel.symbols)}
         if plan is not None and plan.site not in self.sites:
-            raise ValueError(f"this kernel has no allocation site {plan.site!r}; it has "
-                             + ", ".join(self.sites))
+            raise UsageError(f"this kernel has no allocation site {plan.site}",
+                             hint="it has " + ", ".join(self.sites))
         self.result = Injection(plan)
         self.error: BaseException | None = None
         self._gdb: GdbStub | None = None

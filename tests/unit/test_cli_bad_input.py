@@ -116,3 +116,16 @@ def test_bisect_bad_input_is_one_line_with_exit_2(tmp_path):
     assert "'nope' is not a commit" in r.stderr
     _one_line_usage_error(cli("bisect", "--resume", str(tmp_path), cache=tmp_path / "c"))
     assert not (tmp_path / "runs").exists()                    # nothing half-made
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--site", "hyp_alloc_pages"), "--site and --nth go together"),
+    (("--sweep", "--site", "hyp_alloc_pages", "--nth", "1"), "--sweep fails every call in turn"),
+    (("--pool", "vm"), "--pool narrows --site's count"),
+    (("--pool", "nopool", "--site", "hyp_alloc_pages", "--nth", "1"), "invalid choice: 'nopool'"),
+    (("--site", "kmalloc", "--nth", "1"), "invalid choice: 'kmalloc'"),
+])
+def test_inject_refuses_a_plan_that_cannot_be_run_before_building(tmp_path, args, says):
+    line = _one_line_usage_error(cli("inject", *args, "--runs-dir", str(tmp_path / "runs"), cache=tmp_path / "c"))
+    assert says in line
+    assert not (tmp_path / "c").exists() and not (tmp_path / "runs").exists()
