@@ -344,7 +344,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
 
 def cmd_inject(a: argparse.Namespace) -> int:
     from harness.commands.inject import InjectRequest, inject_command
-    from harness.el2.inject import Plan
+    from harness.el2.inject import SITES, Plan
 
     command = a.workload_command[1:] if a.workload_command[:1] == ["--"] else a.workload_command
     if (a.site is None) != (a.nth is None):
@@ -353,6 +353,9 @@ def cmd_inject(a: argparse.Namespace) -> int:
         raise UsageError("--sweep fails every call in turn: it takes no --site", hint="drop --site and --nth")
     if a.pool and not a.site:
         raise UsageError("--pool narrows --site's count", hint="add --site hyp_alloc_pages --nth N")
+    if a.pool and not next(s for s in SITES if s.name == a.site).pool_arg:
+        raise UsageError(f"{a.site} takes no pool: --pool counts only an allocator's calls",
+                         hint="drop --pool, or use --site hyp_alloc_pages")
     req = InjectRequest(a.workload, a.vcpus, a.seed, " ".join(command) or None,
                         Plan(a.site, a.nth, a.pool) if a.site else None, a.sweep, a.limit)
     out = inject_command(options.kernel_options(a), options.boot_options(a), a.cache_dir, a.runs_dir, req,

@@ -62,7 +62,10 @@ def run_mix(host: HostileHost, steps: Sequence[Step], guest: Callable[[int], str
                 want = model.apply(step)
                 finding = (f"{HYPERCALL[step.op]}(page {step.arg}) returned {errno_name(got.ret)}, the model "
                            f"predicts {errno_name(want)}") if got.ret != want else ""
-                if not finding and snapshot is not None:
+                if finding:        # follow the kernel's effect and the batch's later calls: pages released right
+                    for later, ret in [(step, got.ret), *((s, r.ret) for s, r in zip(batch[j + 1:], results[j + 1:]))]:
+                        model.follow(later, ret)
+                elif snapshot is not None:
                     finding = _check(snapshot(), model, blocks)
                 if finding:
                     out.failed_at, out.finding = i + j, f"step {i + j} {step}: {finding}"

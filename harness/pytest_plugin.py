@@ -366,6 +366,8 @@ def el2_inject(target: Target, el2: Any) -> Callable[..., Any]:
 
     @contextlib.contextmanager
     def window(site: str | None = None, nth: int | None = None, pool: str | None = None) -> Iterator[Any]:
+        if (site is None) != (nth is None):
+            raise ValueError("el2_inject(site, nth): give both to fail a call, neither to count")
         box = types.SimpleNamespace(result=None)
         injector = Injector(el2, target.gdb_socket, Plan(site, nth, pool) if site and nth else None)
         with injector:

@@ -19,12 +19,12 @@ from typing import Any
 
 from harness.el2.inject import Injection, Injector, Plan
 from harness.el2.snapshot import El2Reader
-from harness.errors import ExitCode, HarnessError
+from harness.errors import ExitCode, HarnessError, InfraError
 from harness.kernel.version import KernelVersion
 from harness.model.baseline import leftovers
 from harness.model.error_paths import explain
 from harness.model.invariants import render, run_checks
-from harness.targets.base import CommandResult, Target, TargetDead, TargetPanicked
+from harness.targets.base import CommandResult, CommandTimeout, Target, TargetDead, TargetPanicked
 from harness.targets.guests import guest_args, random_workload
 
 
@@ -39,6 +39,7 @@ class WorkloadFails(HarnessError):
 
 
 HANDLED, LEAKED, BROKEN, STUCK, PANICKED = "handled", "leaked", "broken", "stuck", "panicked"
+UNFIRED = "not reached"        # the workload made fewer such calls this time: nothing was failed
 FINDINGS = (LEAKED, BROKEN, STUCK, PANICKED)
 
 
@@ -169,7 +170,8 @@ def plans_of(counted: Injection, limit: int | None = None) -> list[Plan]:
 
 
 def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVersion) -> Row:
-    """The workload with `plan`'s call failed, judged; a machine that died is rebooted."""
+    """The workload with `plan`'s call failed, judged; a machine that died or hangs is rebooted
+    (and warmed again, as the sweep began)."""
     started = time.monotonic()
     before = machine.snapshot(machine.reader)
     injector = Injector(machine.reader, machine.gdb_socket, plan)
@@ -178,17 +180,35 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
             outcome = run_workload(machine.target, workload)
             injector.stop()
         row = Row(plan, None, error_line(outcome), HANDLED)
-        _judge(machine, workload, before, row)
+        if injector.result.fired is None:
+            row.verdict = UNFIRED
+        else:
+            _judge(machine, workload, before, row)
     except TargetDead as e:
         line = e.panic_line if isinstance(e, TargetPanicked) else e.one_line()
         row = Row(plan, None, "(the machine died)", PANICKED, [line])
-        machine.reboot()
+        _restart(machine, workload)
+    except CommandTimeout as e:
+        row = Row(plan, None, "(no answer)", STUCK, [f"the workload did not end: {e.one_line()}"])
+        _restart(machine, workload)
+    except (OSError, TimeoutError, RuntimeError) as e:      # the gdbstub: a machine gone, or the injector
+        if (death := machine.target.death()) is None:
+            raise InfraError(f"fault injection failed at {plan}: {e}",
+                             hint="the run directory's console.log shows what the machine did") from e
+        row = Row(plan, None, "(the machine died)", PANICKED, [death])
+        _restart(machine, workload)
     if (fired := injector.result.fired) is not None:
         row.failed = str(fired)
         row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], row.verdict,
-                                "\n".join(row.details), version)
+                                row.details, version)
     row.seconds = time.monotonic() - started
     return row
+
+
+def _restart(machine: Machine, workload: Workload) -> None:
+    """A fresh machine for the next run, warmed by one unfailed workload as the sweep began."""
+    if machine.reboot() and (failed := run_workload(machine.target, workload)) is not None:
+        raise WorkloadFails(error_line(failed))
 
 
 def _judge(machine: Machine, workload: Workload, before: Any, row: Row) -> None:

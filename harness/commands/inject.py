@@ -69,8 +69,14 @@ def inject_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, ru
                 return El2Reader(target.qmp_socket, target.vmlinux, cache_dir)
 
             m = sw.Machine(target, reopen(), reopen)
+            rows: list[sw.Row] = []
             try:
-                outcome = _run(m, workload, req, progress)
+                outcome = _run(m, workload, req, progress, rows)
+            except BaseException:
+                if rows:           # the runs finished so far are kept
+                    (run_dir / "inject.json").write_text(json.dumps({"partial": True, "rows": [r.to_dict()
+                                                                     for r in rows]}, indent=2) + "\n")
+                raise
             finally:
                 m.reader.close()
     except HarnessError as e:
@@ -87,12 +93,18 @@ def inject_command(kopts: KernelOptions, bopts: BootOptions, cache_dir: Path, ru
 
 
 def _run(m: sw.Machine, workload: sw.Workload, req: InjectRequest,
-         progress: Callable[[str], None] | None) -> InjectOutcome:
+         progress: Callable[[str], None] | None, rows: list[sw.Row]) -> InjectOutcome:
     if req.sweep:
-        res = sw.sweep(m, workload, limit=req.limit,
-                       progress=(lambda r: progress(f"{r.plan}: {r.verdict}")) if progress else None)
+        def each(row: sw.Row) -> None:
+            rows.append(row)
+            if progress:
+                progress(f"{row.plan}: {row.verdict}")
+
+        res = sw.sweep(m, workload, limit=req.limit, progress=each)
+        unfired = sum(r.verdict == sw.UNFIRED for r in res.rows)
         head = (f"{workload.name}: {len(res.counted.calls)} allocation calls ({_counts(res.counted.counts())}); "
-                f"{len(res.rows)} runs in {res.seconds:.0f}s; {len(res.findings)} unexplained finding(s)")
+                f"{len(res.rows)} runs in {res.seconds:.0f}s ({unfired} not reached); "
+                f"{len(res.findings)} unexplained finding(s)")
         return InjectOutcome(Path(), head + "\n\n" + res.table(),
                              ExitCode.TEST_FAILURE if res.findings else ExitCode.PASS, res.to_dict())
     failed = sw.run_workload(m.target, workload)        # the first VM's lasting tables, as a sweep does
@@ -109,7 +121,8 @@ def _run(m: sw.Machine, workload: sw.Workload, req: InjectRequest,
              *(f"  {d}" for d in row.details)]
     if row.explained:
         lines.append(f"explained: {row.explained}")
-    code = {sw.PANICKED: ExitCode.PANIC}.get(row.verdict, ExitCode.TEST_FAILURE if row.finding else ExitCode.PASS)
+    bad = row.finding or row.verdict == sw.UNFIRED
+    code = {sw.PANICKED: ExitCode.PANIC}.get(row.verdict, ExitCode.TEST_FAILURE if bad else ExitCode.PASS)
     return InjectOutcome(Path(), "\n".join(lines), code, row.to_dict())
 
 

@@ -24,7 +24,7 @@ from harness.el2.decode import NVHE
 from harness.el2.gdbstub import GdbStub
 from harness.el2.memory import MASK64
 from harness.el2.snapshot import El2Reader
-from harness.errors import UsageError
+from harness.errors import InfraError, UsageError
 from harness.model.errnos import ENOMEM
 
 MAX_CHAIN = 16          # callers kept per call: past the page-table walker's recursion to the hypercall
@@ -131,9 +131,11 @@ class Injector:
     def _prepare(self) -> None:
         snap = self.reader.snapshot()
         if snap.hyp_physvirt_offset is None:
-            raise RuntimeError(f"hyp_physvirt_offset could not be read: {snap.unavailable}")
+            raise InfraError(f"hyp_physvirt_offset could not be read: {snap.unavailable}",
+                             hint="the kernel's EL2 layout is not what the decoders know")
         self._off = snap.hyp_physvirt_offset
-        self._pools = {p.struct_pa: name for name, p in snap.pools.items()}
+        # the fixed pools by name; a VM's (even one alive now) counts as VM_POOL
+        self._pools = {p.struct_pa: name for name, p in snap.pools.items() if name in POOLS}
         self._entries = {(self.reader.kpa(NVHE + name) - self._off) & MASK64: site
                          for name, site in self.sites.items()}
         # nVHE functions by hyp VA, to name a call's caller
@@ -172,6 +174,8 @@ class Injector:
         self._stop.set()
         if self._thread:
             self._thread.join(self.timeout + 5)
+            if self._thread.is_alive():        # its socket is not ours to use then
+                self.error = self.error or TimeoutError("the injector's stop loop did not end")
         self._close()
         self.result.seconds = time.monotonic() - getattr(self, "_started", time.monotonic())
         if self.error:
@@ -224,8 +228,9 @@ class Injector:
                     continue
                 gdb.step_past(stop.thread, regs.pc)
                 gdb.resume()
-        except BaseException as e:      # surfaced by stop(); the machine is detached in any case
+        except BaseException as e:      # surfaced by stop(); the machine is detached at once, to run on
             self.error = e
+            gdb.close()
 
     def _hit(self, site: Site, cpu: int | None, x: tuple[int, ...]) -> bool:
         """Count the call; True if it is the one to fail."""

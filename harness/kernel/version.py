@@ -293,6 +293,13 @@ class KernelVersion:
         return self.at_least(6, 12)
 
     @property
+    def refills_vcpu_memcache_for_normal_vms(self) -> bool:
+        """EL2 tops up a vCPU's memcache from the host's (refill_memcache) when the host shares a
+        page with a normal VM's guest (__pkvm_host_share_guest, 6.14's guest stage-2 at EL2).
+        Read: 7.3 refills under handle___pkvm_host_share_guest; 6.12 never does for a normal VM."""
+        return self.at_least(6, 14)
+
+    @property
     def host_state_checks_memory(self) -> bool:
         """host_get_page_state() reads an address that is not memory as NOPAGE, so a transition
         of it is refused -EPERM. Without that (6.1.192) the check walk refuses only a non-memory

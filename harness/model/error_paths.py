@@ -20,13 +20,16 @@ class Explanation:
     site: str
     ends: str                   # the verdict it explains (harness.sweep): another one is a finding
     why: str
-    says: str = ""              # a regex the run's details must match (the panic line it explains)
+    says: str = ""              # a regex every one of the run's details must match (the panic line,
+                                # the leftovers it explains): anything more is a finding
     since: str = "6.1"
     until: str | None = None    # the first version it no longer holds for
 
-    def applies(self, site: str, chain: Sequence[str], verdict: str, details: str, version: KernelVersion) -> bool:
+    def applies(self, site: str, chain: Sequence[str], verdict: str, details: Sequence[str],
+                version: KernelVersion) -> bool:
         if site != self.site or self.under not in chain or verdict != self.ends \
-                or version < KernelVersion.parse(self.since) or not re.search(self.says, details):
+                or version < KernelVersion.parse(self.since) \
+                or not all(re.search(self.says, d) for d in details):
             return False
         return self.until is None or version < KernelVersion.parse(self.until)
 
@@ -35,9 +38,16 @@ _DRAIN = ("not reachable: NULL is how {fn} ends its drain of a torn-down VM's po
           "when it comes; failed earlier, the drain stops and the rest of the pool is never given back (what "
           "the row shows)")
 
+# What a stopped drain leaves: the pool's pages still the hyp's, and the hyp stage-1 tables mapping them
+_DRAIN_LEFT = (r"^page states: \d+ page\(s\) left(\n    0x[0-9a-f]+: host OWNED / hyp NOPAGE -> host NOPAGE / "
+               r"hyp OWNED.*|\n    \.\.\. and \d+ more)+$|^hpool: \d+ page\(s\) left(\n    0x[0-9a-f]+: a hyp "
+               r"stage-1 table page \(level \d\))+$")
+
 EXPLAINED = (
-    Explanation("reclaim_guest_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_guest_pages")),
-    Explanation("reclaim_pgtable_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_pgtable_pages")),
+    Explanation("reclaim_guest_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_guest_pages"),
+                says=_DRAIN_LEFT),
+    Explanation("reclaim_pgtable_pages", "hyp_alloc_pages", "leaked", _DRAIN.format(fn="reclaim_pgtable_pages"),
+                says=_DRAIN_LEFT),
     Explanation("guest_s2_zalloc_pages_exact", "hyp_alloc_pages", "panicked",
                 "a latent missing NULL check (guest_s2_zalloc_pages_exact passes the result to "
                 "hyp_split_page unchecked): not reachable from the host, since the VM's pool is exactly the "
@@ -51,7 +61,8 @@ EXPLAINED = (
 )
 
 
-def explain(site: str, chain: Sequence[str], verdict: str, details: str, version: KernelVersion) -> str | None:
+def explain(site: str, chain: Sequence[str], verdict: str, details: Sequence[str],
+            version: KernelVersion) -> str | None:
     """The kernel's own reason why a failed call at `site` under `chain` ends in `verdict` (with
     `details`: the panic line, the leftovers), if known."""
     bases = [name.split(".")[0] for name in chain]

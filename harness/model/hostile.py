@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from harness.model.errnos import EBUSY, EINVAL, ENOENT, EPERM
-from harness.model.stage2 import IllegalTransition, PageStates, State
+from harness.model.stage2 import TRANSITIONS, IllegalTransition, PageStates, State
 
 SHARE, UNSHARE, VM = "share", "unshare", "vm"
 HYPERCALL = {SHARE: "__pkvm_host_share_hyp", UNSHARE: "__pkvm_host_unshare_hyp"}
@@ -79,6 +79,12 @@ class MixModel:
         if want == 0:
             self.states.apply(TRANSITION[step.op], step.arg)
         return want
+
+    def follow(self, step: Step, ret: int) -> None:
+        """Move as the kernel did where it disagreed: a call it let through (0) took effect."""
+        if ret == 0 and step.op != VM:
+            (_, host), (_, hyp) = TRANSITIONS[TRANSITION[step.op]]
+            self.states.host[step.arg], self.states.hyp[step.arg] = host, hyp
 
     def shared(self) -> list[int]:
         return [p for p, s in self.states.hyp.items() if s == State.SHARED_BORROWED]

@@ -256,8 +256,9 @@ class TransitionChecker:
             want, why = (EBUSY if "pinned" in str(e) else EPERM), str(e)
         maybe_busy = kind == "host_unshare_hyp" and want == 0 and t.ret == EBUSY and \
             any(pa in self.unknown_pins for pa in t.pages())
-        # before KernelVersion.host_state_checks_memory (6.1) the check walk refuses a mapped
-        # non-memory page -EINVAL: a refusal all the same
+        # a mapped non-memory page is refused -EINVAL by 6.1's check walk (before
+        # KernelVersion.host_state_checks_memory): accepted as a refusal on every kernel, as the
+        # checker does not know the version; the states are still compared
         not_memory = want == EPERM and t.ret == EINVAL and not all(map(self._seed_memory, t.pages()))
         if t.ret != want and not maybe_busy and not not_memory:
             detail = f" ({why})" if why else ""

@@ -7,7 +7,8 @@
  * /sys/kernel/debug/pkvm_hostile/hvc
  *   write: one call a line, "ID A1 A2 A3 A4 A5" (numbers in C notation; missing ones are 0), where
  *          ID is the index in enum __kvm_host_smccc_func (the harness reads it from DWARF). Each is
- *          issued as HVC KVM_HOST_SMCCC_ID(ID), in order, up to 64 a write.
+ *          issued as HVC KVM_HOST_SMCCC_ID(ID), in order; a write that would take the calls
+ *          kept unread past 64 is refused whole (-E2BIG) before any is issued.
  *   read:  one line a call written since the last read, "a0 a1 a2 a3" in hex (a0: the SMCCC
  *          status, a1: the handler's return). A shell's printf may write line by line: the
  *          calls of several writes are kept until they are read.
@@ -26,6 +27,7 @@
 #include <linux/mm.h>
 #include <linux/mutex.h>
 #include <linux/slab.h>
+#include <linux/string.h>
 #include <linux/uaccess.h>
 
 #define MAX_CALLS 64
@@ -64,38 +66,44 @@ static char *copy_line_buffer(const char __user *ubuf, size_t len)
 	return buf;
 }
 
+static int parse_call(const char *line, unsigned long long a[6])
+{
+	memset(a, 0, 6 * sizeof(a[0]));
+	return sscanf(line, "%lli %lli %lli %lli %lli %lli", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5]);
+}
+
 static ssize_t hvc_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
 {
+	unsigned long long a[6];
 	char *buf, *cur, *line;
-	int n = 0;
+	int calls = 0;
+	ssize_t ret = len;
 
 	buf = copy_line_buffer(ubuf, len);
 	if (IS_ERR(buf))
 		return PTR_ERR(buf);
+	for (cur = buf; *cur; cur++)		/* count first: all of a write is issued, or none */
+		calls += *cur == '\n' || !cur[1];
 	mutex_lock(&hostile_lock);
 	if (results_read) {
 		nr_results = 0;
 		results_read = false;
 	}
-	n = nr_results;
+	if (nr_results + calls > MAX_CALLS) {
+		ret = -E2BIG;
+		goto out;
+	}
 	cur = buf;
 	while ((line = strsep(&cur, "\n")) != NULL) {
-		unsigned long long a[6] = {0};
-		int got = sscanf(line, "%lli %lli %lli %lli %lli %lli", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5]);
-
-		if (got <= 0)
+		if (parse_call(line, a) <= 0)
 			continue;
-		if (n == MAX_CALLS) {
-			n = -E2BIG;
-			break;
-		}
-		arm_smccc_1_1_hvc(hvc_id(a[0]), a[1], a[2], a[3], a[4], a[5], &results[n]);
-		n++;
+		arm_smccc_1_1_hvc(hvc_id(a[0]), a[1], a[2], a[3], a[4], a[5], &results[nr_results]);
+		nr_results++;
 	}
-	nr_results = n < 0 ? 0 : n;
+out:
 	mutex_unlock(&hostile_lock);
 	kfree(buf);
-	return n < 0 ? n : len;
+	return ret;
 }
 
 static ssize_t hvc_read(struct file *file, char __user *ubuf, size_t len, loff_t *ppos)
