@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from harness.model.errnos import EBUSY, EINVAL, ENOENT, EPERM
+from harness.model.errnos import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM
 from harness.model.stage2 import TRANSITIONS, IllegalTransition, PageStates, State
 
 SHARE, UNSHARE, VM = "share", "unshare", "vm"
@@ -27,6 +27,9 @@ BAD_HANDLE = {"__pkvm_teardown_vm": ENOENT, "__pkvm_start_teardown_vm": EINVAL,
 # __pkvm_init_vcpu takes the vCPU's memory first and looks the VM up second (6.12, 7.x): a bad
 # handle is -ENOENT, and the memory must come back.
 INIT_VCPU_BAD_HANDLE = ENOENT
+# ... and memory the host cannot donate (not its own) fails that first step: map_donated_memory()
+# returns NULL, and __pkvm_init_vcpu() says -ENOMEM, whatever the handle.
+INIT_VCPU_NOT_DONATED = ENOMEM
 
 
 def predict(transition: str, pair: tuple[State, State], *, is_memory: bool = True, pins: int = 0,

@@ -15,7 +15,7 @@ from harness.image.payloads import GUEST_DIR
 from harness.kernel.version import KernelVersion
 from harness.model.baseline import leftovers
 from harness.model.errnos import EINVAL, EPERM, errno_name
-from harness.model.hostile import BAD_HANDLE, INIT_VCPU_BAD_HANDLE, mix, predict
+from harness.model.hostile import BAD_HANDLE, INIT_VCPU_BAD_HANDLE, INIT_VCPU_NOT_DONATED, mix, predict
 from harness.model.transitions import snapshot_states
 from harness.targets.guests import BackgroundGuests, guest_args
 from harness.targets.hostile import SMCCC_RET_NOT_SUPPORTED
@@ -116,6 +116,22 @@ def test_a_vcpu_donated_to_a_vm_that_does_not_exist_comes_back(hostile, el2):
     left = leftovers(before, el2.snapshot())
     assert left == [], "the failed __pkvm_init_vcpu kept what it took:\n" + "\n".join(map(str, left))
     hostile.free(block)
+
+
+def test_the_hyps_own_memory_cannot_be_donated_for_a_vcpu(hostile, el2):
+    """__pkvm_init_vcpu donates the vCPU's memory from the host: given the hyp's own pages (hpool's,
+    at their host linear-map address), the donation is refused and nothing changes."""
+    if not hostile.has("__pkvm_init_vcpu"):
+        pytest.skip("this kernel has no __pkvm_init_vcpu (6.1)")
+    [mine] = hostile.alloc(1)
+    linear = mine.kva - mine.pa               # the host's linear map: one offset for all of memory
+    before = el2.snapshot()
+    hpool = before.pools["hpool"].range_start
+    got = hostile.call("__pkvm_init_vcpu", 0xdead, 0, hpool + linear)
+    assert got.supported and got.ret == INIT_VCPU_NOT_DONATED, errno_name(got.ret)
+    left = leftovers(before, el2.snapshot())
+    assert left == [], "a refused donation changed EL2:\n" + "\n".join(map(str, left))
+    hostile.free(mine)
 
 
 def test_hypercalls_out_of_range_or_from_init_are_not_dispatched(hostile, el2):
