@@ -151,6 +151,12 @@ def error_line(result: CommandResult | None) -> str:
     return (lines[-1] if lines else f"exit {result.status}").strip()[:160]
 
 
+def warm(target: Target, workload: Workload) -> None:
+    """One unfailed run, so the first VM's lasting hyp stage-1 tables are in every baseline after."""
+    if (failed := run_workload(target, workload)) is not None:
+        raise WorkloadFails(error_line(failed))
+
+
 def count(machine: Machine, workload: Workload) -> Injection:
     """The calls the workload makes at each allocation site, none failed."""
     with Injector(machine.reader, machine.gdb_socket) as injector:
@@ -207,8 +213,8 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
 
 def _restart(machine: Machine, workload: Workload) -> None:
     """A fresh machine for the next run, warmed by one unfailed workload as the sweep began."""
-    if machine.reboot() and (failed := run_workload(machine.target, workload)) is not None:
-        raise WorkloadFails(error_line(failed))
+    if machine.reboot():
+        warm(machine.target, workload)
 
 
 def _judge(machine: Machine, workload: Workload, before: Any, row: Row) -> None:
@@ -229,9 +235,7 @@ def sweep(machine: Machine, workload: Workload, *, limit: int | None = None,
           progress: Callable[[Row], None] | None = None) -> SweepResult:
     """The counting run, then one run per call (the first `limit` calls, if given)."""
     started = time.monotonic()
-    run_workload_once = run_workload(machine.target, workload)     # warm: the first VM's lasting tables
-    if run_workload_once is not None:
-        raise WorkloadFails(error_line(run_workload_once))
+    warm(machine.target, workload)
     version = KernelVersion.parse(machine.reader.kernel.version)
     result = SweepResult(workload, count(machine, workload))
     for plan in plans_of(result.counted, limit):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,7 @@ class GdbStub:
         self.log = log            # if given, every packet in and out ("> ..." / "< ..."), for transcripts
         self._buf = b""
         self._ack = True
+        self.steps_repeated = 0   # single-steps past a breakpoint that had to be repeated
         self._attached = False
         family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -255,17 +258,39 @@ class GdbStub:
             self.interrupt(self.timeout)
         raise RuntimeError(f"a vCPU stayed at EL2 for {bursts} bursts")
 
-    def step_past(self, thread: str | None, pc: int) -> int:
+    def step_past(self, thread: str | None, pc: int) -> None:
         """Continuing from a breakpoint would stop on it again at once. QEMU (7.1+) lets a
         single-step override the breakpoint under the PC, so one step of this vCPU gets past it
         without removing it (removing and re-inserting would also throw away translated code).
         A step now and then ends where it began (seen under load); resuming from there would
-        see the call twice, so the PC is checked and the step repeated. Returns the repeats."""
+        see the call twice, so the PC is checked and the step repeated (`steps_repeated`)."""
         for repeats in range(8):
             self.step(thread, self.timeout)
             if self.read_pc() != pc:
-                return repeats
+                self.steps_repeated += repeats
+                return
         raise RuntimeError(f"CPU {thread} does not step past the breakpoint at {pc:#x}")
+
+    def serve(self, stopping: threading.Event, on_hit: Callable[[Stop, Registers], bool],
+              done: Callable[[], bool] = lambda: True, poll: float = 0.2) -> None:
+        """Answer breakpoint stops until `stopping` is set. Each stop goes to `on_hit` with the
+        registers of the vCPU that stopped (QEMU selects it); unless it says it moved the PC
+        itself, the vCPU is stepped past the breakpoint; then the machine runs on. Once
+        `stopping` is set the machine is interrupted, and left stopped when `done()` says so
+        (else it runs on, and is asked again at the next quiet poll)."""
+        while True:
+            stop = self.wait_stop(poll)
+            if stop is None:
+                if stopping.is_set():
+                    self.interrupt(self.timeout)
+                    if done():
+                        return
+                    self.resume()
+                continue
+            regs = self.registers(None)
+            if not on_hit(stop, regs):
+                self.step_past(stop.thread, regs.pc)
+            self.resume()
 
     def resume(self) -> None:
         """Continue every vCPU; the next stop arrives through wait_stop()."""

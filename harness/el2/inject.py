@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.el2.decode import NVHE
-from harness.el2.gdbstub import GdbStub
+from harness.el2.gdbstub import GdbStub, Registers, Stop
 from harness.el2.memory import MASK64
 from harness.el2.snapshot import El2Reader
 from harness.errors import InfraError, UsageError
@@ -209,25 +209,20 @@ class Injector:
     def _loop(self) -> None:
         gdb = self._gdb
         assert gdb is not None
+
+        def on_hit(stop: Stop, regs: Registers) -> bool:
+            site = self._entries.get(regs.pc) if regs.el == 2 else None
+            if site is None:
+                self.result.hits_not_at_el2 += 1
+                return False
+            if not self._hit(site, stop.cpu, regs.x):
+                return False
+            gdb.write_register(0, site.failure)      # return at once, failed
+            gdb.write_register(32, regs.x[30])
+            return True
+
         try:
-            while True:
-                stop = gdb.wait_stop(0.2)
-                if stop is None:
-                    if self._stop.is_set():
-                        gdb.interrupt(self.timeout)     # stopped, so the breakpoints can go
-                        return
-                    continue
-                regs = gdb.registers(None)              # QEMU selects the vCPU that stopped
-                site = self._entries.get(regs.pc) if regs.el == 2 else None
-                if site is None:
-                    self.result.hits_not_at_el2 += 1
-                elif self._hit(site, stop.cpu, regs.x):
-                    gdb.write_register(0, site.failure)   # return at once, failed
-                    gdb.write_register(32, regs.x[30])
-                    gdb.resume()
-                    continue
-                gdb.step_past(stop.thread, regs.pc)
-                gdb.resume()
+            gdb.serve(self._stop, on_hit)            # left stopped at the end: the breakpoints can go
         except BaseException as e:      # surfaced by stop(); the machine is detached at once, to run on
             self.error = e
             gdb.close()

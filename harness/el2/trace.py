@@ -29,7 +29,7 @@ from pathlib import Path
 from harness.el2 import emulate
 from harness.el2 import symbols as ksyms
 from harness.el2.decode import NVHE, field_value
-from harness.el2.gdbstub import GdbStub, Registers
+from harness.el2.gdbstub import GdbStub, Registers, Stop
 from harness.el2.memory import MASK64
 from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
@@ -184,27 +184,26 @@ class Tracer:
     def _loop(self) -> None:
         gdb = self._gdb
         assert gdb is not None
+
+        def on_hit(stop: Stop, regs: Registers) -> bool:
+            self._hit(stop.cpu, regs)
+            return self._emulate_over(gdb, regs)
+
+        def done() -> bool:
+            """Stopped for the final snapshot, unless a hyp call is under way: let it finish, traced."""
+            if not gdb.any_at_el2():
+                return True
+            self._drain_rounds += 1
+            if self._drain_rounds > 200:
+                raise RuntimeError("a vCPU stayed at EL2 for 200 rounds at the end of the trace")
+            return False
+
         try:
-            while True:
-                stop = gdb.wait_stop(0.2)
-                if stop is None:
-                    if self._stop.is_set():
-                        gdb.interrupt(self.timeout)      # leave it stopped for the final snapshot
-                        if gdb.any_at_el2():
-                            self._drain_rounds += 1      # a hyp call is under way: let it finish, traced
-                            if self._drain_rounds > 200:
-                                raise RuntimeError("a vCPU stayed at EL2 for 200 rounds at the end of the trace")
-                            gdb.resume()
-                            continue
-                        return
-                    continue
-                regs = gdb.registers(None)      # QEMU selects the vCPU that stopped
-                self._hit(stop.cpu, regs)
-                if not self._emulate_over(gdb, regs):
-                    self.steps_repeated += gdb.step_past(stop.thread, regs.pc)
-                gdb.resume()
+            gdb.serve(self._stop, on_hit, done)
         except BaseException as e:   # surfaced by stop(); the machine is detached in any case
             self.error = e
+        finally:
+            self.steps_repeated = gdb.steps_repeated
 
     def _emulate_over(self, gdb: GdbStub, regs: Registers) -> bool:
         """Pass the breakpoint by executing its instruction here: write the result and PC + 4.

@@ -70,7 +70,7 @@ def _page_states(before: Any, after: Any) -> Leftover | None:
         return Leftover("page states", [], [f"could not be compared: {e}"])
     changed = []
     for pa in sorted(set(was.hyp_pages) | set(now.hyp_pages)):
-        a, b = was.hyp_pages.get(pa) or was.state(pa), now.hyp_pages.get(pa) or now.state(pa)
+        a, b = was.view(pa), now.view(pa)
         if a != b:
             changed.append((pa, a, b))
     if not changed:

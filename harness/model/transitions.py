@@ -116,6 +116,10 @@ class SnapshotStates:
     count: Callable[[int], int] = lambda pa: 0      # host_share_guest_count (6.14+)
     memory: Callable[[int], bool] = lambda pa: True  # whether memory backs the page (the memblocks)
 
+    def view(self, pa: int) -> Pair:
+        """A page's (host, hyp) states: the hyp's pages as read with them, any other from state()."""
+        return self.hyp_pages.get(pa) or self.state(pa)
+
 
 @dataclass
 class VmLedger:
@@ -330,7 +334,7 @@ class TransitionChecker:
             pages |= snap.guest_pages | {pa for pa, n in self.counts.items() if n}
         wrong = []
         for pa in sorted(pages):
-            want, seen = self.states.view(pa), snap.hyp_pages.get(pa) or snap.state(pa)
+            want, seen = self.states.view(pa), snap.view(pa)
             if not self.guests_traced and pa in snap.guest_pages and want[1] == seen[1] == State.NOPAGE:
                 continue
             want_n, seen_n = self._count(pa), snap.count(pa)

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harness.errors import UsageError
+from harness.model.stage2 import MASK64
 from harness.targets.base import Target
 
 DIR = "/sys/kernel/debug/pkvm_hostile"
 MAX_CALLS = 64                          # per write, as the module takes them
 LINE_BUDGET = 512                       # characters of calls per shell line (a console line holds 768)
 SMCCC_RET_NOT_SUPPORTED = (1 << 64) - 1
-MASK64 = (1 << 64) - 1
 
 
 def signed(value: int) -> int:
