@@ -20,7 +20,6 @@ from typing import Any
 from harness.el2.inject import Injection, Injector, Plan
 from harness.el2.snapshot import El2Reader
 from harness.errors import ExitCode, HarnessError, InfraError
-from harness.kernel.version import KernelVersion
 from harness.model.baseline import leftovers
 from harness.model.error_paths import explain
 from harness.model.invariants import render, run_checks
@@ -175,7 +174,7 @@ def plans_of(counted: Injection, limit: int | None = None) -> list[Plan]:
     return plans[:limit] if limit is not None else plans
 
 
-def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVersion) -> Row:
+def run_one(machine: Machine, workload: Workload, plan: Plan) -> Row:
     """The workload with `plan`'s call failed, judged; a machine that died or hangs is rebooted
     (and warmed again, as the sweep began)."""
     started = time.monotonic()
@@ -206,7 +205,7 @@ def run_one(machine: Machine, workload: Workload, plan: Plan, version: KernelVer
     if (fired := injector.result.fired) is not None:
         row.failed = str(fired)
         row.explained = explain(fired.site, [fired.caller.split("+")[0], *fired.chain], row.verdict,
-                                row.details, version)
+                                row.details)
     row.seconds = time.monotonic() - started
     return row
 
@@ -236,10 +235,9 @@ def sweep(machine: Machine, workload: Workload, *, limit: int | None = None,
     """The counting run, then one run per call (the first `limit` calls, if given)."""
     started = time.monotonic()
     warm(machine.target, workload)
-    version = KernelVersion.parse(machine.reader.kernel.version)
     result = SweepResult(workload, count(machine, workload))
     for plan in plans_of(result.counted, limit):
-        row = run_one(machine, workload, plan, version)
+        row = run_one(machine, workload, plan)
         result.rows.append(row)
         if progress is not None:
             progress(row)

@@ -1,8 +1,8 @@
 """Why an injected allocation failure ends as it does on a stock kernel, where the kernel's code
 explains it (pure). A fault sweep (harness.sweep) reports every run; a run whose failed call one
 of these explains is a known property of that kernel, not a new finding. Each entry names the
-functions the failed call ran under (its caller chain) and the versions it holds for; the
-reproducer is the row's site and N.
+functions the failed call ran under (its caller chain): a kernel without those functions never
+meets it, so no version bounds are kept here. The reproducer is the row's site and N.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from harness.kernel.version import KernelVersion
 
 
 @dataclass(frozen=True)
@@ -22,16 +20,10 @@ class Explanation:
     why: str
     says: str = ""              # a regex every one of the run's details must match (the panic line,
                                 # the leftovers it explains): anything more is a finding
-    since: str = "6.1"
-    until: str | None = None    # the first version it no longer holds for
 
-    def applies(self, site: str, chain: Sequence[str], verdict: str, details: Sequence[str],
-                version: KernelVersion) -> bool:
-        if site != self.site or self.under not in chain or verdict != self.ends \
-                or version < KernelVersion.parse(self.since) \
-                or not all(re.search(self.says, d) for d in details):
-            return False
-        return self.until is None or version < KernelVersion.parse(self.until)
+    def applies(self, site: str, chain: Sequence[str], verdict: str, details: Sequence[str]) -> bool:
+        return site == self.site and self.under in chain and verdict == self.ends \
+            and all(re.search(self.says, d) for d in details)
 
 
 _DRAIN = ("not reachable: NULL is how {fn} ends its drain of a torn-down VM's pool, so a real pool is empty "
@@ -52,7 +44,7 @@ EXPLAINED = (
                 "a latent missing NULL check (guest_s2_zalloc_pages_exact passes the result to "
                 "hyp_split_page unchecked): not reachable from the host, since the VM's pool is exactly the "
                 "stage-2 PGD EL2 sized and the host donated at __pkvm_init_vm",
-                says=r"nVHE hyp panic at: .*hyp_(get|split)_page", since="6.2"),
+                says=r"nVHE hyp panic at: .*hyp_(get|split)_page"),
     Explanation("pkvm_create_mappings_locked", "hyp_alloc_pages", "panicked",
                 "by design: hpool is sized at boot for a hyp stage-1 that maps all of memory, so a mapping "
                 "the hyp adds for a page it takes or borrows cannot run out; its callers WARN_ON a failure "
@@ -61,9 +53,8 @@ EXPLAINED = (
 )
 
 
-def explain(site: str, chain: Sequence[str], verdict: str, details: Sequence[str],
-            version: KernelVersion) -> str | None:
+def explain(site: str, chain: Sequence[str], verdict: str, details: Sequence[str]) -> str | None:
     """The kernel's own reason why a failed call at `site` under `chain` ends in `verdict` (with
     `details`: the panic line, the leftovers), if known."""
     bases = [name.split(".")[0] for name in chain]
-    return next((e.why for e in EXPLAINED if e.applies(site, bases, verdict, details, version)), None)
+    return next((e.why for e in EXPLAINED if e.applies(site, bases, verdict, details)), None)

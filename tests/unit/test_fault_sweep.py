@@ -14,7 +14,6 @@ from harness.el2.decode import NVHE
 from harness.el2.image import MemoryImage
 from harness.el2.inject import SITES, Call, Injection, Plan, sites_of
 from harness.el2.state import VmInfo
-from harness.kernel.version import KernelVersion
 from harness.model.baseline import leftovers
 from harness.model.error_paths import explain
 from harness.model.leaks import held
@@ -67,7 +66,6 @@ def test_held_pages_are_those_with_a_reference(snap):
 
 # --- explanations --------------------------------------------------------------------------------
 
-V612, V73 = KernelVersion.parse("6.12.117"), KernelVersion.parse("7.3.4")
 BUG = ["[    2.5] kvm [75]: nVHE hyp BUG at: arch/arm64/kvm/hyp/nvhe/mem_protect.c:917!"]
 POOL_LEFT = ["hpool: 1 page(s) left\n    0x7f51a000: a hyp stage-1 table page (level 3)",
              "page states: 2 page(s) left\n    0x417f1000: host OWNED / hyp NOPAGE -> host NOPAGE / hyp OWNED\n"
@@ -76,26 +74,26 @@ POOL_LEFT = ["hpool: 1 page(s) left\n    0x7f51a000: a hyp stage-1 table page (l
 
 def test_the_drain_of_a_torn_down_vms_pool_explains_its_leak_only():
     chain = ["reclaim_guest_pages", "__pkvm_teardown_vm"]
-    assert "drain" in explain("hyp_alloc_pages", chain, LEAKED, POOL_LEFT, V612)
-    assert explain("hyp_alloc_pages", chain, PANICKED, BUG, V612) is None
-    assert explain("refill_memcache", chain, LEAKED, POOL_LEFT, V612) is None
+    assert "drain" in explain("hyp_alloc_pages", chain, LEAKED, POOL_LEFT)
+    assert explain("hyp_alloc_pages", chain, PANICKED, BUG) is None
+    assert explain("refill_memcache", chain, LEAKED, POOL_LEFT) is None
     # anything else left (a VM in vm_table, an hpool page that is not a hyp table) is a finding
-    assert explain("hyp_alloc_pages", chain, LEAKED, [*POOL_LEFT, "vm_table: 1 page(s) left\n    x"], V612) is None
-    assert explain("hyp_alloc_pages", chain, LEAKED, ["hpool: 1 page(s) left\n    0x7f51a000: the pkvm_hyp_vm of VM"],
-                   V612) is None
+    assert explain("hyp_alloc_pages", chain, LEAKED, [*POOL_LEFT, "vm_table: 1 page(s) left\n    x"]) is None
+    not_a_table = ["hpool: 1 page(s) left\n    0x7f51a000: the pkvm_hyp_vm of VM"]
+    assert explain("hyp_alloc_pages", chain, LEAKED, not_a_table) is None
 
 
 def test_a_hyp_mapping_that_cannot_be_made_explains_the_el2_bug_it_panics_with():
     chain = ["hyp_zalloc_hyp_page", "hyp_map_walker", "pkvm_create_mappings_locked", "do_share.part.0"]
-    assert "hpool is sized" in explain("hyp_alloc_pages", chain, PANICKED, BUG, V612)
-    assert explain("hyp_alloc_pages", chain, PANICKED, ["Unable to handle kernel paging request"], V612) is None
+    assert "hpool is sized" in explain("hyp_alloc_pages", chain, PANICKED, BUG)
+    assert explain("hyp_alloc_pages", chain, PANICKED, ["Unable to handle kernel paging request"]) is None
 
 
 def test_the_unchecked_pgd_allocation_explains_a_hyp_panic_not_a_leak():
     chain = ["guest_s2_zalloc_pages_exact", "__kvm_pgtable_stage2_init", "__pkvm_init_vm"]
     panic = ["kvm [76]: nVHE hyp panic at: [<ffff8000804979ec>] __kvm_nvhe_hyp_get_page+0x78/0x78!"]
-    assert "NULL check" in explain("hyp_alloc_pages", chain, PANICKED, panic, V73)
-    assert explain("hyp_alloc_pages", chain, LEAKED, POOL_LEFT, V73) is None
+    assert "NULL check" in explain("hyp_alloc_pages", chain, PANICKED, panic)
+    assert explain("hyp_alloc_pages", chain, LEAKED, POOL_LEFT) is None
 
 
 # --- the sweep's records ----------------------------------------------------------------------------
