@@ -84,8 +84,12 @@ def _page_states(before: Any, after: Any) -> Leftover | None:
 def _hyp_private(before: Any, after: Any) -> Leftover | None:
     """Pages the hyp stage-1 maps outside its linear map (stacks, fixmap, private mappings) that
     it did not before."""
-    if before.hyp_s1 is None or after.hyp_s1 is None or after.hyp_physvirt_offset is None:
-        return None
+    for name, snap in (("before", before), ("after", after)):
+        missing = "hyp_s1" if snap.hyp_s1 is None else "hyp_physvirt_offset" if snap.hyp_physvirt_offset is None \
+            else None
+        if missing:             # not read is not clean
+            return Leftover("hyp stage-1", [], [f"could not be compared: the snapshot {name} has no {missing} "
+                                                 f"({snap.unavailable.get(missing, 'not read')})"])
 
     def private(snap: Any) -> set[tuple[int, int]]:
         return {(leaf.addr, leaf.pa) for leaf in snap.hyp_s1.leaves

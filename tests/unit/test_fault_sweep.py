@@ -59,6 +59,14 @@ def test_a_vm_left_in_vm_table_is_a_leftover(snap):
     assert "vm_table[7]: VM 0x1007" in str(left)
 
 
+def test_a_hyp_stage1_that_could_not_be_read_is_not_taken_for_clean(snap):
+    after = copy.deepcopy(snap)
+    after.hyp_s1 = None
+    after.unavailable["hyp_s1"] = "a table page could not be read"
+    [left] = [x for x in leftovers(snap, after) if x.where == "hyp stage-1"]
+    assert "could not be compared" in str(left) and "a table page could not be read" in str(left)
+
+
 def test_held_pages_are_those_with_a_reference(snap):
     pool = snap.pools["hpool"]
     assert held(pool) == {pa for pa, (r, _) in pool.pages.items() if r}
