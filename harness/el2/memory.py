@@ -54,6 +54,19 @@ class PhysicalMemory:
             if was_running:
                 self.qmp.execute("cont")
 
+    def kimage_voffset(self, symbols: dict[str, int]) -> int:
+        with self.paused():
+            return find_kimage_voffset(self, symbols)
+
+    @contextlib.contextmanager
+    def instant(self, wanted: set[int]) -> Iterator[RegionCache]:
+        """The machine stopped: reads are consistent, and any page can be read (`wanted`, what a
+        dump would have to be asked for, is not needed here)."""
+        with self.paused():
+            cache = RegionCache(self)
+            yield cache
+        cache.frozen = True
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.qmp.close()
@@ -74,6 +87,7 @@ class RegionCache:
         self.regions: list[tuple[int, bytes]] = []
         self.live_reads = 0
         self.frozen = False      # set once the machine runs again: a live read would be inconsistent
+        self.missed: set[int] = set()      # never: a stopped machine has every page (a dump may not)
 
     def load(self, pa: int, size: int) -> None:
         self.regions.append((pa, self.mem.read(pa, size)))

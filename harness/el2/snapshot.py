@@ -1,9 +1,15 @@
-"""EL2 memory state of a running QEMU pKVM host: the I/O half (the decoding is harness.el2.decode).
+"""EL2 memory state of a running pKVM host: the I/O half (the decoding is harness.el2.decode).
 
-`El2Reader.snapshot()` stops the vCPUs, copies the hyp carveout and the nVHE data in two reads,
-has harness.el2.decode decode everything from those copies, and resumes. A snapshot that finds a
-pool or the host stage-2 lock held (owner != next: a vCPU was inside EL2) is thrown away and
-retried after the machine ran briefly. Every offset comes from the vmlinux's DWARF
+EL2 memory comes from one of two places, and the same decoders read both:
+  - QEMU's QMP (harness.el2.memory.PhysicalMemory): `snapshot()` stops the vCPUs, copies the hyp
+    carveout and the nVHE data in two reads, decodes from those copies, and resumes;
+  - a test kernel's dump file over the target's shell (harness.el2.dump.DumpMemory), on a board
+    or on QEMU alike: each round is one dump, taken with every CPU stopped, of the pages the last
+    snapshot read plus those the previous round missed; a snapshot is decoded from the first
+    round that misses nothing.
+A snapshot that finds a pool or the host stage-2 lock held (owner != next: a CPU was inside EL2),
+or a dump that EL2 refused for a held lock, is thrown away and retried after the machine ran
+briefly. Every offset comes from the vmlinux's DWARF
 (harness.el2.symbols); a part this kernel lacks by design is listed in `Snapshot.absent`, one
 that could not be read in `Snapshot.unavailable`, each with the reason.
 
@@ -20,27 +26,35 @@ from pathlib import Path
 from harness.el2 import decode
 from harness.el2 import symbols as ksyms
 from harness.el2.decode import NVHE
+from harness.el2.dump import DumpBusy, DumpMemory, DumpView
 from harness.el2.image import MemoryImage, RecordingReader
-from harness.el2.memory import PhysicalMemory, RegionCache, find_kimage_voffset
+from harness.el2.memory import PhysicalMemory, RegionCache
 from harness.el2.pgtable import PAGE_SIZE
 from harness.el2.state import Snapshot
 
 MAX_CARVEOUT = 1 << 30
 MAX_NVHE_DATA = 16 << 20
+MAX_ROUNDS = 8          # dumps a snapshot may take to get every page its decoding reads
 
 
 class SnapshotBusy(RuntimeError):
     """Every attempt found a vCPU inside EL2 holding a lock."""
 
 
-class El2Reader:
-    """Reads EL2 state from a QEMU target. `close()` it (or use `with`)."""
+class SnapshotIncomplete(RuntimeError):
+    """Every dump lacked pages the decoding then read: EL2 kept changing between dumps."""
 
-    def __init__(self, qmp_socket: Path, vmlinux: Path, cache_dir: Path | None = None) -> None:
+
+class El2Reader:
+    """Reads EL2 state: from QEMU through its QMP socket, or from any target whose kernel has the
+    dump file (a DumpMemory). `close()` it (or use `with`)."""
+
+    def __init__(self, memory: Path | DumpMemory, vmlinux: Path, cache_dir: Path | None = None) -> None:
         self.kernel = ksyms.load(vmlinux, cache_dir)
-        self.mem = PhysicalMemory(qmp_socket)
-        with self.mem.paused():
-            self.kimage_voffset = find_kimage_voffset(self.mem, self.kernel.symbols)
+        self.mem: PhysicalMemory | DumpMemory = PhysicalMemory(memory) if isinstance(memory, Path) else memory
+        self.kimage_voffset = self.mem.kimage_voffset(self.kernel.symbols)
+        self.wanted: set[int] = set()       # a dump's request: the pages the last snapshot read
+        self.rounds = 0                     # dumps taken by the last snapshot (1 over QMP)
 
     def close(self) -> None:
         self.mem.close()
@@ -77,30 +91,48 @@ class El2Reader:
               while_paused: Callable[[], object] | None = None) -> tuple[Snapshot, RecordingReader | None]:
         for attempt in range(1, attempts + 1):
             start = time.monotonic()
-            recorder = None
-            with self.mem.paused():
-                cache = RegionCache(self.mem)
-                self._preload(cache)
-                busy = decode.locks_held(cache.read, self.kernel, self.kimage_voffset)
-                snap = None
-                if not busy:
-                    recorder = RecordingReader(cache.read) if record else None
-                    snap = decode.decode_snapshot(recorder.read if recorder else cache.read, self.kernel,
-                                                  self.kimage_voffset, attempts=attempt, taken_at=time.time())
-                    if while_paused is not None:
-                        while_paused()
-            cache.frozen = True
-            pause_ms = (time.monotonic() - start) * 1000
+            try:
+                snap, recorder = self._decode_one(attempt, record, while_paused)
+            except DumpBusy:
+                snap = recorder = None
             if snap is not None:
-                snap.pause_ms = round(pause_ms, 1)
+                snap.pause_ms = round((time.monotonic() - start) * 1000, 1)
                 return snap, recorder
-            time.sleep(0.002 * attempt)      # let the vCPU inside EL2 finish and drop the lock
+            time.sleep(0.002 * attempt)      # let the CPU inside EL2 finish and drop the lock
         raise SnapshotBusy(f"a pool or host stage-2 lock was held in all {attempts} attempts")
+
+    def _decode_one(self, attempt: int, record: bool, while_paused: Callable[[], object] | None
+                    ) -> tuple[Snapshot | None, RecordingReader | None]:
+        """One consistent view, decoded; (None, None) when a lock was held. Over a dump, as many
+        rounds as it takes to have every page the decoders read."""
+        for self.rounds in range(1, MAX_ROUNDS + 1):
+            with self.mem.instant(self.wanted) as cache:
+                self._preload(cache)
+                snap = recorder = None
+                busy = decode.locks_held(cache.read, self.kernel, self.kimage_voffset)
+                if cache.missed:                  # not even the carveout: nothing worth decoding yet
+                    pass
+                elif not busy:
+                    recorder = RecordingReader(cache.read) if record else None
+                    try:
+                        snap = decode.decode_snapshot(recorder.read if recorder else cache.read, self.kernel,
+                                                      self.kimage_voffset, attempts=attempt, taken_at=time.time())
+                    except Exception:
+                        if not cache.missed:      # decoding a dump's stand-in zeros may fail: not a finding
+                            raise
+                if while_paused is not None and not busy and not cache.missed:
+                    while_paused()
+            if not cache.missed:
+                if isinstance(cache, DumpView):
+                    self.wanted = cache.touched
+                return (None, None) if busy else (snap, recorder)
+            self.wanted |= cache.missed
+        raise SnapshotIncomplete(f"each of {MAX_ROUNDS} EL2 dumps lacked pages its decoding then read")
 
     def _nvhe_data_symbols(self) -> list[str]:
         return [NVHE + n for n in decode.NVHE_SYMBOLS if NVHE + n in self.kernel.symbols]
 
-    def _preload(self, cache: RegionCache) -> None:
+    def _preload(self, cache: RegionCache | DumpView) -> None:
         """Two big reads: the carveout (pools, tables, vmemmap backing) and the nVHE data, each
         whole pages (so a memory image can record whole pages from them)."""
         try:

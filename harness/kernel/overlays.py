@@ -1,19 +1,25 @@
 """Harness-only kernel code, brought in by the config symbol that enables it.
 
-A test kernel may carry code no shipping kernel has: the hostile host (harness/kernel/hostile/,
-CONFIG_PKVM_HOSTILE_HOST, asked for with `--config pkvm-hostile-host`). When the merged config
-asks for such a symbol, `patches_for` writes a patch for this source tree that adds the code, its
-Kconfig entry and its Makefile line; the build applies it like a --patch, so the kernel is cached
-apart and the default kernel never has the code.
+A test kernel may carry code no shipping kernel has:
+  - the hostile host (harness/kernel/hostile/, CONFIG_PKVM_HOSTILE_HOST, `--config pkvm-hostile-host`);
+  - the EL2 state dump (harness/kernel/el2dump/, CONFIG_PKVM_EL2_DUMP, `--config pkvm-el2-dump`):
+    a host hypercall and a debugfs file through which a board's EL2 memory is read.
+When the merged config asks for such a symbol, `patches_for` writes a patch for this source tree
+that adds the code, its Kconfig entry, its Makefile lines and the few lines it needs in existing
+files (each placed by a pattern, so one overlay serves every kernel version that has the anchor);
+the build applies it like a --patch, so the kernel is cached apart and the default kernel never
+has the code.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.errors import UsageError
 from harness.fsutil import atomic_write_text
 from harness.kernel.config import ConfigOption
 
@@ -21,26 +27,63 @@ HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
-class Overlay:
-    symbol: str            # the Kconfig symbol that enables it (without CONFIG_)
-    source: Path           # the C file, copied into `directory`
-    directory: str         # where in the tree, with its Kconfig and Makefile
-    kconfig: str           # the Kconfig entry appended to <directory>/Kconfig
+class Insert:
+    """`text` goes into `path` just before the first line matching `before` that follows the first
+    line matching `after` (the start of the file when `after` is empty)."""
 
-    @property
-    def object_line(self) -> str:
-        return f"obj-$(CONFIG_{self.symbol}) += {self.source.stem}.o\n"
+    path: str
+    text: str
+    before: str
+    after: str = ""
+
+
+@dataclass(frozen=True)
+class Overlay:
+    symbol: str                            # the Kconfig symbol that enables it (without CONFIG_)
+    kconfig_dir: str                       # whose Kconfig gets the entry
+    kconfig: str                           # the entry, appended
+    files: tuple[tuple[Path, str], ...]    # (harness file, where in the tree)
+    edits: tuple[Insert, ...]              # lines added to existing files (Makefiles included)
 
 
 HOSTILE_HOST = Overlay(
-    "PKVM_HOSTILE_HOST", HERE / "hostile" / "pkvm_hostile.c", "arch/arm64/kvm",
+    "PKVM_HOSTILE_HOST", "arch/arm64/kvm",
     "\nconfig PKVM_HOSTILE_HOST\n"
     "\tbool \"pkvm-harness: a hostile host's hypercall interface in debugfs (test kernels only)\"\n"
     "\tdepends on KVM && DEBUG_FS\n"
     "\thelp\n"
     "\t  Lets user space issue host hypercalls with any arguments. Never enable it in a kernel\n"
-    "\t  that runs anything but the pkvm-harness's tests.\n")
-OVERLAYS = (HOSTILE_HOST,)
+    "\t  that runs anything but the pkvm-harness's tests.\n",
+    files=((HERE / "hostile" / "pkvm_hostile.c", "arch/arm64/kvm/pkvm_hostile.c"),),
+    edits=(Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_HOSTILE_HOST) += pkvm_hostile.o\n", r"\Z"),))
+
+DUMP_HYPERCALL = "__pkvm_el2_dump"
+EL2_DUMP = Overlay(
+    "PKVM_EL2_DUMP", "arch/arm64/kvm",
+    "\nconfig PKVM_EL2_DUMP\n"
+    "\tbool \"pkvm-harness: read EL2 memory through a hypercall and debugfs (test kernels only)\"\n"
+    "\tdepends on KVM && DEBUG_FS && SMP\n"
+    "\thelp\n"
+    "\t  Adds the host hypercall __pkvm_el2_dump, which copies any memory page into a host page,\n"
+    "\t  and /sys/kernel/debug/pkvm_el2dump/dump, through which the pkvm-harness reads the\n"
+    "\t  hypervisor's allocator and page tables on a board. It discloses guest memory: never\n"
+    "\t  enable it in a kernel that runs anything but the pkvm-harness's tests.\n",
+    files=((HERE / "el2dump" / "pkvm_el2dump.c", "arch/arm64/kvm/pkvm_el2dump.c"),
+           (HERE / "el2dump" / "el2_dump.c", "arch/arm64/kvm/hyp/nvhe/el2_dump.c")),
+    edits=(
+        Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o\n", r"\Z"),
+        Insert("arch/arm64/kvm/hyp/nvhe/Makefile", "hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o\n",
+               r"^hyp-obj-y \+= \$\(lib-objs\)"),
+        # the last host hypercall: no other's number moves (6.12 ends the enum with `};`, 7.x with a MARKER)
+        Insert("arch/arm64/include/asm/kvm_asm.h", f"\t__KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL},\n",
+               r"^\s*(MARKER\(__KVM_HOST_SMCCC_FUNC_MAX\)|\};)", after=r"^enum __kvm_host_smccc_func \{"),
+        Insert("arch/arm64/kvm/hyp/nvhe/hyp-main.c",
+               f"void handle_{DUMP_HYPERCALL}(struct kvm_cpu_context *host_ctxt);\n\n",
+               r"^static const hcall_t host_hcall\[\] = \{"),
+        Insert("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\tHANDLE_FUNC({DUMP_HYPERCALL}),\n", r"^\};",
+               after=r"^static const hcall_t host_hcall\[\] = \{"),
+    ))
+OVERLAYS = (HOSTILE_HOST, EL2_DUMP)
 
 
 def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path) -> list[Path]:
@@ -51,12 +94,20 @@ def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path)
 
 
 def _patch(overlay: Overlay, tree: Path, cache_dir: Path) -> Path:
-    diff = "".join([
-        *_append(tree, f"{overlay.directory}/Kconfig", overlay.kconfig),
-        *_append(tree, f"{overlay.directory}/Makefile", overlay.object_line),
-        *difflib.unified_diff([], overlay.source.read_text().splitlines(keepends=True), "/dev/null",
-                              f"b/{overlay.directory}/{overlay.source.name}"),
-    ])
+    edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"), *overlay.edits]
+    changed: dict[str, list[str]] = {}
+    for edit in edits:
+        lines = changed.get(edit.path)
+        if lines is None:
+            lines = changed[edit.path] = (tree / edit.path).read_text().splitlines(keepends=True)
+        at = _position(lines, edit, overlay.symbol)
+        lines[at:at] = edit.text.splitlines(keepends=True)
+    diff = "".join(
+        [line for rel, new in changed.items()
+         for line in difflib.unified_diff((tree / rel).read_text().splitlines(keepends=True), new,
+                                          f"a/{rel}", f"b/{rel}")]
+        + [line for src, rel in overlay.files
+           for line in difflib.unified_diff([], src.read_text().splitlines(keepends=True), "/dev/null", f"b/{rel}")])
     digest = hashlib.sha256(diff.encode()).hexdigest()[:16]
     path = cache_dir / "overlays" / f"{overlay.symbol.lower()}-{digest}.patch"
     if not path.is_file():
@@ -65,6 +116,15 @@ def _patch(overlay: Overlay, tree: Path, cache_dir: Path) -> Path:
     return path
 
 
-def _append(tree: Path, rel: str, text: str) -> list[str]:
-    old = (tree / rel).read_text().splitlines(keepends=True)
-    return list(difflib.unified_diff(old, old + text.splitlines(keepends=True), f"a/{rel}", f"b/{rel}"))
+def _position(lines: list[str], edit: Insert, symbol: str) -> int:
+    start = 0
+    if edit.after:
+        start = next((i + 1 for i, line in enumerate(lines) if re.search(edit.after, line)), -1)
+    if start >= 0 and edit.before == r"\Z":
+        return len(lines)
+    found = next((i for i in range(max(start, 0), len(lines)) if re.search(edit.before, lines[i])), None)
+    if start < 0 or found is None:
+        raise UsageError(f"CONFIG_{symbol} cannot be added to this kernel: {edit.path} has no line matching "
+                         f"{edit.after + ' ... ' if edit.after else ''}{edit.before}",
+                         hint="this kernel version is not one the overlay knows: see docs/boards.md")
+    return found

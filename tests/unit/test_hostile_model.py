@@ -56,18 +56,18 @@ def test_shrinking_finds_the_shortest_failing_subsequence():
 
 def test_the_overlay_is_added_only_when_its_symbol_is_asked_for(tmp_path):
     tree = tmp_path / "linux"
-    (tree / HOSTILE_HOST.directory).mkdir(parents=True)
-    (tree / HOSTILE_HOST.directory / "Kconfig").write_text("config KVM\n\tbool \"KVM\"\n")
-    (tree / HOSTILE_HOST.directory / "Makefile").write_text("obj-$(CONFIG_KVM) += kvm.o\n")
+    (tree / HOSTILE_HOST.kconfig_dir).mkdir(parents=True)
+    (tree / HOSTILE_HOST.kconfig_dir / "Kconfig").write_text("config KVM\n\tbool \"KVM\"\n")
+    (tree / HOSTILE_HOST.kconfig_dir / "Makefile").write_text("obj-$(CONFIG_KVM) += kvm.o\n")
     assert patches_for({}, tree, tmp_path / "cache") == []
     asked = {"PKVM_HOSTILE_HOST": ConfigOption("PKVM_HOSTILE_HOST", "y", "a fragment")}
     [patch] = patches_for(asked, tree, tmp_path / "cache")
     assert patches_for(asked, tree, tmp_path / "cache") == [patch]           # cached by content
     assert added_symbols(patch) == ["PKVM_HOSTILE_HOST"]
-    assert set(patched_files(patch)) == {f"{HOSTILE_HOST.directory}/{n}" for n in ("Kconfig", "Makefile",
+    assert set(patched_files(patch)) == {f"{HOSTILE_HOST.kconfig_dir}/{n}" for n in ("Kconfig", "Makefile",
                                                                                    "pkvm_hostile.c")}
     r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    where = tree / HOSTILE_HOST.directory
+    where = tree / HOSTILE_HOST.kconfig_dir
     assert "obj-$(CONFIG_PKVM_HOSTILE_HOST) += pkvm_hostile.o" in (where / "Makefile").read_text()
     assert "debugfs_create_dir(\"pkvm_hostile\"" in (where / "pkvm_hostile.c").read_text()

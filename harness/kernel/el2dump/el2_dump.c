@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * pkvm-harness: the EL2 half of the state dump. Never in a shipping kernel: it exists only in a
+ * kernel built with kernel_configs/pkvm-el2-dump.config (CONFIG_PKVM_EL2_DUMP).
+ *
+ * __pkvm_el2_dump(src_pfn, dst_pfn) copies one page of memory (any page: the hypervisor's own,
+ * a VM's, the host's) into a page the host can write, and returns 0; -EBUSY while the host
+ * stage-2 or the hyp stage-1 lock is held (the host retries), -EINVAL for a source that is not
+ * memory, -EPERM for a destination the host's stage-2 does not map. It reads EL2 state and never
+ * writes it: the copy goes through this CPU's fixmap slot and a bounce page of its own.
+ */
+#include <asm/kvm_asm.h>
+#include <asm/kvm_host.h>
+#include <asm/kvm_pgtable.h>
+
+#include <nvhe/mem_protect.h>
+#include <nvhe/memory.h>
+#include <nvhe/mm.h>
+#include <nvhe/spinlock.h>
+#include <nvhe/trap_handler.h>
+
+static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
+static DEFINE_HYP_SPINLOCK(bounce_lock);
+
+static bool host_maps(phys_addr_t pa)
+{
+	kvm_pte_t pte = 0;
+	s8 level;
+
+	return !kvm_pgtable_get_leaf(&host_mmu.pgt, pa, &pte, &level) && kvm_pte_valid(pte);
+}
+
+static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
+{
+	void *va;
+	int ret = 0;
+
+	if (hyp_spin_is_locked(&host_mmu.lock) || hyp_spin_is_locked(&pkvm_pgd_lock))
+		return -EBUSY;
+	if (!addr_is_memory(src))
+		return -EINVAL;
+	hyp_spin_lock(&host_mmu.lock);
+	if (!addr_is_memory(dst) || !host_maps(dst))
+		ret = -EPERM;
+	hyp_spin_unlock(&host_mmu.lock);
+	if (ret)
+		return ret;
+
+	hyp_spin_lock(&bounce_lock);
+	va = hyp_fixmap_map(src);
+	memcpy(bounce, va, PAGE_SIZE);
+	hyp_fixmap_unmap();
+	va = hyp_fixmap_map(dst);
+	memcpy(va, bounce, PAGE_SIZE);
+	hyp_fixmap_unmap();
+	hyp_spin_unlock(&bounce_lock);
+	return 0;
+}
+
+void handle___pkvm_el2_dump(struct kvm_cpu_context *host_ctxt)
+{
+	DECLARE_REG(u64, src_pfn, host_ctxt, 1);
+	DECLARE_REG(u64, dst_pfn, host_ctxt, 2);
+
+	cpu_reg(host_ctxt, 1) = el2_dump_page(hyp_pfn_to_phys(src_pfn), hyp_pfn_to_phys(dst_pfn));
+}
