@@ -58,7 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "needs_el2: reads EL2 memory (QEMU targets only)")
+    config.addinivalue_line("markers", "needs_el2: reads EL2 memory (QEMU, or a board whose kernel has the EL2 dump)")
     config.addinivalue_line("markers", "needs_qemu: needs a QEMU target")
     config.pluginmanager.register(SuiteRecorder(config), PLUGIN_NAME)
 
@@ -71,11 +71,17 @@ def _is_qemu(config: pytest.Config) -> bool:
     return _opt(config, "target") == "qemu"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # needs_el2: the test gets the `el2` fixture, which skips where EL2 memory cannot be read
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if item.get_closest_marker("needs_el2") and names is not None and "el2" not in names:
+            names.append("el2")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if not _is_qemu(item.config):
-        for marker in ("needs_qemu", "needs_el2"):
-            if item.get_closest_marker(marker):
-                pytest.skip(f"{marker}: the target is {_opt(item.config, 'target')}, not QEMU")
+    if not _is_qemu(item.config) and item.get_closest_marker("needs_qemu"):
+        pytest.skip(f"needs_qemu: the target is {_opt(item.config, 'target')}, not QEMU")
 
 
 def _recorder(config: pytest.Config) -> SuiteRecorder:
@@ -193,16 +199,54 @@ def _board_payload_build(config: pytest.Config) -> Any:
 
 @pytest.fixture(scope="session")
 def el2(target: Target, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """An El2Reader on the target (snapshots, physical reads, symbols); skips without EL2 memory access."""
+    """An El2Reader on the target (snapshots, physical reads, symbols): over QMP on QEMU; through
+    the kernel's EL2 dump file on a board (a test kernel built with `pkvm-harness build --board`),
+    decoded with the vmlinux the kernel options name, which must be the one the board runs.
+    Skips where neither is there."""
     from harness.el2.snapshot import El2Reader
 
-    if not isinstance(target, El2Memory):
-        pytest.skip(f"EL2 memory cannot be read on {target.name}: only QEMU targets expose physical "
-                    "memory (QMP)")
-    reader = El2Reader(target.qmp_socket, target.vmlinux, options.from_pytest(request.config)[2])
+    cache = options.from_pytest(request.config)[2]
+    if isinstance(target, El2Memory):
+        reader = El2Reader(target.qmp_socket, target.vmlinux, cache)
+    else:
+        reader = _board_el2(target, request.config, cache)
     yield reader
     with contextlib.suppress(Exception):     # a dead target's QMP is gone: it was reported where it died
         reader.close()
+
+
+def _board_el2(target: Target, config: pytest.Config, cache: Path) -> Any:
+    from harness.el2.dump import DumpMemory, check_vmlinux
+    from harness.el2.snapshot import El2Reader
+
+    if not DumpMemory.present(target):
+        pytest.skip(f"EL2 memory cannot be read on {target.name}: its kernel has no EL2 dump "
+                    "(build one with `pkvm-harness build --board`: docs/boards.md)")
+    try:
+        vmlinux = _board_vmlinux(config)
+        check_vmlinux(target, vmlinux, cache)
+    except HarnessError as e:
+        _stop_session(_recorder(config), e)
+    return El2Reader(DumpMemory(target, getattr(target, "scratch", "/tmp")), vmlinux, cache)
+
+
+def _board_vmlinux(config: pytest.Config) -> Path:
+    """The vmlinux of the kernel the options name: --pkvm-kernel-build's, or the harness's build."""
+    from harness.kernel.build import build
+    from harness.machine import build_request
+
+    kopts, _, cache = options.from_pytest(config)
+    if kopts.kernel_build is not None:
+        return Path(kopts.kernel_build) / "vmlinux"
+    return build(build_request(kopts, cache, quiet=True)).vmlinux
+
+
+def _has_el2(target: Target) -> bool:
+    if isinstance(target, El2Memory):
+        return True
+    from harness.el2.dump import DumpMemory
+
+    return DumpMemory.present(target)
 
 
 @pytest.fixture(scope="session")
@@ -289,7 +333,7 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
     The EL2 suites take it for every test (their conftest); a finding fails the test (at its
     teardown), with the lines or findings. A test that already failed is not judged again, but
     its transitions are. The time it takes goes to result.json (el2trace.after_test_checks)."""
-    el2 = request.getfixturevalue("el2") if isinstance(target, El2Memory) else None
+    el2 = request.getfixturevalue("el2") if _has_el2(target) else None
     live = _recorder(request.config).live if el2 is not None else None
     if live is not None and el2 is not None and live.transitions.states is None:
         try:                                  # the model starts here

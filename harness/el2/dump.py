@@ -15,6 +15,7 @@ so a quiescent system takes one round.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import struct
 import tempfile
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.el2 import symbols as ksyms
 from harness.el2.pgtable import PAGE_SIZE
 from harness.errors import UsageError
 from harness.targets.base import Target
@@ -201,3 +203,41 @@ def require(target: Target) -> None:
     if not DumpMemory.present(target):
         raise UsageError(f"{target.name} has no {FILE}: its kernel was not built with the EL2 dump",
                          hint="build it with `pkvm-harness build --board` (docs/boards.md) and boot the board on it")
+
+
+NT_GNU_BUILD_ID = 3
+
+
+def running_build_id(target: Target) -> str | None:
+    """The GNU build ID of the kernel the target runs (its /sys/kernel/notes); None if unreadable."""
+    r = target.run("base64 /sys/kernel/notes")
+    if not r.ok:
+        return None
+    notes = base64.b64decode("".join(r.stdout.split()))
+    at = 0
+    while at + 12 <= len(notes):
+        namesz, descsz, kind = struct.unpack_from("<III", notes, at)
+        name = notes[at + 12: at + 12 + namesz].rstrip(b"\0")
+        desc_at = at + 12 + ((namesz + 3) & ~3)
+        if kind == NT_GNU_BUILD_ID and name == b"GNU":
+            return notes[desc_at: desc_at + descsz].hex()
+        at = desc_at + ((descsz + 3) & ~3)
+    return None
+
+
+def check_vmlinux(target: Target, vmlinux: Path, cache_dir: Path | None) -> None:
+    """Refuse to decode a board's memory with a vmlinux that is not the kernel it runs: every
+    offset would be wrong, and the snapshots nonsense."""
+    if not vmlinux.is_file():
+        raise UsageError(f"no vmlinux at {vmlinux}", hint="pass the O= directory of the board's kernel "
+                         "with --pkvm-kernel-build, or the options it was built with")
+    have = ksyms.load(vmlinux, cache_dir).build_id
+    runs_id = running_build_id(target)
+    if runs_id is None:
+        raise UsageError(f"{target.name}: /sys/kernel/notes cannot be read, so its kernel cannot be "
+                         f"matched to {vmlinux}",
+                         hint="the harness needs root on the board")
+    if runs_id != have:
+        raise UsageError(f"{target.name} runs the kernel with build ID {runs_id[:16]}, {vmlinux} is {have[:16]}",
+                         hint="install that build on the board (docs/boards.md), or pass the board's own with "
+                              "--pkvm-kernel-build")

@@ -19,7 +19,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +306,27 @@ class GdbStub:
         if stop is None:
             raise RspError(f"the machine is gone: {reply}")
         return stop
+
+    def read_physical(self, pa: int, length: int) -> bytes:
+        """`length` bytes at a physical address (QEMU's Qqemu.PhyMemMode)."""
+        with self._physical():
+            return self.read_memory(pa, length)
+
+    def write_physical(self, pa: int, data: bytes) -> None:
+        """Write `data` at a physical address: how a test holds an EL2 lock by hand."""
+        with self._physical():
+            reply = self.command(f"M{pa:x},{len(data):x}:{data.hex()}")
+        if reply != "OK":
+            raise RspError(f"cannot write {len(data)} bytes at PA {pa:#x}: {reply!r}")
+
+    @contextlib.contextmanager
+    def _physical(self) -> Iterator[None]:
+        if self.command("Qqemu.PhyMemMode:1") != "OK":
+            raise RspError("this QEMU's gdbstub has no physical memory mode")
+        try:
+            yield
+        finally:
+            self.command("Qqemu.PhyMemMode:0")
 
     def interrupt(self, timeout: float = 5.0) -> Stop | None:
         if self.log is not None:

@@ -1,0 +1,179 @@
+"""A board's EL2, read through the test kernel's dump (CONFIG_PKVM_EL2_DUMP), proved on QEMU.
+
+The guest runs the 6.12 test kernel built with `--config pkvm-el2-dump`; it is reached over SSH
+(its dropbear stands in for a board's sshd). The same machine is read both ways, QMP and the
+dump file, and the two snapshots must be equal; then the EL2 suites run against it as a board,
+with `--pkvm-target ssh://`, and must run their EL2 checks instead of skipping.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.el2.dump import FILE, DumpBusy, DumpMemory, check_vmlinux, running_build_id
+from harness.el2.gdbstub import GdbStub
+from harness.el2.snapshot import NVHE, El2Reader, SnapshotBusy
+from harness.errors import UsageError
+from harness.image.keys import ensure_keys
+from harness.options import KernelOptions
+from tests.integration.conftest import assembled
+
+REPO = Path(__file__).resolve().parents[2]
+DUMP_KERNEL = KernelOptions(fragments=("pkvm-el2-dump",))
+
+
+@pytest.fixture(scope="module")
+def board(cache_dir, tmp_path_factory):
+    """The dump test kernel under QEMU, over SSH, with a gdbstub (to hold an EL2 lock by hand)."""
+    run_dir = tmp_path_factory.mktemp("board")
+    machine = assembled(cache_dir, run_dir, DUMP_KERNEL, gdb=True)
+    t = replace(machine, spec=replace(machine.spec, no_reboot=True)).start(run_dir, "ssh")
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def both(board, cache_dir):
+    qmp = El2Reader(board.qmp_socket, board.vmlinux, cache_dir)
+    dump = El2Reader(DumpMemory(board), board.vmlinux, cache_dir)
+    yield qmp, dump
+    qmp.close()
+    dump.close()
+
+
+def _comparable(snap) -> dict:
+    d = snap.to_dict()
+    for k in ("taken_at", "pause_ms", "attempts"):
+        d.pop(k, None)
+    return d
+
+
+def _sandwich(qmp: El2Reader, dump: El2Reader, tries: int = 10) -> tuple[dict, dict, int]:
+    """A QMP snapshot between two dumps that are equal, so nothing changed across it. The host
+    faults its memory into its stage-2 lazily (each command over SSH may map another block), so
+    a quiet instant is waited for."""
+    for n in range(1, tries + 1):
+        first = _comparable(dump.snapshot())
+        over_qmp = _comparable(qmp.snapshot())
+        second = _comparable(dump.snapshot())
+        if first == second:
+            return over_qmp, second, n
+    raise AssertionError(f"no two dumps {tries} times running were equal: the system never was quiescent")
+
+
+def test_a_quiescent_system_reads_the_same_through_qmp_and_the_dump(both):
+    qmp, dump = both
+    over_qmp, over_dump, tries = _sandwich(qmp, dump)
+    print(f"equal dumps around a QMP snapshot after {tries} tries; {dump.mem.dumps} dumps, "
+          f"{dump.mem.bytes_fetched / dump.mem.dumps / 1024:.0f} KiB each, {dump.mem.seconds / dump.mem.dumps:.2f} s each")
+    assert over_qmp["unavailable"] == {} and over_dump["unavailable"] == {}
+    assert set(over_qmp["pools"]) == set(over_dump["pools"]) >= {"hpool", "host_s2_pool"}
+    for name, pool in over_qmp["pools"].items():
+        assert over_dump["pools"][name] == pool, f"pool {name} differs between QMP and the dump"
+    for part in over_qmp:
+        assert over_dump[part] == over_qmp[part], f"{part} differs between QMP and the dump"
+    assert dump.rounds == 1                 # the pages the last snapshot read were asked for up front
+
+
+def test_the_same_holds_with_a_vm_running(board, both):
+    """A VM's pool and stage-2 live in memory the host donated: the dump has to ask for them."""
+    qmp, dump = both
+    board.run("/opt/pkvm-harness/bin/pkvm_guest --vms 1 --pages 4 --hold 30 > /tmp/vm.log 2>&1 &").check()
+    try:
+        for _ in range(60):
+            snap = dump.snapshot()
+            if snap.vms:
+                break
+        assert snap.vms, "no VM appeared at EL2"
+        board.run("kill -STOP $(pidof pkvm_guest)").check()    # quiescent: the VM stays, and stops running
+        try:
+            over_qmp, over_dump, _ = _sandwich(qmp, dump)
+        finally:
+            board.run("kill -CONT $(pidof pkvm_guest)")
+        assert over_qmp["vms"] and over_dump["vms"] == over_qmp["vms"]
+        assert over_dump == over_qmp
+    finally:
+        board.run("kill $(pidof pkvm_guest) 2>/dev/null; sleep 1")
+
+
+def test_the_dump_refuses_while_the_hyp_stage1_lock_is_held(board, both):
+    """EL2 refuses (-EBUSY) while pkvm_pgd_lock is held, and the reader retries, then gives up
+    saying so; once the lock is free the snapshot is taken."""
+    _, dump = both
+    lock_pa = dump.kpa(NVHE + "pkvm_pgd_lock")
+    with GdbStub(board.gdb_socket) as gdb:
+        word = gdb.read_physical(lock_pa, 4)
+        owner = int.from_bytes(word[:2], "little")
+        gdb.write_physical(lock_pa + 2, ((owner + 1) & 0xFFFF).to_bytes(2, "little"))    # next != owner
+        gdb.detach()
+    try:
+        with pytest.raises(DumpBusy):
+            dump.mem.take([lock_pa & -4096])
+        with pytest.raises(SnapshotBusy):
+            dump.snapshot(attempts=3)
+    finally:
+        with GdbStub(board.gdb_socket) as gdb:
+            gdb.write_physical(lock_pa, word)
+            gdb.detach()
+    assert dump.snapshot().pools
+
+
+def test_a_pool_lock_held_is_busy_as_over_qmp(board, both):
+    _, dump = both
+    snap = dump.snapshot()
+    lock_pa = snap.pools["hpool"].struct_pa + dump.kernel.struct("hyp_pool").offset("lock")
+    with GdbStub(board.gdb_socket) as gdb:
+        word = gdb.read_physical(lock_pa, 4)
+        gdb.write_physical(lock_pa + 2, ((int.from_bytes(word[:2], "little") + 1) & 0xFFFF).to_bytes(2, "little"))
+        gdb.detach()
+    try:
+        with pytest.raises(SnapshotBusy):
+            dump.snapshot(attempts=2)
+    finally:
+        with GdbStub(board.gdb_socket) as gdb:
+            gdb.write_physical(lock_pa, word)
+            gdb.detach()
+
+
+def test_the_dump_reads_never_write_el2(board, both):
+    """Bad requests are refused whole with a clear errno, and no request changes EL2 state."""
+    qmp, _ = both
+    before = _comparable(qmp.snapshot())
+    assert not board.run(f"printf '0x1001 1\\n' > {FILE}").ok           # not page-aligned
+    assert not board.run(f"printf '0x40000000 40000\\n' > {FILE}").ok   # past the 128 MiB a request
+    assert _comparable(qmp.snapshot()) == before
+
+
+def test_a_vmlinux_that_is_not_the_running_kernel_is_refused(board, kernel, cache_dir):
+    assert running_build_id(board) is not None
+    check_vmlinux(board, board.vmlinux, cache_dir)
+    with pytest.raises(UsageError, match="runs the kernel with build ID"):
+        check_vmlinux(board, kernel.vmlinux, cache_dir)      # the default kernel's
+
+
+def _as_board(board, cache_dir, tmp_path, *suites: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    keys = ensure_keys(cache_dir)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{board.spec.ssh_port} {keys.host_public_line}\n")
+    return subprocess.run([sys.executable, "-m", "pytest", *[str(REPO / "test_suites" / s) for s in suites],
+                           "-q", "-rs", "-p", "no:cacheprovider",
+                           "--pkvm-target", f"ssh://root@127.0.0.1:{board.spec.ssh_port}",
+                           "--pkvm-ssh-key", str(keys.client_private), "--pkvm-ssh-known-hosts", str(kh),
+                           "--pkvm-config", "pkvm-el2-dump", *extra,
+                           "--pkvm-run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+
+
+def test_the_el2_suites_run_their_checks_on_a_board(board, cache_dir, tmp_path):
+    r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
+    el2_skips = [s for s in skips if "EL2 memory cannot be read" in s or "needs_el2" in s]
+    assert el2_skips == [], "\n".join(el2_skips)
+    assert int(re.search(r"(\d+) passed", r.stdout).group(1)) >= 10, r.stdout[-2000:]
