@@ -83,6 +83,9 @@ def parse(blob: bytes) -> Dump:
                 dump.pages[pa + k * PAGE_SIZE] = zero
             else:
                 dump.refused[pa + k * PAGE_SIZE] = -kind
+    if data_at != len(blob):
+        copied = (data_at - HEADER.size - nr_records * RECORD.size) // PAGE_SIZE
+        raise BadDump(f"an EL2 dump whose records copy {copied} pages where its header says {nr_data}")
     return dump
 
 
@@ -143,6 +146,7 @@ class DumpMemory:
     def __init__(self, target: Target, scratch: str = "/tmp") -> None:
         self.target = target
         self.remote = f"{scratch}/pkvm-el2dump.bin"
+        target.run(f"mkdir -p {scratch}").check()
         self._dir = tempfile.TemporaryDirectory(prefix="pkvm-el2dump-")
         self.dumps = 0
         self.bytes_fetched = 0

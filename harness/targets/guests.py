@@ -84,7 +84,9 @@ class BackgroundGuests:
         while True:
             out = self.output()
             if any(line.startswith(word) for line in out.splitlines()):
-                if word != "done" or not self.target.run(f"kill -0 {self.pid} 2>/dev/null").ok:
+                # a zombie has exited too: where PID 1 is a shell (a QEMU guest over SSH) nobody reaps it
+                if word != "done" or not self.target.run(
+                        f"grep -qs '^State:[[:space:]]*[^Z[:space:]]' /proc/{self.pid}/status").ok:
                     return out
             if "error=" in out or "usage" in out:
                 raise TargetError(f"pkvm_guest failed: {out.strip().splitlines()[-1]}")

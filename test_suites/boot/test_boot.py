@@ -101,19 +101,23 @@ def test_the_hypervisor_trace_remote_records_a_vm_entering_el2(target, payload, 
         e.time_us for e in events if e.cpu == guest[0].cpu), "one CPU's events out of time order"
 
 
-def test_only_a_test_kernel_has_the_hostile_host_interface(target, kernel_config):
-    """The hostile host (user space issuing any hypercall) is built only under the harness's
-    pkvm-hostile-host fragment (harness/kernel/overlays.py adds its code then): the default
-    fragments never ask for it, and a kernel without CONFIG_PKVM_HOSTILE_HOST has no such files."""
+@pytest.mark.parametrize("symbol,where", [("PKVM_HOSTILE_HOST", "/sys/kernel/debug/pkvm_hostile"),
+                                          ("PKVM_EL2_DUMP", "/sys/kernel/debug/pkvm_el2dump")])
+def test_only_a_test_kernel_has_the_harness_interfaces(target, kernel_config, symbol, where):
+    """The hostile host (user space issuing any hypercall) and the EL2 dump (user space reading
+    any page, the hypervisor's included) are built only under the harness's own fragments
+    (harness/kernel/overlays.py adds their code then): the default fragments never ask for them,
+    and a kernel without the symbol has no such files."""
     from harness.kernel.config import DEFAULT_FRAGMENTS, FRAGMENTS_DIR
-    from harness.targets.hostile import DIR
+    from harness.kernel.overlays import OVERLAYS
 
-    assert not any("PKVM_HOSTILE_HOST" in (FRAGMENTS_DIR / f).read_text() for f in DEFAULT_FRAGMENTS)
+    assert symbol in {o.symbol for o in OVERLAYS}
+    assert not any(symbol in (FRAGMENTS_DIR / f).read_text() for f in DEFAULT_FRAGMENTS)
     assert target.run("grep -q debugfs /proc/mounts").ok, "debugfs is not mounted: its absence would prove nothing"
-    present = target.run(f"test -e {DIR}").ok
+    present = target.run(f"test -e {where}").ok
     if kernel_config is None:
-        assert not present, f"{DIR} exists on a board whose kernel config cannot be read: is it a test kernel?"
+        assert not present, f"{where} exists on a board whose kernel config cannot be read: is it a test kernel?"
         return
-    built = kernel_config.get("PKVM_HOSTILE_HOST") == "y"
-    assert present == built, f"{DIR} {'exists' if present else 'is missing'} with CONFIG_PKVM_HOSTILE_HOST " \
+    built = kernel_config.get(symbol) == "y"
+    assert present == built, f"{where} {'exists' if present else 'is missing'} with CONFIG_{symbol} " \
         f"{'set' if built else 'unset'}"

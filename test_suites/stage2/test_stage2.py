@@ -8,6 +8,7 @@ import pytest
 from harness.model.invariants import render, run_checks
 from harness.model.stage2 import (
     MEMATTR_FWB_AS_S1,
+    HostAbortError,
     Region,
     host_s2_memattr,
     predict_from_tables,
@@ -18,7 +19,15 @@ from harness.targets.guests import BackgroundGuests, guest_args, guest_pages, to
 pytestmark = pytest.mark.needs_el2
 
 PAGE = 4096
-PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: nothing maps it at boot
+PCIE_HIGH_MMIO = 0x80_0000_0000        # QEMU virt's 512 GiB high PCIe window: a NIC's BARs map its first GiB only
+
+
+def _maps_at_level(addr: int, level: int, snap, regions, version) -> bool:
+    try:
+        return snap.host_s2.leaf_at(addr) is None and \
+            predict_from_tables(addr, regions, snap.host_s2, version).leaf_level == level
+    except HostAbortError:
+        return False
 
 
 @pytest.mark.parametrize("level,size", [(1, "1 GiB"), (2, "2 MiB"), (3, "4 KiB")])
@@ -29,7 +38,11 @@ def test_a_host_touch_installs_the_leaves_the_model_predicts(target, payload, el
     # Whether the CPU has FEAT_S2FWB (QEMU's max does, cortex-a72 not): 7.2+ host stage-2 leaves show it.
     fwb = any(lf.valid and lf.memattr == MEMATTR_FWB_AS_S1 for lf in before.host_s2.leaves)
     if level == 1:
-        addr = PCIE_HIGH_MMIO + 0x1000 * (1 + len(before.host_s2.leaves) % 16)
+        # a GiB of the window no earlier touch (nor, over SSH, the virtio NIC's BARs) has mapped
+        addr = next((a for k in range(64) if _maps_at_level(a := PCIE_HIGH_MMIO + (k << 30) + 0x1000, 1, before,
+                                                            regions, version)), 0)
+        if not addr:
+            pytest.skip("every GiB of the high PCIe window probed has a mapping already")
     else:
         found = {}
         for base, length in ((r.base, r.size) for r in regions):

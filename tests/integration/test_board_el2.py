@@ -70,8 +70,9 @@ def _sandwich(qmp: El2Reader, dump: El2Reader, tries: int = 10) -> tuple[dict, d
 def test_a_quiescent_system_reads_the_same_through_qmp_and_the_dump(both):
     qmp, dump = both
     over_qmp, over_dump, tries = _sandwich(qmp, dump)
-    print(f"equal dumps around a QMP snapshot after {tries} tries; {dump.mem.dumps} dumps, "
-          f"{dump.mem.bytes_fetched / dump.mem.dumps / 1024:.0f} KiB each, {dump.mem.seconds / dump.mem.dumps:.2f} s each")
+    per = dump.mem.dumps
+    print(f"equal dumps around a QMP snapshot after {tries} tries; {per} dumps, "
+          f"{dump.mem.bytes_fetched / per / 1024:.0f} KiB each, {dump.mem.seconds / per:.2f} s each")
     assert over_qmp["unavailable"] == {} and over_dump["unavailable"] == {}
     assert set(over_qmp["pools"]) == set(over_dump["pools"]) >= {"hpool", "host_s2_pool"}
     for name, pool in over_qmp["pools"].items():
@@ -170,7 +171,9 @@ def _as_board(board, cache_dir, tmp_path, *suites: str, extra: tuple[str, ...] =
                           capture_output=True, text=True, timeout=1800, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_the_el2_suites_run_their_checks_on_a_board(board, cache_dir, tmp_path):
+    """About 6 min: `make test-slow`."""
     r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)

@@ -6,7 +6,7 @@
  * __pkvm_el2_dump(src_pfn, dst_pfn) copies one page of memory (any page: the hypervisor's own,
  * a VM's, the host's) into a page the host can write, and returns 0; -EBUSY while the host
  * stage-2 or the hyp stage-1 lock is held (the host retries), -EINVAL for a source that is not
- * memory, -EPERM for a destination the host's stage-2 does not map. It reads EL2 state and never
+ * memory, -EPERM for a destination the host does not own. It reads EL2 state and never
  * writes it: the copy goes through this CPU's fixmap slot and a bounce page of its own.
  */
 #include <asm/kvm_asm.h>
@@ -22,12 +22,17 @@
 static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
 static DEFINE_HYP_SPINLOCK(bounce_lock);
 
-static bool host_maps(phys_addr_t pa)
+/*
+ * The host owns the page: its stage-2 maps it, or has no entry for it yet (the host stage-2 maps
+ * memory lazily, and a page given back by the hyp stays unmapped until the host touches it). An
+ * invalid entry with an owner annotation is the hyp's or a guest's.
+ */
+static bool host_owns(phys_addr_t pa)
 {
 	kvm_pte_t pte = 0;
 	s8 level;
 
-	return !kvm_pgtable_get_leaf(&host_mmu.pgt, pa, &pte, &level) && kvm_pte_valid(pte);
+	return !kvm_pgtable_get_leaf(&host_mmu.pgt, pa, &pte, &level) && (kvm_pte_valid(pte) || !pte);
 }
 
 static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
@@ -40,7 +45,7 @@ static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
 	if (!addr_is_memory(src))
 		return -EINVAL;
 	hyp_spin_lock(&host_mmu.lock);
-	if (!addr_is_memory(dst) || !host_maps(dst))
+	if (!addr_is_memory(dst) || !host_owns(dst))
 		ret = -EPERM;
 	hyp_spin_unlock(&host_mmu.lock);
 	if (ret)

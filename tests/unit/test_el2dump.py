@@ -1,0 +1,93 @@
+"""The EL2 dump's parts that need no machine: its patch on each kernel shape, its file format."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+
+import pytest
+
+from harness.el2.dump import HEADER, MAGIC, RECORD, BadDump, DumpView, parse, runs
+from harness.errors import UsageError
+from harness.kernel.config import ConfigOption
+from harness.kernel.overlays import EL2_DUMP, patches_for
+
+ASKED = {"PKVM_EL2_DUMP": ConfigOption("PKVM_EL2_DUMP", "y", "a fragment")}
+ENUM_6_12 = "enum __kvm_host_smccc_func {\n\t__KVM_HOST_SMCCC_FUNC___pkvm_teardown_vm,\n};\n"
+ENUM_7_X = ("enum __kvm_host_smccc_func {\n\t__KVM_HOST_SMCCC_FUNC___pkvm_tlb_flush_vmid,\n\n"
+            "\tMARKER(__KVM_HOST_SMCCC_FUNC_MAX)\n};\n")
+
+
+def _tree(tmp_path, enum: str):
+    tree = tmp_path / "linux"
+    files = {
+        "arch/arm64/kvm/Kconfig": "config KVM\n\tbool \"KVM\"\n",
+        "arch/arm64/kvm/Makefile": "obj-$(CONFIG_KVM) += kvm.o\n",
+        "arch/arm64/kvm/hyp/nvhe/Makefile": "hyp-obj-y := hyp-main.o\nhyp-obj-y += $(lib-objs)\nobj-y := kvm_nvhe.o\n",
+        "arch/arm64/include/asm/kvm_asm.h": "#define X 1\n" + enum + "struct other {\n};\n",
+        "arch/arm64/kvm/hyp/nvhe/hyp-main.c": "static void f(void)\n{\n};\nstatic const hcall_t host_hcall[] = {\n"
+                                              "\tHANDLE_FUNC(__pkvm_teardown_vm),\n};\n",
+    }
+    for rel, text in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    return tree
+
+
+@pytest.mark.parametrize("enum", [ENUM_6_12, ENUM_7_X], ids=["6.12", "7.x"])
+def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum):
+    tree = _tree(tmp_path, enum)
+    [patch] = patches_for(ASKED, tree, tmp_path / "cache")
+    r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    asm = (tree / "arch/arm64/include/asm/kvm_asm.h").read_text()
+    members = [line.strip() for line in asm.split("enum __kvm_host_smccc_func {")[1].split("};")[0].splitlines()
+               if line.strip()]
+    assert members[-2 if "MARKER" in enum else -1] == "__KVM_HOST_SMCCC_FUNC___pkvm_el2_dump,"
+    assert "struct other {\n};" in asm                                   # the other `};` untouched
+    main = (tree / "arch/arm64/kvm/hyp/nvhe/hyp-main.c").read_text()
+    assert main.index("void handle___pkvm_el2_dump(") < main.index("static const hcall_t host_hcall[]")
+    assert "\tHANDLE_FUNC(__pkvm_teardown_vm),\n\tHANDLE_FUNC(__pkvm_el2_dump),\n};" in main
+    assert main.startswith("static void f(void)\n{\n};\n")             # the first `};` untouched
+    nvhe = (tree / "arch/arm64/kvm/hyp/nvhe/Makefile").read_text()
+    assert nvhe.index("hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o") < nvhe.index("hyp-obj-y += $(lib-objs)")
+    assert (tree / "arch/arm64/kvm/hyp/nvhe/el2_dump.c").is_file()
+    assert (tree / "arch/arm64/kvm/pkvm_el2dump.c").is_file()
+
+
+def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
+    tree = _tree(tmp_path, "enum something_else {\n};\n")
+    with pytest.raises(UsageError, match="CONFIG_PKVM_EL2_DUMP cannot be added to this kernel: .*kvm_asm.h"):
+        patches_for(ASKED, tree, tmp_path / "cache")
+    assert EL2_DUMP.symbol == "PKVM_EL2_DUMP"
+
+
+def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes) -> bytes:
+    return (HEADER.pack(MAGIC, kvo, len(records), len(data) // 4096)
+            + b"".join(RECORD.pack(*r) for r in records) + data)
+
+
+def test_a_dump_parses_into_pages_zeros_and_refusals():
+    page = bytes(range(256)) * 16
+    d = parse(_blob(0x1234, [(0x1000, 1, 0), (0x2000, 2, 1), (0x4000, 1, -22)], page))
+    assert d.kimage_voffset == 0x1234
+    assert d.pages == {0x1000: page, 0x2000: bytes(4096), 0x3000: bytes(4096)}
+    assert d.refused == {0x4000: 22}
+    assert d.read(0x1ff8, 16) == page[-8:] + bytes(8)
+    with pytest.raises(OSError, match="refused .* 0x4000: errno 22"):
+        d.read(0x4000, 8)
+    view = DumpView(d)
+    assert view.u64(0x5000) == 0 and view.missed == {0x5000}              # lacking: zeros, and asked for next
+    view.load(0x1000, 0x6000)
+    assert view.missed == {0x5000, 0x6000}
+
+
+@pytest.mark.parametrize("blob", [b"", b"PKVMDMP0" + bytes(24), _blob(0, [(0x1000, 1, 0)], b"")])
+def test_a_damaged_dump_is_refused(blob):
+    with pytest.raises(BadDump):
+        parse(blob)
+
+
+def test_requests_go_out_as_runs():
+    assert runs([0x3000, 0x1000, 0x2000, 0x9000, 0x2000]) == [(0x1000, 3), (0x9000, 1)]
+    assert struct.calcsize("<QIi") == RECORD.size == 16
