@@ -37,7 +37,7 @@ def build_request(opts: KernelOptions, cache_dir: Path, quiet: bool = False) -> 
     pristine = ksource.resolve(src, cache_dir, quiet=quiet, kernel=opts.kernel)
     requested = kconfig.merge(opts.fragments, opts.kconfig, version=pristine.version, el2_debug=opts.el2_debug == "on")
     # harness-only code (the hostile host) comes with the symbol that enables it, as a patch
-    added = overlays.patches_for(requested, pristine.tree, cache_dir)
+    added = overlays.patches_for(requested, pristine.tree, cache_dir, pristine.kernel_version)
     source = ksource.with_patches(pristine, [Path(p) for p in opts.patches] + added, cache_dir, quiet=quiet)
     return BuildRequest(source=source, requested=requested, cache_dir=cache_dir,
                         cross_compile=opts.cross_compile, timeout=opts.build_timeout, quiet=quiet,

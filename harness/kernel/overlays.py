@@ -22,6 +22,7 @@ from pathlib import Path
 from harness.errors import UsageError
 from harness.fsutil import atomic_write_text
 from harness.kernel.config import ConfigOption
+from harness.kernel.version import KernelVersion
 
 HERE = Path(__file__).parent
 
@@ -29,12 +30,14 @@ HERE = Path(__file__).parent
 @dataclass(frozen=True)
 class Insert:
     """`text` goes into `path` just before the first line matching `before` that follows the first
-    line matching `after` (the start of the file when `after` is empty)."""
+    line matching `after` (the start of the file when `after` is empty). `when` names a
+    KernelVersion fact the edit needs (a kernel without it does not get the edit)."""
 
     path: str
     text: str
     before: str
     after: str = ""
+    when: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,33 @@ HOSTILE_HOST = Overlay(
     edits=(Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_HOSTILE_HOST) += pkvm_hostile.o\n", r"\Z"),))
 
 DUMP_HYPERCALL = "__pkvm_el2_dump"
+
+# 7.x: the allocator's calls and the host's hypercalls as hypervisor trace events (tracefs'
+# remotes/hypervisor/), what el2trace and the gdbstub tracer see on QEMU (harness/targets/hyp_trace.py)
+_HYP_EVENTS = (HERE / "el2dump" / "pkvm_hypevents.h").read_text()
+_PA = "hyp_virt_to_phys"
+_NOT_DUMP = f"if (id != __KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL})\n\t\t"
+EVENTS = tuple(Insert(path, text, before, after, when="has_hyp_trace_remote") for path, text, before, after in (
+    ("arch/arm64/include/asm/kvm_hypevents.h", _HYP_EVENTS, r"^#endif", r"^HYP_EVENT\(selftest,"),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", "#include <asm/kvm_hypevents.h>\n", r"^#include <nvhe/gfp.h>", ""),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_put({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
+     r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_put_page\("),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_get({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
+     r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_get_page\("),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", "\ttrace_pkh_split(hyp_page_to_phys(p));\n",
+     r"^\tp->order = 0;", r"^void hyp_split_page\("),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\t\ttrace_pkh_alloc({_PA}(pool), order, 0);\n",
+     r"^\t\treturn NULL;", r"^void \*hyp_alloc_pages\("),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_alloc({_PA}(pool), order, hyp_page_to_phys(p));\n",
+     r"^\treturn hyp_page_to_virt\(p\);", r"^void \*hyp_alloc_pages\("),
+    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_pool_init({_PA}(pool), pfn, nr_pages, reserved_pages);\n",
+     r"^\thyp_spin_lock_init\(&pool->lock\);", r"^int hyp_pool_init\("),
+    ("arch/arm64/kvm/hyp/nvhe/hyp-main.c",
+     f"\t{_NOT_DUMP}trace_pkh_hcall(id, cpu_reg(host_ctxt, 1), cpu_reg(host_ctxt, 2), cpu_reg(host_ctxt, 3));\n",
+     r"^\thfn\(host_ctxt\);", r"^static void handle_host_hcall\("),
+    ("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\t{_NOT_DUMP}trace_pkh_hcall_ret(id, cpu_reg(host_ctxt, 1));\n",
+     r"^\treturn;", r"^\thfn\(host_ctxt\);"),
+))
 EL2_DUMP = Overlay(
     "PKVM_EL2_DUMP", "arch/arm64/kvm",
     "\nconfig PKVM_EL2_DUMP\n"
@@ -86,15 +116,16 @@ EL2_DUMP = Overlay(
 OVERLAYS = (HOSTILE_HOST, EL2_DUMP)
 
 
-def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path) -> list[Path]:
+def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path, version: KernelVersion) -> list[Path]:
     """The patches that add each overlay the config enables, for this tree (written once, cached
     by content)."""
-    return [_patch(o, tree, cache_dir) for o in OVERLAYS
+    return [_patch(o, tree, cache_dir, version) for o in OVERLAYS
             if (opt := requested.get(o.symbol)) is not None and opt.value == "y"]
 
 
-def _patch(overlay: Overlay, tree: Path, cache_dir: Path) -> Path:
-    edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"), *overlay.edits]
+def _patch(overlay: Overlay, tree: Path, cache_dir: Path, version: KernelVersion) -> Path:
+    edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"),
+             *(e for e in overlay.edits if not e.when or getattr(version, e.when))]
     changed: dict[str, list[str]] = {}
     for edit in edits:
         lines = changed.get(edit.path)

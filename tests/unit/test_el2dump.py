@@ -11,11 +11,14 @@ from harness.el2.dump import HEADER, MAGIC, RECORD, BadDump, DumpView, parse, ru
 from harness.errors import UsageError
 from harness.kernel.config import ConfigOption
 from harness.kernel.overlays import EL2_DUMP, patches_for
+from harness.kernel.version import KernelVersion
 
 ASKED = {"PKVM_EL2_DUMP": ConfigOption("PKVM_EL2_DUMP", "y", "a fragment")}
 ENUM_6_12 = "enum __kvm_host_smccc_func {\n\t__KVM_HOST_SMCCC_FUNC___pkvm_teardown_vm,\n};\n"
 ENUM_7_X = ("enum __kvm_host_smccc_func {\n\t__KVM_HOST_SMCCC_FUNC___pkvm_tlb_flush_vmid,\n\n"
             "\tMARKER(__KVM_HOST_SMCCC_FUNC_MAX)\n};\n")
+
+V6_12 = KernelVersion.parse("6.12.117")
 
 
 def _tree(tmp_path, enum: str):
@@ -37,7 +40,7 @@ def _tree(tmp_path, enum: str):
 @pytest.mark.parametrize("enum", [ENUM_6_12, ENUM_7_X], ids=["6.12", "7.x"])
 def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum):
     tree = _tree(tmp_path, enum)
-    [patch] = patches_for(ASKED, tree, tmp_path / "cache")
+    [patch] = patches_for(ASKED, tree, tmp_path / "cache", V6_12)
     r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     asm = (tree / "arch/arm64/include/asm/kvm_asm.h").read_text()
@@ -58,7 +61,7 @@ def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum):
 def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
     tree = _tree(tmp_path, "enum something_else {\n};\n")
     with pytest.raises(UsageError, match="CONFIG_PKVM_EL2_DUMP cannot be added to this kernel: .*kvm_asm.h"):
-        patches_for(ASKED, tree, tmp_path / "cache")
+        patches_for(ASKED, tree, tmp_path / "cache", V6_12)
     assert EL2_DUMP.symbol == "PKVM_EL2_DUMP"
 
 

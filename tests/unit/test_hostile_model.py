@@ -9,11 +9,14 @@ import subprocess
 from harness.kernel.config import ConfigOption
 from harness.kernel.overlays import HOSTILE_HOST, patches_for
 from harness.kernel.source import added_symbols, patched_files
+from harness.kernel.version import KernelVersion
 from harness.model.errnos import EBUSY, EPERM
 from harness.model.hostile import SHARE, UNSHARE, VM, MixModel, Step, mix, predict, shrink
 from harness.model.stage2 import State
 
 OWNED, NOPAGE, SO, SB = State.OWNED, State.NOPAGE, State.SHARED_OWNED, State.SHARED_BORROWED
+
+V6_12 = KernelVersion.parse("6.12.117")
 
 
 def test_a_share_is_refused_unless_the_host_owns_the_page_and_the_hyp_has_none():
@@ -59,10 +62,10 @@ def test_the_overlay_is_added_only_when_its_symbol_is_asked_for(tmp_path):
     (tree / HOSTILE_HOST.kconfig_dir).mkdir(parents=True)
     (tree / HOSTILE_HOST.kconfig_dir / "Kconfig").write_text("config KVM\n\tbool \"KVM\"\n")
     (tree / HOSTILE_HOST.kconfig_dir / "Makefile").write_text("obj-$(CONFIG_KVM) += kvm.o\n")
-    assert patches_for({}, tree, tmp_path / "cache") == []
+    assert patches_for({}, tree, tmp_path / "cache", V6_12) == []
     asked = {"PKVM_HOSTILE_HOST": ConfigOption("PKVM_HOSTILE_HOST", "y", "a fragment")}
-    [patch] = patches_for(asked, tree, tmp_path / "cache")
-    assert patches_for(asked, tree, tmp_path / "cache") == [patch]           # cached by content
+    [patch] = patches_for(asked, tree, tmp_path / "cache", V6_12)
+    assert patches_for(asked, tree, tmp_path / "cache", V6_12) == [patch]           # cached by content
     assert added_symbols(patch) == ["PKVM_HOSTILE_HOST"]
     assert set(patched_files(patch)) == {f"{HOSTILE_HOST.kconfig_dir}/{n}" for n in ("Kconfig", "Makefile",
                                                                                    "pkvm_hostile.c")}
