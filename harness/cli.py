@@ -8,6 +8,7 @@ prerequisite, 10 kernel or EL2 panic, 11 timeout, 12 infrastructure error, 13 ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -57,6 +58,9 @@ def parser() -> _Parser:
 
     p = sub.add_parser("build", help="configure and build the kernel (or reuse the cache)", epilog=EPILOG)
     options.add_to_argparse(p, boot=False)
+    p.add_argument("--board", action="store_true",
+                   help="a test kernel for a board: adds the EL2 dump (--config pkvm-el2-dump) and says what "
+                        "to install and how to run the suites against it (docs/boards.md)")
     _common_args(p, cache=False)
 
     p = sub.add_parser("rootfs", help="assemble the initramfs and print its path", epilog=EPILOG)
@@ -210,12 +214,24 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return ExitCode.PASS if all(c.ok for c in results) else ExitCode.USAGE
 
 
+BOARD_FRAGMENT = "pkvm-el2-dump"
+
+
 def cmd_build(a: argparse.Namespace) -> int:
     from harness.machine import MachineRequest
 
-    k = MachineRequest.check(options.kernel_options(a), options.BootOptions(), a.cache_dir, quiet=a.quiet,
-                             qemu=False).kernel()
+    kopts = options.kernel_options(a)
+    if a.board and BOARD_FRAGMENT not in kopts.fragments:
+        kopts = dataclasses.replace(kopts, fragments=[*kopts.fragments, BOARD_FRAGMENT])
+    k = MachineRequest.check(kopts, options.BootOptions(), a.cache_dir, quiet=a.quiet, qemu=False).kernel()
     print(f"kernel {k.meta['version']} ({_how_built({'reused': k.reused, **k.meta})}): {k.dir}")
+    if a.board:
+        same = " ".join([f"--pkvm-kernel {a.kernel}"] * bool(a.kernel)
+                        + [f"--pkvm-config {f}" for f in kopts.fragments]
+                        + [f"--pkvm-patch {p}" for p in kopts.patches])
+        print(f"install {k.dir / 'Image'} on the board (boot it with kvm-arm.mode=protected; everything is "
+              "built in, no modules), then run the suites with the same kernel options:\n"
+              f"  pytest test_suites/allocator test_suites/stage2 --pkvm-target ssh://root@BOARD {same}")
     return ExitCode.PASS
 
 

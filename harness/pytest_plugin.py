@@ -427,9 +427,15 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
     on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult),
     its pools compared with a snapshot at the end. With el2trace (QEMU 9.1+) the window is a slice
     of the replay from power-on; without it, a gdbstub trace replayed from a snapshot at its start."""
+    from harness.el2.dump import DumpMemory
+    from harness.el2.events import RemoteTracer
+
     live = _recorder(request.config).live
-    if live is None and not isinstance(target, Debugger):
-        pytest.skip(f"{target.name} has neither el2trace nor a gdbstub to trace through")
+    remote = live is None and not isinstance(target, Debugger) and isinstance(el2.mem, DumpMemory) \
+        and RemoteTracer.available(target)
+    if live is None and not isinstance(target, Debugger) and not remote:
+        pytest.skip(f"{target.name} has neither el2trace, a gdbstub, nor the dump kernel's hypervisor events "
+                    "(7.x) to trace through")
 
     @contextlib.contextmanager
     def plugin_window() -> Iterator[Any]:
@@ -469,4 +475,16 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
             box.trace = tracer.stop()
         box.result = replay_trace(box.trace)
 
-    return plugin_window if live is not None else gdbstub_window
+    @contextlib.contextmanager
+    def remote_window() -> Iterator[Any]:
+        from harness.replay import replay_trace
+
+        box = types.SimpleNamespace(trace=None, result=None)
+        request.node.stash.setdefault(REPLAYS, []).append(box)
+        tracer = RemoteTracer(el2, target)
+        tracer.start()
+        yield box
+        box.trace = tracer.stop()
+        box.result = replay_trace(box.trace)
+
+    return plugin_window if live is not None else gdbstub_window if not remote else remote_window

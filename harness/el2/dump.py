@@ -32,7 +32,8 @@ from harness.targets.base import Target
 DIR = "/sys/kernel/debug/pkvm_el2dump"
 FILE = f"{DIR}/dump"
 MAGIC = b"PKVMDMP1"
-HEADER = struct.Struct("<8sQQQ")         # magic, kimage_voffset, nr_records, nr_data_pages
+HEADER = struct.Struct("<8sQQQQ")        # magic, kimage_voffset, nr_records, nr_data_pages, seq
+DUMP_MARK = 0x504B_4800_0000_0000        # a dump writes the trace event "selftest id=DUMP_MARK|seq" (7.x)
 RECORD = struct.Struct("<QIi")           # pa, nr_pages, kind (0 copied, 1 all zero, < 0 -errno)
 LINE_BUDGET = 512                        # characters of ranges a shell line (a console line holds 768)
 EBUSY = 16
@@ -49,6 +50,7 @@ class DumpBusy(RuntimeError):
 @dataclass
 class Dump:
     kimage_voffset: int
+    seq: int = 0                                            # the dump's number since boot (its trace mark)
     pages: dict[int, bytes] = field(default_factory=dict)   # page PA -> its bytes (all-zero ones included)
     refused: dict[int, int] = field(default_factory=dict)   # page PA -> the hypercall's errno
 
@@ -67,11 +69,11 @@ class Dump:
 def parse(blob: bytes) -> Dump:
     if len(blob) < HEADER.size or blob[:8] != MAGIC:
         raise BadDump(f"not an EL2 dump ({len(blob)} bytes, starting {blob[:8]!r})")
-    _, kvo, nr_records, nr_data = HEADER.unpack_from(blob)
+    _, kvo, nr_records, nr_data, seq = HEADER.unpack_from(blob)
     data_at = HEADER.size + nr_records * RECORD.size
     if len(blob) != data_at + nr_data * PAGE_SIZE:
         raise BadDump(f"an EL2 dump of {len(blob)} bytes where its header says {data_at + nr_data * PAGE_SIZE}")
-    dump = Dump(kvo)
+    dump = Dump(kvo, seq=seq)
     zero = bytes(PAGE_SIZE)
     for i in range(nr_records):
         pa, n, kind = RECORD.unpack_from(blob, HEADER.size + i * RECORD.size)
@@ -151,6 +153,7 @@ class DumpMemory:
         self.dumps = 0
         self.bytes_fetched = 0
         self.seconds = 0.0                       # spent taking and fetching dumps
+        self.last_seq = 0                        # the number of the last dump taken
 
     @staticmethod
     def present(target: Target) -> bool:
@@ -179,7 +182,9 @@ class DumpMemory:
         self.dumps += 1
         self.bytes_fetched += len(blob)
         self.seconds += time.monotonic() - started
-        return parse(blob)
+        dump = parse(blob)
+        self.last_seq = dump.seq
+        return dump
 
     # --- what El2Reader asks of a memory (harness.el2.memory.PhysicalMemory has the same) ---
 

@@ -112,6 +112,7 @@ EL2_DUMP = Overlay(
                r"^static const hcall_t host_hcall\[\] = \{"),
         Insert("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\tHANDLE_FUNC({DUMP_HYPERCALL}),\n", r"^\};",
                after=r"^static const hcall_t host_hcall\[\] = \{"),
+        *EVENTS,
     ))
 OVERLAYS = (HOSTILE_HOST, EL2_DUMP)
 

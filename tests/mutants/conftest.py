@@ -9,6 +9,9 @@ from harness.paths import default_runs_dir
 def pytest_addoption(parser):
     parser.addoption("--mutant-kernel", default=DEFAULT, choices=tuple(SOURCES),
                      help="the Debian kernel series the mutants are built on (default: %(default)s)")
+    parser.addoption("--mutant-target", default="qemu", choices=("qemu", "ssh"),
+                     help="qemu (default): the suites read EL2 over QMP; ssh: as on a board, each mutant "
+                          "built with the EL2 dump and reached over SSH (--pkvm-target ssh://)")
 
 
 def pytest_generate_tests(metafunc):
@@ -23,8 +26,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.mutants.test_mutants import RESULTS, write_table
 
     if RESULTS:
-        table = write_table(default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}")
+        suffix = "-ssh" if config.getoption("--mutant-target") == "ssh" else ""
+        table = write_table(default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}{suffix}")
         terminalreporter.write_sep("=", "mutants and the tests that caught them")
         terminalreporter.write(table)
-        where = default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}"
+        where = default_runs_dir() / f"mutants-{config.getoption('--mutant-kernel')}{suffix}"
         terminalreporter.write_line(f"(also in {where}.md and .json)")

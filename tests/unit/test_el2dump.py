@@ -66,14 +66,14 @@ def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
 
 
 def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes) -> bytes:
-    return (HEADER.pack(MAGIC, kvo, len(records), len(data) // 4096)
+    return (HEADER.pack(MAGIC, kvo, len(records), len(data) // 4096, 7)
             + b"".join(RECORD.pack(*r) for r in records) + data)
 
 
 def test_a_dump_parses_into_pages_zeros_and_refusals():
     page = bytes(range(256)) * 16
     d = parse(_blob(0x1234, [(0x1000, 1, 0), (0x2000, 2, 1), (0x4000, 1, -22)], page))
-    assert d.kimage_voffset == 0x1234
+    assert (d.kimage_voffset, d.seq) == (0x1234, 7)
     assert d.pages == {0x1000: page, 0x2000: bytes(4096), 0x3000: bytes(4096)}
     assert d.refused == {0x4000: 22}
     assert d.read(0x1ff8, 16) == page[-8:] + bytes(8)
@@ -85,7 +85,7 @@ def test_a_dump_parses_into_pages_zeros_and_refusals():
     assert view.missed == {0x5000, 0x6000}
 
 
-@pytest.mark.parametrize("blob", [b"", b"PKVMDMP0" + bytes(24), _blob(0, [(0x1000, 1, 0)], b"")])
+@pytest.mark.parametrize("blob", [b"", b"PKVMDMP0" + bytes(32), _blob(0, [(0x1000, 1, 0)], b"")])
 def test_a_damaged_dump_is_refused(blob):
     with pytest.raises(BadDump):
         parse(blob)
@@ -94,3 +94,35 @@ def test_a_damaged_dump_is_refused(blob):
 def test_requests_go_out_as_runs():
     assert runs([0x3000, 0x1000, 0x2000, 0x9000, 0x2000]) == [(0x1000, 3), (0x9000, 1)]
     assert struct.calcsize("<QIi") == RECORD.size == 16
+
+
+TRACE = """\
+[000]\t    5.000001: pkh_alloc pool=0x7f2a0000 order=0 page=0x7f300000
+[001]\t    5.000002: selftest id=5785797311124733956
+[000]\t    5.100000: pkh_alloc pool=0x7f2a0000 order=1 page=0x0
+[001]\t    5.100001: pkh_get pool=0x7f2a0000 page=0x7f301000 refcount=1 order=0
+[000]\t    5.100002: pkh_put pool=0x7f2a0000 page=0x7f301000 refcount=2 order=0
+[000]\t    5.100003: pkh_split page=0x7f302000
+[001]\t    5.100004: pkh_pool_init pool=0x43000000 pfn=0x43001 nr_pages=16 reserved=1
+[001]\t    5.200000: selftest id=5785797311124733957
+[000]\t    5.200001: pkh_alloc pool=0x7f2a0000 order=0 page=0x7f303000
+"""
+
+
+def test_the_hypervisor_events_between_two_dump_marks_are_the_windows_calls():
+    from harness.el2.dump import DUMP_MARK
+    from harness.el2.events import mark_index, ops_of
+    from harness.targets.hyp_trace import HypEvent
+
+    events = [e for e in map(HypEvent.parse, TRACE.splitlines()) if e is not None]
+    assert DUMP_MARK | 4 == 5785797311124733956
+    begin, end = mark_index(events, 4), mark_index(events, 5)
+    assert (begin, end, mark_index(events, 6)) == (1, 7, None)
+    ops = ops_of(events[begin + 1:end])
+    assert [(o.cpu, o.pool, o.op, o.args, o.result, o.seen) for o in ops] == [
+        (0, 0x7F2A0000, "alloc", {"order": 1}, None, None),
+        (1, 0x7F2A0000, "get", {"addr": 0x7F301000}, None, [1, 0]),
+        (0, 0x7F2A0000, "put", {"addr": 0x7F301000}, None, [2, 0]),
+        (0, None, "split", {"addr": 0x7F302000}, None, None),
+        (1, 0x43000000, "init", {"pfn": 0x43001, "nr_pages": 16, "reserved_pages": 1}, None, None)]
+    assert [o.seq for o in ops] == list(range(5))

@@ -10,7 +10,10 @@
  *   read:  at offset 0 copies every page of the request at one instant: under stop_machine, so
  *          no other CPU is at EL2 or changes its state, each page through the hypercall
  *          __pkvm_el2_dump (arch/arm64/kvm/hyp/nvhe/el2_dump.c). Then, little-endian:
- *            header   "PKVMDMP1", u64 kimage_voffset, u64 nr_records, u64 nr_data_pages
+ *            header   "PKVMDMP1", u64 kimage_voffset, u64 nr_records, u64 nr_data_pages,
+ *                     u64 seq (this dump's number: where the hypervisor has a trace remote, the
+ *                     dump writes the event "selftest id=DUMP_MARK|seq" at its instant, so a
+ *                     trace can be cut where the snapshot was taken)
  *            records  { u64 pa; u32 nr_pages; s32 kind; }  kind 0: copied (the pages follow the
  *                     records, in record order), 1: copied and all zero (no bytes), < 0: not
  *                     copied, the hypercall's -errno
@@ -51,7 +54,10 @@ struct dump_header {
 	u64 kimage_voffset;
 	u64 nr_records;
 	u64 nr_data_pages;
+	u64 seq;
 };
+
+#define DUMP_MARK 0x504b480000000000ULL		/* "PKH" */
 
 static DEFINE_MUTEX(dump_lock);
 static struct dump_range ranges[MAX_RANGES];
@@ -63,12 +69,16 @@ static u64 data_cap;
 static s32 *status;
 static void *meta;			/* header and records */
 static size_t meta_len, data_len;
+static u64 seq;
 
 static int copy_all(void *unused)
 {
 	u64 i = 0, r, p;
 	long ret;
 
+#ifdef CONFIG_NVHE_EL2_TRACING
+	kvm_call_hyp_nvhe(__tracing_write_event, DUMP_MARK | seq);
+#endif
 	for (r = 0; r < nr_ranges; r++) {
 		for (p = 0; p < ranges[r].nr; p++, i++) {
 			ret = (long)kvm_call_hyp_nvhe(__pkvm_el2_dump, PHYS_PFN(ranges[r].pa) + p,
@@ -113,6 +123,7 @@ static int take_dump(void)
 	meta = NULL;
 	meta_len = data_len = 0;
 	ret = grow();
+	seq++;
 	if (!ret && nr_pages)
 		ret = stop_machine(copy_all, NULL, NULL);
 	if (ret)
@@ -146,6 +157,7 @@ static int take_dump(void)
 	hdr->kimage_voffset = kimage_voffset;
 	hdr->nr_records = nr_records;
 	hdr->nr_data_pages = kept;
+	hdr->seq = seq;
 	meta_len = sizeof(*hdr) + nr_records * sizeof(*rec);
 	data_len = kept * PAGE_SIZE;
 	return 0;

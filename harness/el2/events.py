@@ -1,0 +1,95 @@
+"""EL2 allocator calls from the hypervisor's own trace events: how a board is traced (7.x).
+
+A 7.x test kernel built with `--config pkvm-el2-dump` has hypervisor trace events for the
+allocator's calls (pkh_pool_init, pkh_alloc, pkh_get, pkh_put, pkh_split) and the host's
+hypercalls (pkh_hcall, pkh_hcall_ret) in its trace remote (harness/kernel/el2dump/,
+harness/targets/hyp_trace.py). `ops_of` turns them into the records the QEMU tracers give
+(harness.el2.trace.Op), so the same replay runs on a board.
+
+`RemoteTracer` has the gdbstub Tracer's shape: `start()` enables the events and takes a snapshot,
+`stop()` takes another and returns the Trace between them. Each dump writes a mark into the
+trace at its instant ("selftest id=DUMP_MARK|seq", harness.el2.dump), with every other CPU
+stopped: the window's calls are exactly the events between the two snapshots' marks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from harness.el2.dump import DUMP_MARK, DumpMemory
+from harness.el2.snapshot import El2Reader
+from harness.el2.state import Snapshot
+from harness.el2.trace import Op, Trace
+from harness.targets.base import Shell
+from harness.targets.hyp_trace import HypEvent, HypTraceRemote
+
+ALLOCATOR_EVENTS = ("pkh_pool_init", "pkh_alloc", "pkh_get", "pkh_put", "pkh_split")
+HCALL_EVENTS = ("pkh_hcall", "pkh_hcall_ret")
+MARK_EVENT = "selftest"
+
+
+def _num(text: str) -> int:
+    return int(text, 0)
+
+
+def ops_of(events: Iterable[HypEvent]) -> list[Op]:
+    """The allocator events, in tracefs' order (by time across CPUs), as Ops."""
+    ops: list[Op] = []
+    for e in events:
+        f = e.fields
+        if e.name == "pkh_pool_init":
+            args = {"pfn": _num(f["pfn"]), "nr_pages": _num(f["nr_pages"]), "reserved_pages": _num(f["reserved"])}
+            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), "init", args))
+        elif e.name == "pkh_alloc":
+            page = _num(f["page"])
+            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), "alloc", {"order": _num(f["order"])}, page or None))
+        elif e.name in ("pkh_get", "pkh_put"):
+            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), e.name[4:], {"addr": _num(f["page"])},
+                          seen=[_num(f["refcount"]), _num(f["order"])]))
+        elif e.name == "pkh_split":
+            ops.append(Op(len(ops), e.cpu, None, "split", {"addr": _num(f["page"])}))
+    return ops
+
+
+def mark_index(events: list[HypEvent], seq: int) -> int | None:
+    """Where in the trace (tracefs' merged, time-ordered list) the dump numbered `seq` was taken."""
+    return next((i for i, e in enumerate(events)
+                 if e.name == MARK_EVENT and _num(e.fields.get("id", "0")) == DUMP_MARK | seq), None)
+
+
+class RemoteTracer:
+    """A window of allocator calls through the trace remote (see the module doc)."""
+
+    def __init__(self, reader: El2Reader, shell: Shell) -> None:
+        if not isinstance(reader.mem, DumpMemory):
+            raise TypeError("the remote tracer cuts its window at dumps: it needs a reader over the EL2 dump")
+        self.reader = reader
+        self.remote = HypTraceRemote(shell)
+        self.initial: Snapshot | None = None
+        self._seq = 0
+        self._started = 0.0
+        self.text = ""                 # the trace as tracefs printed it: evidence for a failing test
+
+    @staticmethod
+    def available(shell: Shell) -> bool:
+        remote = HypTraceRemote(shell)
+        return remote.present() and set(ALLOCATOR_EVENTS) <= set(remote.events())
+
+    def start(self) -> Snapshot:
+        self._started = time.monotonic()
+        self.remote.start((*ALLOCATOR_EVENTS, MARK_EVENT))
+        self.initial = self.reader.snapshot()
+        self._seq = self.reader.mem.last_seq   # type: ignore[union-attr]
+        return self.initial
+
+    def stop(self) -> Trace:
+        final = self.reader.snapshot()
+        seq = self.reader.mem.last_seq   # type: ignore[union-attr]
+        self.remote.stop()
+        self.text, events = self.remote.read()
+        begin, end = mark_index(events, self._seq), mark_index(events, seq)
+        if begin is None or end is None:
+            raise RuntimeError(f"the hypervisor's trace lacks the marks of dumps {self._seq} and {seq}: "
+                               "its buffer overflowed (a shorter window, or a bigger buffer_size_kb)")
+        return Trace(ops_of(events[begin + 1:end]), self.initial, final, 0, time.monotonic() - self._started)

@@ -1,0 +1,84 @@
+"""7.x boards: EL2 through the dump and the hypervisor's own trace events, proved on QEMU.
+
+The guest runs the 7.3 test kernel built with `--config pkvm-el2-dump` (the dump, and the pkh_*
+hypervisor events in its trace remote), reached over SSH. About 6 min with the kernel built
+(`make test-slow`): a cold 7.3 build adds about 10 min, more than `make test` can spare.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+
+from harness.el2.dump import DumpMemory
+from harness.el2.events import RemoteTracer
+from harness.el2.snapshot import El2Reader
+from harness.el2.trace import Tracer
+from harness.image.payloads import GUEST_DIR
+from harness.options import KernelOptions
+from harness.replay import replay_trace
+from tests.integration.conftest import assembled
+from tests.integration.test_board_el2 import _as_board, _sandwich
+
+pytestmark = pytest.mark.slow
+
+KERNEL = KernelOptions(kernel="7.3", fragments=("pkvm-el2-dump",))
+
+
+@pytest.fixture(scope="module")
+def board(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("board73")
+    machine = assembled(cache_dir, run_dir, KERNEL, gdb=True)
+    t = replace(machine, spec=replace(machine.spec, no_reboot=True)).start(run_dir, "ssh")
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def both(board, cache_dir):
+    qmp = El2Reader(board.qmp_socket, board.vmlinux, cache_dir)
+    dump = El2Reader(DumpMemory(board), board.vmlinux, cache_dir)
+    yield qmp, dump
+    qmp.close()
+    dump.close()
+
+
+def test_qmp_and_the_dump_read_the_same_on_7_3(both):
+    over_qmp, over_dump, _ = _sandwich(*both)
+    assert over_qmp["unavailable"] == {} and over_dump == over_qmp
+
+
+def _key(op) -> tuple:
+    return op.pool, op.op, tuple(sorted(op.args.items())), op.result, tuple(op.seen or ())
+
+
+def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
+    """One VM lifecycle traced both ways at once: on each vCPU, the gdbstub's calls are a run of
+    the events' (the events also see the calls just before the gdbstub armed and after it left),
+    field for field: pool, call, arguments, result, and the page's refcount and order at entry."""
+    qmp, dump = both
+    assert RemoteTracer.available(board)
+    remote = RemoteTracer(dump, board)
+    remote.start()
+    with Tracer(qmp, board.gdb_socket) as gdb_tracer:
+        gdb_tracer.start()
+        board.run(f"{GUEST_DIR}/pkvm_guest --vms 1 --vcpus 2 --pages 8").check()
+        gdb = gdb_tracer.stop()
+    events = remote.stop()
+    result = replay_trace(events)
+    assert result.ok, (result.divergence, result.final_mismatches[:5])
+    for cpu in (0, 1):
+        mine = [_key(op) for op in events.ops if op.cpu == cpu]
+        theirs = [_key(op) for op in gdb.ops if op.cpu == cpu]
+        assert len(theirs) > 20
+        starts = [i for i in range(len(mine) - len(theirs) + 1) if mine[i:i + len(theirs)] == theirs]
+        assert starts, f"vCPU {cpu}: the gdbstub's {len(theirs)} calls are not a run of the events' {len(mine)}"
+
+
+def test_the_el2_suites_run_their_checks_and_traces_on_a_7_3_board(board, cache_dir, tmp_path):
+    r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2", extra=("--pkvm-kernel", "7.3"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
+    assert [s for s in skips if "EL2 memory cannot be read" in s or "to trace through" in s] == [], "\n".join(skips)
