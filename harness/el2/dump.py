@@ -33,7 +33,8 @@ DIR = "/sys/kernel/debug/pkvm_el2dump"
 FILE = f"{DIR}/dump"
 MAGIC = b"PKVMDMP1"
 HEADER = struct.Struct("<8sQQQQ")        # magic, kimage_voffset, nr_records, nr_data_pages, seq
-DUMP_MARK = 0x504B_4800_0000_0000        # a dump writes the trace event "selftest id=DUMP_MARK|seq" (7.x)
+DUMP_MARK = 0x504B_4800_0000_0000        # a dump writes the trace event "selftest id=DUMP_MARK|seq" (7.x),
+DUMP_END = 1 << 40                       # before its copies, and "selftest id=DUMP_MARK|DUMP_END|seq" after
 RECORD = struct.Struct("<QIi")           # pa, nr_pages, kind (0 copied, 1 all zero, < 0 -errno)
 LINE_BUDGET = 512                        # characters of ranges a shell line (a console line holds 768)
 EBUSY = 16

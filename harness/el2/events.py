@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from harness.el2.dump import DUMP_MARK, DumpMemory
+from harness.el2.dump import DUMP_END, DUMP_MARK, DumpMemory
 from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
 from harness.el2.trace import Op, Trace
@@ -27,6 +27,7 @@ from harness.targets.hyp_trace import HypEvent, HypTraceRemote
 ALLOCATOR_EVENTS = ("pkh_pool_init", "pkh_alloc", "pkh_get", "pkh_put", "pkh_split")
 HCALL_EVENTS = ("pkh_hcall", "pkh_hcall_ret")
 MARK_EVENT = "selftest"
+BUFFER_KB = 2048               # per CPU: about 40,000 allocator events (the default 7 KiB holds ~150)
 
 
 def _num(text: str) -> int:
@@ -52,10 +53,20 @@ def ops_of(events: Iterable[HypEvent]) -> list[Op]:
     return ops
 
 
-def mark_index(events: list[HypEvent], seq: int) -> int | None:
-    """Where in the trace (tracefs' merged, time-ordered list) the dump numbered `seq` was taken."""
+def mark_index(events: list[HypEvent], seq: int, end: bool = False) -> int | None:
+    """Where in the trace (tracefs' merged, time-ordered list) the dump numbered `seq` began (or
+    ended) copying."""
+    want = DUMP_MARK | (DUMP_END if end else 0) | seq
     return next((i for i, e in enumerate(events)
-                 if e.name == MARK_EVENT and _num(e.fields.get("id", "0")) == DUMP_MARK | seq), None)
+                 if e.name == MARK_EVENT and _num(e.fields.get("id", "0")) == want), None)
+
+
+def torn(events: list[HypEvent], seq: int) -> list[HypEvent]:
+    """Allocator events between a dump's two marks: EL2 changed while it was being copied."""
+    begin, end = mark_index(events, seq), mark_index(events, seq, end=True)
+    if begin is None or end is None:
+        return []
+    return [e for e in events[begin + 1:end] if e.name in ALLOCATOR_EVENTS]
 
 
 class RemoteTracer:
@@ -78,7 +89,9 @@ class RemoteTracer:
 
     def start(self) -> Snapshot:
         self._started = time.monotonic()
-        self.remote.start((*ALLOCATOR_EVENTS, MARK_EVENT))
+        if not self.remote.present():          # mounts tracefs where it is not yet
+            raise RuntimeError("this kernel has no hypervisor trace remote (7.x, with NVHE_EL2_DEBUG)")
+        self.remote.start((*ALLOCATOR_EVENTS, MARK_EVENT), BUFFER_KB)
         self.initial = self.reader.snapshot()
         self._seq = self.reader.mem.last_seq   # type: ignore[union-attr]
         return self.initial
@@ -88,8 +101,12 @@ class RemoteTracer:
         seq = self.reader.mem.last_seq   # type: ignore[union-attr]
         self.remote.stop()
         self.text, events = self.remote.read()
-        begin, end = mark_index(events, self._seq), mark_index(events, seq)
+        begin, end = mark_index(events, self._seq, end=True), mark_index(events, seq)
         if begin is None or end is None:
             raise RuntimeError(f"the hypervisor's trace lacks the marks of dumps {self._seq} and {seq}: "
                                "its buffer overflowed (a shorter window, or a bigger buffer_size_kb)")
+        for n in (self._seq, seq):
+            if during := torn(events, n):
+                raise RuntimeError(f"EL2 changed while dump {n} was copied ({len(during)} allocator calls, the "
+                                   f"first: {during[0].name} {during[0].fields}): its snapshot is not one instant")
         return Trace(ops_of(events[begin + 1:end]), self.initial, final, 0, time.monotonic() - self._started)

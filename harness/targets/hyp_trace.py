@@ -56,13 +56,17 @@ class HypTraceRemote:
     def events(self) -> list[str]:
         return sorted(self._event_dirs())
 
-    def start(self, events: tuple[str, ...] = ("hyp_enter", "hyp_exit")) -> None:
-        """Clear the buffers, enable `events`, turn tracing on."""
+    def start(self, events: tuple[str, ...] = ("hyp_enter", "hyp_exit"), buffer_kb: int | None = None) -> None:
+        """Clear the buffers, enable `events`, turn tracing on. `buffer_kb`: each CPU's buffer
+        (7 KiB by default: a few hundred events); it can change only while the buffers are unloaded,
+        which clearing them with tracing off does."""
         dirs = self._event_dirs()
         missing = set(events) - set(dirs)
         if missing:
             raise TargetError(f"the hypervisor's trace remote has no event {', '.join(sorted(missing))}")
         cmds = [f"echo 0 > {REMOTE}/tracing_on", f"echo > {REMOTE}/trace"]
+        if buffer_kb is not None:
+            cmds.append(f"echo {buffer_kb} > {REMOTE}/buffer_size_kb")
         cmds += [f"echo 1 > {REMOTE}/events/{dirs[name]}/enable" for name in events]
         self._run(" && ".join([*cmds, f"echo 1 > {REMOTE}/tracing_on"]))
 

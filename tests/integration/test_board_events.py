@@ -69,10 +69,10 @@ def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
     events = remote.stop()
     result = replay_trace(events)
     assert result.ok, (result.divergence, result.final_mismatches[:5])
+    assert len(gdb.ops) > 50 and len(events.ops) >= len(gdb.ops)
     for cpu in (0, 1):
         mine = [_key(op) for op in events.ops if op.cpu == cpu]
         theirs = [_key(op) for op in gdb.ops if op.cpu == cpu]
-        assert len(theirs) > 20
         starts = [i for i in range(len(mine) - len(theirs) + 1) if mine[i:i + len(theirs)] == theirs]
         assert starts, f"vCPU {cpu}: the gdbstub's {len(theirs)} calls are not a run of the events' {len(mine)}"
 

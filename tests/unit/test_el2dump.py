@@ -99,6 +99,7 @@ def test_requests_go_out_as_runs():
 TRACE = """\
 [000]\t    5.000001: pkh_alloc pool=0x7f2a0000 order=0 page=0x7f300000
 [001]\t    5.000002: selftest id=5785797311124733956
+[001]\t    5.000003: selftest id=5785798410636361732
 [000]\t    5.100000: pkh_alloc pool=0x7f2a0000 order=1 page=0x0
 [001]\t    5.100001: pkh_get pool=0x7f2a0000 page=0x7f301000 refcount=1 order=0
 [000]\t    5.100002: pkh_put pool=0x7f2a0000 page=0x7f301000 refcount=2 order=0
@@ -110,14 +111,16 @@ TRACE = """\
 
 
 def test_the_hypervisor_events_between_two_dump_marks_are_the_windows_calls():
-    from harness.el2.dump import DUMP_MARK
-    from harness.el2.events import mark_index, ops_of
+    from harness.el2.dump import DUMP_END, DUMP_MARK
+    from harness.el2.events import mark_index, ops_of, torn
     from harness.targets.hyp_trace import HypEvent
 
     events = [e for e in map(HypEvent.parse, TRACE.splitlines()) if e is not None]
     assert DUMP_MARK | 4 == 5785797311124733956
-    begin, end = mark_index(events, 4), mark_index(events, 5)
-    assert (begin, end, mark_index(events, 6)) == (1, 7, None)
+    assert DUMP_MARK | DUMP_END | 4 == 5785798410636361732
+    begin, end = mark_index(events, 4, end=True), mark_index(events, 5)
+    assert (mark_index(events, 4), begin, end, mark_index(events, 6)) == (1, 2, 8, None)
+    assert torn(events, 4) == [] and torn(events, 5) == []       # dump 5 has no end mark in this trace
     ops = ops_of(events[begin + 1:end])
     assert [(o.cpu, o.pool, o.op, o.args, o.result, o.seen) for o in ops] == [
         (0, 0x7F2A0000, "alloc", {"order": 1}, None, None),
@@ -126,3 +129,15 @@ def test_the_hypervisor_events_between_two_dump_marks_are_the_windows_calls():
         (0, None, "split", {"addr": 0x7F302000}, None, None),
         (1, 0x43000000, "init", {"pfn": 0x43001, "nr_pages": 16, "reserved_pages": 1}, None, None)]
     assert [o.seq for o in ops] == list(range(5))
+
+
+def test_a_dump_the_hypervisor_changed_while_copying_is_found():
+    from harness.el2.dump import DUMP_END, DUMP_MARK
+    from harness.el2.events import torn
+    from harness.targets.hyp_trace import HypEvent
+
+    lines = [f"[000]\t 1.000001: selftest id={DUMP_MARK | 9}",
+             "[000]\t 1.000002: pkh_get pool=0x1000 page=0x2000 refcount=1 order=0",
+             f"[000]\t 1.000003: selftest id={DUMP_MARK | DUMP_END | 9}"]
+    events = [e for e in map(HypEvent.parse, lines) if e is not None]
+    assert [e.name for e in torn(events, 9)] == ["pkh_get"]

@@ -12,8 +12,9 @@
  *          __pkvm_el2_dump (arch/arm64/kvm/hyp/nvhe/el2_dump.c). Then, little-endian:
  *            header   "PKVMDMP1", u64 kimage_voffset, u64 nr_records, u64 nr_data_pages,
  *                     u64 seq (this dump's number: where the hypervisor has a trace remote, the
- *                     dump writes the event "selftest id=DUMP_MARK|seq" at its instant, so a
- *                     trace can be cut where the snapshot was taken)
+ *                     dump writes the event "selftest id=DUMP_MARK|seq" before its copies and
+ *                     "selftest id=DUMP_MARK|DUMP_END|seq" after them, so a trace can be cut
+ *                     where the snapshot was taken)
  *            records  { u64 pa; u32 nr_pages; s32 kind; }  kind 0: copied (the pages follow the
  *                     records, in record order), 1: copied and all zero (no bytes), < 0: not
  *                     copied, the hypercall's -errno
@@ -58,6 +59,7 @@ struct dump_header {
 };
 
 #define DUMP_MARK 0x504b480000000000ULL		/* "PKH" */
+#define DUMP_END (1ULL << 40)
 
 static DEFINE_MUTEX(dump_lock);
 static struct dump_range ranges[MAX_RANGES];
@@ -74,7 +76,7 @@ static u64 seq;
 static int copy_all(void *unused)
 {
 	u64 i = 0, r, p;
-	long ret;
+	long ret = 0;
 
 #ifdef CONFIG_NVHE_EL2_TRACING
 	kvm_call_hyp_nvhe(__tracing_write_event, DUMP_MARK | seq);
@@ -84,11 +86,16 @@ static int copy_all(void *unused)
 			ret = (long)kvm_call_hyp_nvhe(__pkvm_el2_dump, PHYS_PFN(ranges[r].pa) + p,
 						      vmalloc_to_pfn(data + i * PAGE_SIZE));
 			if (ret == -EBUSY)
-				return -EBUSY;
+				goto out;
 			status[i] = ret;
 		}
 	}
-	return 0;
+out:
+#ifdef CONFIG_NVHE_EL2_TRACING
+	/* any EL2 event between the two marks came from this CPU while it copied: the harness refuses the dump */
+	kvm_call_hyp_nvhe(__tracing_write_event, DUMP_MARK | DUMP_END | seq);
+#endif
+	return ret == -EBUSY ? -EBUSY : 0;
 }
 
 static int grow(void)
@@ -124,8 +131,16 @@ static int take_dump(void)
 	meta_len = data_len = 0;
 	ret = grow();
 	seq++;
-	if (!ret && nr_pages)
+	if (!ret && nr_pages) {
+		/*
+		 * Touch what copy_all() writes: the host stage-2 maps memory lazily, and drops a
+		 * block's mapping when a page in it changes owner. A host fault while copying would
+		 * change the host stage-2 half-way through the copy of its tables.
+		 */
+		memset(data, 0, nr_pages * PAGE_SIZE);
+		memset(status, 0, nr_pages * sizeof(*status));
 		ret = stop_machine(copy_all, NULL, NULL);
+	}
 	if (ret)
 		return ret;
 	meta = kvzalloc(sizeof(*hdr) + nr_pages * sizeof(*rec), GFP_KERNEL);
