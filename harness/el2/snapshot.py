@@ -35,6 +35,7 @@ from harness.el2.state import Snapshot
 MAX_CARVEOUT = 1 << 30
 MAX_NVHE_DATA = 16 << 20
 MAX_ROUNDS = 8          # dumps a snapshot may take to get every page its decoding reads
+MAX_DONATED_LEAF = 2 << 20
 
 
 class SnapshotBusy(RuntimeError):
@@ -126,8 +127,24 @@ class El2Reader:
                 if isinstance(cache, DumpView):
                     self.wanted = cache.touched
                 return (None, None) if busy else (snap, recorder)
-            self.wanted |= cache.missed
+            self.wanted |= cache.missed | (self._hyp_owned(snap) if snap is not None else set())
         raise SnapshotIncomplete(f"each of {MAX_ROUNDS} EL2 dumps lacked pages its decoding then read")
+
+    def _hyp_owned(self, snap: Snapshot) -> set[int]:
+        """Pages the hyp owns outside the carveout and the kernel image: what hosts donated (VM and
+        vCPU structures, VM pools and the stage-2 tables in them), read from the hyp stage-1. A
+        dump that asks for them at once needs no round per pointer a VM's decoding follows."""
+        if snap.hyp_s1 is None or snap.carveout is None:
+            return set()
+        base, size = snap.carveout
+        image = (self.kpa("_text"), self.kpa("_end"))
+        out: set[int] = set()
+        for leaf in snap.hyp_s1.leaves:
+            pa = leaf.pa
+            if pa is None or leaf.state != "OWNED" or base <= pa < base + size or image[0] <= pa < image[1]:
+                continue
+            out.update(range(pa, pa + min(leaf.size, MAX_DONATED_LEAF), PAGE_SIZE))
+        return out
 
     def _nvhe_data_symbols(self) -> list[str]:
         return [NVHE + n for n in decode.NVHE_SYMBOLS if NVHE + n in self.kernel.symbols]
