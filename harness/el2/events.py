@@ -87,11 +87,20 @@ class RemoteTracer:
         remote = HypTraceRemote(shell)
         return remote.present() and set(ALLOCATOR_EVENTS) <= set(remote.events())
 
+    @staticmethod
+    def prepare(shell: Shell) -> None:
+        """Load the trace buffers and leave them loaded, tracing: before the session's first
+        snapshot, because loading shares the buffers with the hyp (its stage-1 grows by a table
+        page per 2 MiB) and unloading gives them back. A window then only cuts at its marks."""
+        remote = HypTraceRemote(shell)
+        if not remote.present():               # mounts tracefs where it is not yet
+            raise RuntimeError("this kernel has no hypervisor trace remote (7.x, with NVHE_EL2_DEBUG)")
+        if not remote.tracing(BUFFER_KB):
+            remote.start((*ALLOCATOR_EVENTS, MARK_EVENT), BUFFER_KB)
+
     def start(self) -> Snapshot:
         self._started = time.monotonic()
-        if not self.remote.present():          # mounts tracefs where it is not yet
-            raise RuntimeError("this kernel has no hypervisor trace remote (7.x, with NVHE_EL2_DEBUG)")
-        self.remote.start((*ALLOCATOR_EVENTS, MARK_EVENT), BUFFER_KB)
+        self.prepare(self.remote.shell)
         self.initial = self.reader.snapshot()
         self._seq = self.reader.mem.last_seq   # type: ignore[union-attr]
         return self.initial
@@ -99,8 +108,7 @@ class RemoteTracer:
     def stop(self) -> Trace:
         final = self.reader.snapshot()
         seq = self.reader.mem.last_seq   # type: ignore[union-attr]
-        self.remote.stop()
-        self.text, events = self.remote.read()
+        self.text, events = self.remote.read()          # tracing stays on (see prepare)
         begin, end = mark_index(events, self._seq, end=True), mark_index(events, seq)
         if begin is None or end is None:
             raise RuntimeError(f"the hypervisor's trace lacks the marks of dumps {self._seq} and {seq}: "

@@ -70,6 +70,11 @@ class HypTraceRemote:
         cmds += [f"echo 1 > {REMOTE}/events/{dirs[name]}/enable" for name in events]
         self._run(" && ".join([*cmds, f"echo 1 > {REMOTE}/tracing_on"]))
 
+    def tracing(self, buffer_kb: int) -> bool:
+        """Tracing is on, into loaded buffers of `buffer_kb` per CPU."""
+        on = self.shell.run(f"cat {REMOTE}/tracing_on {REMOTE}/buffer_size_kb", timeout=30).stdout.split()
+        return on[:3] == ["1", str(buffer_kb), "(loaded)"]
+
     def stop(self) -> None:
         self._run(f"echo 0 > {REMOTE}/tracing_on")
 

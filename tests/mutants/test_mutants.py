@@ -66,7 +66,7 @@ def _over_ssh(tmp_path: Path, kernel: str, patch: Path | None, options: tuple[st
     configs = [options[i + 1] for i, o in enumerate(options[:-1]) if o == "--pkvm-config"]
     kopts = KernelOptions(kernel=kernel, fragments=["pkvm-el2-dump", *configs], patches=[patch] if patch else [])
     machine = assembled(cache, tmp_path, kopts)
-    target = machine.start(tmp_path / "board", "ssh")
+    target = machine.start(tmp_path, "ssh")
     try:
         keys = ensure_keys(cache)
         kh = tmp_path / "known_hosts"
