@@ -423,3 +423,39 @@ def hostile_mix_rates(cache: Path, runs: int) -> tuple[list[float], list[float]]
                     got = run_mix(host, steps, lambda vcpus: "", r.snapshot if checked else None)
                     out.append(got.hypercalls / got.seconds)
     return on, off
+
+
+def board_snapshots(cache: Path, runs: int,
+                    kernel: str = "6.12") -> tuple[list[float], list[float], list[float], float]:
+    """On the EL2-dump test kernel over SSH, as on a board: seconds per snapshot through the dump
+    (the first, with its rounds; then warm), per QMP snapshot of the same machine, and the KiB a
+    warm dump moves."""
+    from dataclasses import replace
+
+    from harness.el2.dump import DumpMemory
+
+    first, warm, qmp = [], [], []
+    kib = 0.0
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="pkvm-bench-board-") as run_dir:
+            machine = _machine(cache, Path(run_dir), el2_plugin="off",
+                               kernel=KernelOptions(kernel=kernel, fragments=["pkvm-el2-dump"]))
+            machine = replace(machine, spec=replace(machine.spec, no_reboot=True))
+            with machine.start(Path(run_dir), "ssh") as target, \
+                    El2Reader(DumpMemory(target), target.vmlinux, cache) as dump, \
+                    El2Reader(target.qmp_socket, target.vmlinux, cache) as over_qmp:
+                t = time.monotonic()
+                dump.snapshot()
+                first.append(time.monotonic() - t)
+                mem = dump.mem
+                assert isinstance(mem, DumpMemory)
+                before = (mem.dumps, mem.bytes_fetched)
+                for _ in range(3):
+                    t = time.monotonic()
+                    dump.snapshot()
+                    warm.append(time.monotonic() - t)
+                    t = time.monotonic()
+                    over_qmp.snapshot()
+                    qmp.append(time.monotonic() - t)
+                kib = (mem.bytes_fetched - before[1]) / max(1, mem.dumps - before[0]) / 1024
+    return first, warm, qmp, kib

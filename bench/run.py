@@ -46,7 +46,8 @@ from harness.options import KernelOptions  # noqa: E402
 from harness.paths import default_cache_dir  # noqa: E402
 from harness.targets.qemu_debian12 import qemu_7_2  # noqa: E402
 
-SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "oracle", "errors", "bisect", "scaling"]
+SECTIONS = ["setup", "build", "boot", "suite", "kunit", "el2", "el2trace", "oracle", "errors", "boards", "bisect",
+            "scaling"]
 MEMORY_MIB = ["512", "1024", "2048", "4096"]
 MODEL_OPS = [1_000, 10_000, 100_000, 1_000_000]
 
@@ -198,6 +199,12 @@ def main() -> int:
         on, off = measure.hostile_mix_rates(cache, n)
         f.add("errors", "hostile random mix, checked after every call", on, "calls/s", digits=1)
         f.add("errors", "hostile random mix, unchecked", off, "calls/s", digits=1)
+    if "boards" in only:
+        print("boards (EL2 through the dump kernel over SSH, as on a board)", flush=True)
+        first, warm, qmp, kib = measure.board_snapshots(cache, max(1, n // 2))
+        f.add("boards", "first snapshot through the dump (with its rounds)", first, "s", digits=2)
+        f.add("boards", f"later snapshots through the dump ({kib:.0f} KiB a dump)", warm, "s", digits=2)
+        f.add("boards", "the same machine's snapshot over QMP", qmp, "s", digits=2)
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)

@@ -7,6 +7,7 @@ hypervisor events in its trace remote), reached over SSH. About 6 min with the k
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -19,7 +20,7 @@ from harness.image.payloads import GUEST_DIR
 from harness.options import KernelOptions
 from harness.replay import replay_trace
 from tests.integration.conftest import assembled
-from tests.integration.test_board_el2 import _sandwich
+from tests.integration.test_board_el2 import _as_board, _sandwich
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +75,14 @@ def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
         theirs = [_key(op) for op in gdb.ops if op.cpu == cpu]
         starts = [i for i in range(len(mine) - len(theirs) + 1) if mine[i:i + len(theirs)] == theirs]
         assert starts, f"vCPU {cpu}: the gdbstub's {len(theirs)} calls are not a run of the events' {len(mine)}"
+
+
+def test_the_el2_suites_run_their_checks_and_traces_on_a_7_3_board(board, cache_dir, tmp_path):
+    """The allocator and stage-2 suites as on a board: the EL2 checks through the dump, and the
+    traced tests (replay against the model) through the hypervisor's events. Only what needs QEMU
+    itself may skip: el2trace's transition oracle and the gdbstub's fault injection."""
+    r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2", extra=("--pkvm-kernel", "7.3"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
+    assert all("el2trace" in s or "no gdbstub to fail" in s for s in skips), "\n".join(skips)
+    assert int(re.search(r"(\d+) passed", r.stdout).group(1)) >= 16, r.stdout[-2000:]
