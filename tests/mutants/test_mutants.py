@@ -63,8 +63,10 @@ def _over_ssh(tmp_path: Path, kernel: str, patch: Path | None, options: tuple[st
     from tests.integration.conftest import assembled
 
     cache = default_cache_dir()
+    given = dict(zip(options[::2], options[1::2]))      # the mutant's Options: --pkvm-<option> VALUE pairs
     configs = [options[i + 1] for i, o in enumerate(options[:-1]) if o == "--pkvm-config"]
-    kopts = KernelOptions(kernel=kernel, fragments=["pkvm-el2-dump", *configs], patches=[patch] if patch else [])
+    kopts = KernelOptions(kernel=kernel, fragments=["pkvm-el2-dump", *configs], patches=[patch] if patch else [],
+                          el2_debug=given.get("--pkvm-el2-debug", "on"))
     machine = assembled(cache, tmp_path, kopts)
     target = machine.start(tmp_path, "ssh")
     try:
