@@ -180,3 +180,14 @@ def test_the_el2_suites_run_their_checks_on_a_board(board, cache_dir, tmp_path):
     el2_skips = [s for s in skips if "EL2 memory cannot be read" in s or "needs_el2" in s]
     assert el2_skips == [], "\n".join(el2_skips)
     assert int(re.search(r"(\d+) passed", r.stdout).group(1)) >= 10, r.stdout[-2000:]
+
+
+def test_build_board_builds_the_dump_kernel_and_says_what_to_install(board):
+    from tests.integration.conftest import run_cli
+
+    r = run_cli("build", "--board", "--kernel", "6.12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert f"{board.vmlinux.parent}" in out                      # the same kernel the board runs here
+    assert f"install {board.vmlinux.parent / 'Image'} on the board" in out
+    assert "--pkvm-target ssh://root@BOARD --pkvm-kernel 6.12 --pkvm-config pkvm-el2-dump" in out
