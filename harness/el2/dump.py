@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.el2 import symbols as ksyms
+from harness.el2.memory import WordReads
 from harness.el2.pgtable import PAGE_SIZE
 from harness.errors import UsageError
 from harness.targets.base import Target
@@ -37,7 +38,6 @@ DUMP_MARK = 0x504B_4800_0000_0000        # a dump writes the trace event "selfte
 DUMP_END = 1 << 40                       # before its copies, and "selftest id=DUMP_MARK|DUMP_END|seq" after
 RECORD = struct.Struct("<QIi")           # pa, nr_pages, kind (0 copied, 1 all zero, < 0 -errno)
 LINE_BUDGET = 512                        # characters of ranges a shell line (a console line holds 768)
-EBUSY = 16
 
 
 class BadDump(ValueError):
@@ -103,7 +103,7 @@ def runs(pages: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
-class DumpView:
+class DumpView(WordReads):
     """One dump, read as a RegionCache is read: a page it lacks reads as zeros and is recorded in
     `missed` (that decode is thrown away, and the next dump asks for the page)."""
 
@@ -133,17 +133,8 @@ class DumpView:
                 chunks.append(bytes(PAGE_SIZE))
         return b"".join(chunks)[pa - first: pa - first + size]
 
-    def u64(self, pa: int) -> int:
-        return struct.unpack("<Q", self.read(pa, 8))[0]
 
-    def u32(self, pa: int) -> int:
-        return struct.unpack("<I", self.read(pa, 4))[0]
-
-    def uint(self, pa: int, size: int) -> int:
-        return int.from_bytes(self.read(pa, size), "little")
-
-
-class DumpMemory:
+class DumpMemory(WordReads):
     """A target's memory, through its kernel's dump file (see the module doc)."""
 
     def __init__(self, target: Target, scratch: str = "/tmp") -> None:
@@ -192,9 +183,6 @@ class DumpMemory:
     def read(self, pa: int, size: int) -> bytes:
         return self.take(range(pa & -PAGE_SIZE, pa + size, PAGE_SIZE)).read(pa, size)
 
-    def u64(self, pa: int) -> int:
-        return struct.unpack("<Q", self.read(pa, 8))[0]
-
     def kimage_voffset(self, symbols: dict[str, int]) -> int:
         return self.take([]).kimage_voffset
 
@@ -206,13 +194,6 @@ class DumpMemory:
         with contextlib.suppress(Exception):
             self.target.run(f"rm -f {self.remote}")
         self._dir.cleanup()
-
-
-def require(target: Target) -> None:
-    """A one-line refusal for a target whose kernel has no dump file."""
-    if not DumpMemory.present(target):
-        raise UsageError(f"{target.name} has no {FILE}: its kernel was not built with the EL2 dump",
-                         hint="build it with `pkvm-harness build --board` (docs/boards.md) and boot the board on it")
 
 
 NT_GNU_BUILD_ID = 3

@@ -25,7 +25,6 @@ from harness.targets.base import Shell
 from harness.targets.hyp_trace import HypEvent, HypTraceRemote
 
 ALLOCATOR_EVENTS = ("pkh_pool_init", "pkh_alloc", "pkh_get", "pkh_put", "pkh_split")
-HCALL_EVENTS = ("pkh_hcall", "pkh_hcall_ret")
 MARK_EVENT = "selftest"
 BUFFER_KB = 2048               # per CPU: about 40,000 allocator events (the default 7 KiB holds ~150)
 

@@ -20,7 +20,23 @@ _2M = 2 << 20
 MASK64 = (1 << 64) - 1
 
 
-class PhysicalMemory:
+class WordReads:
+    """Little-endian words over `read(pa, size)`: every EL2 memory (QMP's, a dump's) and its views."""
+
+    def read(self, pa: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def u64(self, pa: int) -> int:
+        return struct.unpack("<Q", self.read(pa, 8))[0]
+
+    def u32(self, pa: int) -> int:
+        return struct.unpack("<I", self.read(pa, 4))[0]
+
+    def uint(self, pa: int, size: int) -> int:
+        return int.from_bytes(self.read(pa, size), "little")
+
+
+class PhysicalMemory(WordReads):
     def __init__(self, qmp_socket: Path, timeout: float = 10.0) -> None:
         self.qmp_socket = qmp_socket
         self.qmp = QmpConnection(qmp_socket, timeout)
@@ -35,9 +51,6 @@ class PhysicalMemory:
         if len(data) != size:
             raise OSError(f"pmemsave returned {len(data)} of {size} bytes at {pa:#x}")
         return data
-
-    def u64(self, pa: int) -> int:
-        return struct.unpack("<Q", self.read(pa, 8))[0]
 
     def running(self) -> bool:
         return bool(self.qmp.execute("query-status").get("running"))
@@ -79,7 +92,7 @@ class PhysicalMemory:
         self.close()
 
 
-class RegionCache:
+class RegionCache(WordReads):
     """Reads served from large copies taken while the machine is stopped."""
 
     def __init__(self, mem: PhysicalMemory) -> None:
@@ -100,15 +113,6 @@ class RegionCache:
             raise LookupError(f"{pa:#x}+{size:#x} was not copied while the machine was stopped")
         self.live_reads += 1
         return self.mem.read(pa, size)
-
-    def u64(self, pa: int) -> int:
-        return struct.unpack("<Q", self.read(pa, 8))[0]
-
-    def u32(self, pa: int) -> int:
-        return struct.unpack("<I", self.read(pa, 4))[0]
-
-    def uint(self, pa: int, size: int) -> int:
-        return int.from_bytes(self.read(pa, size), "little")
 
 
 def find_kimage_voffset(mem: PhysicalMemory | RegionCache, syms: dict[str, int], ram_base: int = 0x4000_0000,
