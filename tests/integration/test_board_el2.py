@@ -8,9 +8,11 @@ with `--pkvm-target ssh://`, and must run their EL2 checks instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,23 +30,50 @@ REPO = Path(__file__).resolve().parents[2]
 DUMP_KERNEL = KernelOptions(fragments=("pkvm-el2-dump",))
 
 
+def start_board(cache_dir, run_dir, kernel: KernelOptions):
+    """A dump test kernel under QEMU, over SSH, with a gdbstub (to hold an EL2 lock by hand)."""
+    machine = assembled(cache_dir, run_dir, kernel, gdb=True)
+    return replace(machine, spec=replace(machine.spec, no_reboot=True)).start(run_dir, "ssh")
+
+
+@contextlib.contextmanager
+def readers(board, cache_dir) -> Iterator[tuple[El2Reader, El2Reader]]:
+    """The same machine read both ways: (over QMP, through the dump)."""
+    qmp = El2Reader(board.qmp_socket, board.vmlinux, cache_dir)
+    dump = El2Reader(DumpMemory(board), board.vmlinux, cache_dir)
+    try:
+        yield qmp, dump
+    finally:
+        qmp.close()
+        dump.close()
+
+
 @pytest.fixture(scope="module")
 def board(cache_dir, tmp_path_factory):
-    """The dump test kernel under QEMU, over SSH, with a gdbstub (to hold an EL2 lock by hand)."""
-    run_dir = tmp_path_factory.mktemp("board")
-    machine = assembled(cache_dir, run_dir, DUMP_KERNEL, gdb=True)
-    t = replace(machine, spec=replace(machine.spec, no_reboot=True)).start(run_dir, "ssh")
+    t = start_board(cache_dir, tmp_path_factory.mktemp("board"), DUMP_KERNEL)
     yield t
     t.close()
 
 
 @pytest.fixture(scope="module")
 def both(board, cache_dir):
-    qmp = El2Reader(board.qmp_socket, board.vmlinux, cache_dir)
-    dump = El2Reader(DumpMemory(board), board.vmlinux, cache_dir)
-    yield qmp, dump
-    qmp.close()
-    dump.close()
+    with readers(board, cache_dir) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def lock_held(board, lock_pa: int) -> Iterator[None]:
+    """A hyp spinlock made to look held (next = owner + 1) through the gdbstub, then restored."""
+    with GdbStub(board.gdb_socket) as gdb:
+        word = gdb.read_physical(lock_pa, 4)
+        gdb.write_physical(lock_pa + 2, ((int.from_bytes(word[:2], "little") + 1) & 0xFFFF).to_bytes(2, "little"))
+        gdb.detach()
+    try:
+        yield
+    finally:
+        with GdbStub(board.gdb_socket) as gdb:
+            gdb.write_physical(lock_pa, word)
+            gdb.detach()
 
 
 def _comparable(snap) -> dict:
@@ -108,20 +137,11 @@ def test_the_dump_refuses_while_the_hyp_stage1_lock_is_held(board, both):
     saying so; once the lock is free the snapshot is taken."""
     _, dump = both
     lock_pa = dump.kpa(NVHE + "pkvm_pgd_lock")
-    with GdbStub(board.gdb_socket) as gdb:
-        word = gdb.read_physical(lock_pa, 4)
-        owner = int.from_bytes(word[:2], "little")
-        gdb.write_physical(lock_pa + 2, ((owner + 1) & 0xFFFF).to_bytes(2, "little"))    # next != owner
-        gdb.detach()
-    try:
+    with lock_held(board, lock_pa):
         with pytest.raises(DumpBusy):
             dump.mem.take([lock_pa & -4096])
         with pytest.raises(SnapshotBusy):
             dump.snapshot(attempts=3)
-    finally:
-        with GdbStub(board.gdb_socket) as gdb:
-            gdb.write_physical(lock_pa, word)
-            gdb.detach()
     assert dump.snapshot().pools
 
 
@@ -129,17 +149,8 @@ def test_a_pool_lock_held_is_busy_as_over_qmp(board, both):
     _, dump = both
     snap = dump.snapshot()
     lock_pa = snap.pools["hpool"].struct_pa + dump.kernel.struct("hyp_pool").offset("lock")
-    with GdbStub(board.gdb_socket) as gdb:
-        word = gdb.read_physical(lock_pa, 4)
-        gdb.write_physical(lock_pa + 2, ((int.from_bytes(word[:2], "little") + 1) & 0xFFFF).to_bytes(2, "little"))
-        gdb.detach()
-    try:
-        with pytest.raises(SnapshotBusy):
-            dump.snapshot(attempts=2)
-    finally:
-        with GdbStub(board.gdb_socket) as gdb:
-            gdb.write_physical(lock_pa, word)
-            gdb.detach()
+    with lock_held(board, lock_pa), pytest.raises(SnapshotBusy):
+        dump.snapshot(attempts=2)
 
 
 def test_the_dump_reads_never_write_el2(board, both):

@@ -8,19 +8,15 @@ hypervisor events in its trace remote), reached over SSH. About 6 min with the k
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 
-from harness.el2.dump import DumpMemory
 from harness.el2.events import RemoteTracer
-from harness.el2.snapshot import El2Reader
 from harness.el2.trace import Tracer
 from harness.image.payloads import GUEST_DIR
 from harness.options import KernelOptions
 from harness.replay import replay_trace
-from tests.integration.conftest import assembled
-from tests.integration.test_board_el2 import _as_board, _sandwich
+from tests.integration.test_board_el2 import _as_board, _sandwich, readers, start_board
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +25,15 @@ KERNEL = KernelOptions(kernel="7.3", fragments=("pkvm-el2-dump",))
 
 @pytest.fixture(scope="module")
 def board(cache_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("board73")
-    machine = assembled(cache_dir, run_dir, KERNEL, gdb=True)
-    t = replace(machine, spec=replace(machine.spec, no_reboot=True)).start(run_dir, "ssh")
+    t = start_board(cache_dir, tmp_path_factory.mktemp("board73"), KERNEL)
     yield t
     t.close()
 
 
 @pytest.fixture(scope="module")
 def both(board, cache_dir):
-    qmp = El2Reader(board.qmp_socket, board.vmlinux, cache_dir)
-    dump = El2Reader(DumpMemory(board), board.vmlinux, cache_dir)
-    yield qmp, dump
-    qmp.close()
-    dump.close()
+    with readers(board, cache_dir) as pair:
+        yield pair
 
 
 def test_qmp_and_the_dump_read_the_same_on_7_3(both):
