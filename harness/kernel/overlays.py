@@ -47,6 +47,7 @@ class Overlay:
     kconfig: str                           # the entry, appended
     files: tuple[tuple[Path, str], ...]    # (harness file, where in the tree)
     edits: tuple[Insert, ...]              # lines added to existing files (Makefiles included)
+    needs: str = ""                        # a KernelVersion fact the code cannot do without
 
 
 HOSTILE_HOST = Overlay(
@@ -100,6 +101,7 @@ EL2_DUMP = Overlay(
     "\t  enable it in a kernel that runs anything but the pkvm-harness's tests.\n",
     files=((HERE / "el2dump" / "pkvm_el2dump.c", "arch/arm64/kvm/pkvm_el2dump.c"),
            (HERE / "el2dump" / "el2_dump.c", "arch/arm64/kvm/hyp/nvhe/el2_dump.c")),
+    needs="has_hyp_fixmap",
     edits=(
         Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o\n", r"\Z"),
         Insert("arch/arm64/kvm/hyp/nvhe/Makefile", "hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o\n",
@@ -125,6 +127,10 @@ def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path,
 
 
 def _patch(overlay: Overlay, tree: Path, cache_dir: Path, version: KernelVersion) -> Path:
+    if overlay.needs and not getattr(version, overlay.needs):
+        raise UsageError(f"CONFIG_{overlay.symbol} cannot be added to Linux {version}: it has no "
+                         f"{overlay.needs.removeprefix('has_').replace('_', ' ')}",
+                         hint="see docs/boards.md for the kernels it supports")
     edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"),
              *(e for e in overlay.edits if not e.when or getattr(version, e.when))]
     changed: dict[str, list[str]] = {}

@@ -327,6 +327,13 @@ class KernelVersion:
         return "pkvm-el2-trace.config" if self.at_least(7, 3) else "pkvm-el2-trace-7.2.config"
 
     @property
+    def has_hyp_fixmap(self) -> bool:
+        """EL2 can map any page briefly through a per-CPU fixmap slot (hyp_fixmap_map(), nvhe/mm.c),
+        which the harness's EL2 dump copies through. Read in 6.12.117 and 7.3.4; 6.1.192 has none
+        (it came with pKVM's guest support, 6.2)."""
+        return self.at_least(6, 2)
+
+    @property
     def has_hyp_trace_remote(self) -> bool:
         """The hypervisor writes events (hyp_enter, hyp_exit, selftest) into a ring buffer the host
         reads at /sys/kernel/tracing/remotes/hypervisor/, with NVHE_EL2_DEBUG. Read in 7.2.13 and
