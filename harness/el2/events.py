@@ -60,11 +60,12 @@ def mark_index(events: list[HypEvent], seq: int, end: bool = False) -> int | Non
                  if e.name == MARK_EVENT and _num(e.fields.get("id", "0")) == want), None)
 
 
-def torn(events: list[HypEvent], seq: int) -> list[HypEvent]:
-    """Allocator events between a dump's two marks: EL2 changed while it was being copied."""
+def torn(events: list[HypEvent], seq: int) -> list[HypEvent] | None:
+    """Allocator events between a dump's two marks: EL2 changed while it was being copied. None
+    when the trace lacks either mark: whether it was torn cannot be known."""
     begin, end = mark_index(events, seq), mark_index(events, seq, end=True)
     if begin is None or end is None:
-        return []
+        return None
     return [e for e in events[begin + 1:end] if e.name in ALLOCATOR_EVENTS]
 
 
@@ -113,7 +114,11 @@ class RemoteTracer:
             raise RuntimeError(f"the hypervisor's trace lacks the marks of dumps {self._seq} and {seq}: "
                                "its buffer overflowed (a shorter window, or a bigger buffer_size_kb)")
         for n in (self._seq, seq):
-            if during := torn(events, n):
+            during = torn(events, n)
+            if during is None:
+                raise RuntimeError(f"the hypervisor's trace lacks a mark of dump {n}: whether EL2 changed while it "
+                                   "was copied cannot be told")
+            if during:
                 raise RuntimeError(f"EL2 changed while dump {n} was copied ({len(during)} allocator calls, the "
                                    f"first: {during[0].name} {during[0].fields}): its snapshot is not one instant")
         return Trace(ops_of(events[begin + 1:end]), self.initial, final, 0, time.monotonic() - self._started)
