@@ -430,16 +430,21 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
     """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
     on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult),
     its pools compared with a snapshot at the end. With el2trace (QEMU 9.1+) the window is a slice
-    of the replay from power-on; without it, a gdbstub trace replayed from a snapshot at its start."""
+    of the replay from power-on; without it, a gdbstub trace replayed from a snapshot at its start;
+    on a board (a dump kernel over SSH), its trace remote's events (7.x) or its event ring (6.12),
+    replayed from a snapshot at the start."""
     from harness.el2.dump import DumpMemory
     from harness.el2.events import RemoteTracer
+    from harness.el2.ring import RingTracer
 
     live = _recorder(request.config).live
-    remote = live is None and not isinstance(target, Debugger) and isinstance(el2.mem, DumpMemory) \
-        and RemoteTracer.available(target)
-    if live is None and not isinstance(target, Debugger) and not remote:
-        pytest.skip(f"{target.name} has neither el2trace, a gdbstub, nor the dump kernel's hypervisor events "
-                    "(7.x) to trace through")
+    board = live is None and not isinstance(target, Debugger) and isinstance(el2.mem, DumpMemory)
+    # a board's own record of the calls: the trace remote's events (7.x), else the dump kernel's ring
+    board_tracer = None if not board else (lambda: RemoteTracer(el2, target)) if RemoteTracer.available(target) \
+        else (lambda: RingTracer(el2)) if RingTracer.available(el2) else None
+    if live is None and not isinstance(target, Debugger) and board_tracer is None:
+        pytest.skip(f"{target.name} has neither el2trace, a gdbstub, nor a dump kernel's record of the EL2 "
+                    "allocator's calls to trace through")
 
     @contextlib.contextmanager
     def plugin_window() -> Iterator[Any]:
@@ -480,15 +485,16 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         box.result = replay_trace(box.trace)
 
     @contextlib.contextmanager
-    def remote_window() -> Iterator[Any]:
+    def board_window() -> Iterator[Any]:
         from harness.replay import replay_trace
 
+        assert board_tracer is not None
         box = types.SimpleNamespace(trace=None, result=None)
         request.node.stash.setdefault(REPLAYS, []).append(box)
-        tracer = RemoteTracer(el2, target)
+        tracer = board_tracer()
         tracer.start()
         yield box
         box.trace = tracer.stop()
         box.result = replay_trace(box.trace)
 
-    return plugin_window if live is not None else gdbstub_window if not remote else remote_window
+    return plugin_window if live is not None else board_window if board_tracer is not None else gdbstub_window

@@ -32,8 +32,8 @@ from harness.targets.base import Target
 
 DIR = "/sys/kernel/debug/pkvm_el2dump"
 FILE = f"{DIR}/dump"
-MAGIC = b"PKVMDMP1"
-HEADER = struct.Struct("<8sQQQQ")        # magic, kimage_voffset, nr_records, nr_data_pages, seq
+MAGIC = b"PKVMDMP2"
+HEADER = struct.Struct("<8sQQQQQQ")      # magic, kimage_voffset, nr_records, nr_data_pages, seq, ring_begin, ring_end
 DUMP_MARK = 0x504B_4800_0000_0000        # a dump writes the trace event "selftest id=DUMP_MARK|seq" (7.x),
 DUMP_END = 1 << 40                       # before its copies, and "selftest id=DUMP_MARK|DUMP_END|seq" after
 RECORD = struct.Struct("<QIi")           # pa, nr_pages, kind (0 copied, 1 all zero, < 0 -errno)
@@ -52,6 +52,7 @@ class DumpBusy(RuntimeError):
 class Dump:
     kimage_voffset: int
     seq: int = 0                                            # the dump's number since boot (its trace mark)
+    ring: tuple[int, int] = (0, 0)     # events in the hyp's ring at the first and the last copy (harness.el2.ring)
     pages: dict[int, bytes] = field(default_factory=dict)   # page PA -> its bytes (all-zero ones included)
     refused: dict[int, int] = field(default_factory=dict)   # page PA -> the hypercall's errno
 
@@ -70,11 +71,11 @@ class Dump:
 def parse(blob: bytes) -> Dump:
     if len(blob) < HEADER.size or blob[:8] != MAGIC:
         raise BadDump(f"not an EL2 dump ({len(blob)} bytes, starting {blob[:8]!r})")
-    _, kvo, nr_records, nr_data, seq = HEADER.unpack_from(blob)
+    _, kvo, nr_records, nr_data, seq, ring_begin, ring_end = HEADER.unpack_from(blob)
     data_at = HEADER.size + nr_records * RECORD.size
     if len(blob) != data_at + nr_data * PAGE_SIZE:
         raise BadDump(f"an EL2 dump of {len(blob)} bytes where its header says {data_at + nr_data * PAGE_SIZE}")
-    dump = Dump(kvo, seq=seq)
+    dump = Dump(kvo, seq=seq, ring=(ring_begin, ring_end))
     zero = bytes(PAGE_SIZE)
     for i in range(nr_records):
         pa, n, kind = RECORD.unpack_from(blob, HEADER.size + i * RECORD.size)
@@ -146,6 +147,7 @@ class DumpMemory(WordReads):
         self.bytes_fetched = 0
         self.seconds = 0.0                       # spent taking and fetching dumps
         self.last_seq = 0                        # the number of the last dump taken
+        self.last_ring = 0                       # the events the hyp's ring had recorded at its copies
 
     @staticmethod
     def present(target: Target) -> bool:
@@ -175,7 +177,7 @@ class DumpMemory(WordReads):
         self.bytes_fetched += len(blob)
         self.seconds += time.monotonic() - started
         dump = parse(blob)
-        self.last_seq = dump.seq
+        self.last_seq, self.last_ring = dump.seq, dump.ring[1]
         return dump
 
     # --- what El2Reader asks of a memory (harness.el2.memory.PhysicalMemory has the same) ---
@@ -188,7 +190,10 @@ class DumpMemory(WordReads):
 
     @contextlib.contextmanager
     def instant(self, wanted: set[int]) -> Iterator[DumpView]:
-        yield DumpView(self.take(wanted))
+        dump = self.take(wanted)
+        if dump.ring[0] != dump.ring[1]:     # a kernel with the event ring tells: EL2 changed mid-copy
+            raise DumpBusy(f"EL2 made {dump.ring[1] - dump.ring[0]} allocator calls while dump {dump.seq} was copied")
+        yield DumpView(dump)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

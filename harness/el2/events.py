@@ -33,22 +33,29 @@ def _num(text: str) -> int:
     return int(text, 0)
 
 
+def allocator_op(index: int, name: str, cpu: int | None, f: dict[str, int]) -> Op | None:
+    """One allocator event, by its name and fields (the pkh_* events' own), as an Op; None for
+    any other event. The ring (harness.el2.ring) gives the same fields."""
+    if name == "pkh_pool_init":
+        args = {"pfn": f["pfn"], "nr_pages": f["nr_pages"], "reserved_pages": f["reserved"]}
+        return Op(index, cpu, f["pool"], "init", args)
+    if name == "pkh_alloc":
+        return Op(index, cpu, f["pool"], "alloc", {"order": f["order"]}, f["page"] or None)
+    if name in ("pkh_get", "pkh_put"):
+        return Op(index, cpu, f["pool"], name[4:], {"addr": f["page"]}, seen=[f["refcount"], f["order"]])
+    if name == "pkh_split":
+        return Op(index, cpu, None, "split", {"addr": f["page"]})
+    return None
+
+
 def ops_of(events: Iterable[HypEvent]) -> list[Op]:
     """The allocator events, in tracefs' order (by time across CPUs), as Ops."""
     ops: list[Op] = []
     for e in events:
-        f = e.fields
-        if e.name == "pkh_pool_init":
-            args = {"pfn": _num(f["pfn"]), "nr_pages": _num(f["nr_pages"]), "reserved_pages": _num(f["reserved"])}
-            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), "init", args))
-        elif e.name == "pkh_alloc":
-            page = _num(f["page"])
-            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), "alloc", {"order": _num(f["order"])}, page or None))
-        elif e.name in ("pkh_get", "pkh_put"):
-            ops.append(Op(len(ops), e.cpu, _num(f["pool"]), e.name[4:], {"addr": _num(f["page"])},
-                          seen=[_num(f["refcount"]), _num(f["order"])]))
-        elif e.name == "pkh_split":
-            ops.append(Op(len(ops), e.cpu, None, "split", {"addr": _num(f["page"])}))
+        if e.name in ALLOCATOR_EVENTS:
+            op = allocator_op(len(ops), e.name, e.cpu, {k: _num(v) for k, v in e.fields.items()})
+            assert op is not None
+            ops.append(op)
     return ops
 
 

@@ -63,32 +63,39 @@ HOSTILE_HOST = Overlay(
 
 DUMP_HYPERCALL = "__pkvm_el2_dump"
 
-# 7.x: the allocator's calls and the host's hypercalls as hypervisor trace events (tracefs'
-# remotes/hypervisor/), what el2trace and the gdbstub tracer see on QEMU (harness/targets/hyp_trace.py)
+# The allocator's calls and the host's hypercalls, what el2trace and the gdbstub tracer see on
+# QEMU: hypervisor trace events where the kernel has the trace remote (7.x: tracefs'
+# remotes/hypervisor/, harness/targets/hyp_trace.py), the harness's event ring where it has not
+# (6.12: harness/el2/ring.py). The call sites are the same; el2dump/pkh_events.h picks.
 _HYP_EVENTS = (HERE / "el2dump" / "pkvm_hypevents.h").read_text()
 _PA = "hyp_virt_to_phys"
 _NOT_DUMP = f"if (id != __KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL})\n\t\t"
-EVENTS = tuple(Insert(path, text, before, after, when="has_hyp_trace_remote") for path, text, before, after in (
-    ("arch/arm64/include/asm/kvm_hypevents.h", _HYP_EVENTS, r"^#endif", r"^HYP_EVENT\(selftest,"),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", "#include <asm/kvm_hypevents.h>\n", r"^#include <nvhe/gfp.h>", ""),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_put({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
-     r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_put_page\("),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_get({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
-     r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_get_page\("),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", "\ttrace_pkh_split(hyp_page_to_phys(p));\n",
-     r"^\tp->order = 0;", r"^void hyp_split_page\("),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\t\ttrace_pkh_alloc({_PA}(pool), order, 0);\n",
-     r"^\t\treturn NULL;", r"^void \*hyp_alloc_pages\("),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_alloc({_PA}(pool), order, hyp_page_to_phys(p));\n",
-     r"^\treturn hyp_page_to_virt\(p\);", r"^void \*hyp_alloc_pages\("),
-    ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\ttrace_pkh_pool_init({_PA}(pool), pfn, nr_pages, reserved_pages);\n",
-     r"^\thyp_spin_lock_init\(&pool->lock\);", r"^int hyp_pool_init\("),
-    ("arch/arm64/kvm/hyp/nvhe/hyp-main.c",
-     f"\t{_NOT_DUMP}trace_pkh_hcall(id, cpu_reg(host_ctxt, 1), cpu_reg(host_ctxt, 2), cpu_reg(host_ctxt, 3));\n",
-     r"^\thfn\(host_ctxt\);", r"^static void handle_host_hcall\("),
-    ("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\t{_NOT_DUMP}trace_pkh_hcall_ret(id, cpu_reg(host_ctxt, 1));\n",
-     r"^\treturn;", r"^\thfn\(host_ctxt\);"),
-))
+_INCLUDE = "#include <nvhe/pkh_events.h>\n"
+EVENTS = (
+    Insert("arch/arm64/include/asm/kvm_hypevents.h", _HYP_EVENTS, r"^#endif", r"^HYP_EVENT\(selftest,",
+           when="has_hyp_trace_remote"),
+    *(Insert(path, text, before, after) for path, text, before, after in (
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", _INCLUDE, r"^#include <nvhe/gfp.h>", ""),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\tpkh_ev_put({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
+         r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_put_page\("),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\tpkh_ev_get({_PA}(pool), {_PA}(addr), p->refcount, p->order);\n",
+         r"^\thyp_spin_lock\(&pool->lock\);", r"^void hyp_get_page\("),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", "\tpkh_ev_split(hyp_page_to_phys(p));\n",
+         r"^\tp->order = 0;", r"^void hyp_split_page\("),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\t\tpkh_ev_alloc({_PA}(pool), order, 0);\n",
+         r"^\t\treturn NULL;", r"^void \*hyp_alloc_pages\("),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\tpkh_ev_alloc({_PA}(pool), order, hyp_page_to_phys(p));\n",
+         r"^\treturn hyp_page_to_virt\(p\);", r"^void \*hyp_alloc_pages\("),
+        ("arch/arm64/kvm/hyp/nvhe/page_alloc.c", f"\tpkh_ev_pool_init({_PA}(pool), pfn, nr_pages, reserved_pages);\n",
+         r"^\thyp_spin_lock_init\(&pool->lock\);", r"^int hyp_pool_init\("),
+        ("arch/arm64/kvm/hyp/nvhe/hyp-main.c", _INCLUDE, r"^#include <nvhe/trap_handler.h>", ""),
+        ("arch/arm64/kvm/hyp/nvhe/hyp-main.c",
+         f"\t{_NOT_DUMP}pkh_ev_hcall(id, cpu_reg(host_ctxt, 1), cpu_reg(host_ctxt, 2), cpu_reg(host_ctxt, 3));\n",
+         r"^\thfn\(host_ctxt\);", r"^static void handle_host_hcall\("),
+        ("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\t{_NOT_DUMP}pkh_ev_hcall_ret(id, cpu_reg(host_ctxt, 1));\n",
+         r"^\treturn;", r"^\thfn\(host_ctxt\);"),
+    )),
+)
 EL2_DUMP = Overlay(
     "PKVM_EL2_DUMP", "arch/arm64/kvm",
     "\nconfig PKVM_EL2_DUMP\n"
@@ -100,7 +107,8 @@ EL2_DUMP = Overlay(
     "\t  hypervisor's allocator and page tables on a board. It discloses guest memory: never\n"
     "\t  enable it in a kernel that runs anything but the pkvm-harness's tests.\n",
     files=((HERE / "el2dump" / "pkvm_el2dump.c", "arch/arm64/kvm/pkvm_el2dump.c"),
-           (HERE / "el2dump" / "el2_dump.c", "arch/arm64/kvm/hyp/nvhe/el2_dump.c")),
+           (HERE / "el2dump" / "el2_dump.c", "arch/arm64/kvm/hyp/nvhe/el2_dump.c"),
+           (HERE / "el2dump" / "pkh_events.h", "arch/arm64/kvm/hyp/include/nvhe/pkh_events.h")),
     needs="has_hyp_fixmap",
     edits=(
         Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o\n", r"\Z"),

@@ -12,11 +12,16 @@ import re
 import pytest
 
 from harness.el2.events import RemoteTracer
-from harness.el2.trace import Tracer
-from harness.image.payloads import GUEST_DIR
 from harness.options import KernelOptions
 from harness.replay import replay_trace
-from tests.integration.test_board_el2 import _as_board, _sandwich, readers, start_board
+from tests.integration.test_board_el2 import (
+    _as_board,
+    _sandwich,
+    assert_runs_of,
+    readers,
+    start_board,
+    traced_both_ways,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,31 +46,15 @@ def test_qmp_and_the_dump_read_the_same_on_7_3(both):
     assert over_qmp["unavailable"] == {} and over_dump == over_qmp
 
 
-def _key(op) -> tuple:
-    return op.pool, op.op, tuple(sorted(op.args.items())), op.result, tuple(op.seen or ())
-
-
 def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
-    """One VM lifecycle traced both ways at once: on each vCPU, the gdbstub's calls are a run of
-    the events' (the events also see the calls just before the gdbstub armed and after it left),
-    field for field: pool, call, arguments, result, and the page's refcount and order at entry."""
+    """One VM lifecycle traced both ways at once: the gdbstub's calls are in the events, and the
+    events' window replays against the model."""
     qmp, dump = both
     assert RemoteTracer.available(board)
-    remote = RemoteTracer(dump, board)
-    remote.start()
-    with Tracer(qmp, board.gdb_socket) as gdb_tracer:
-        gdb_tracer.start()
-        board.run(f"{GUEST_DIR}/pkvm_guest --vms 1 --vcpus 2 --pages 8").check()
-        gdb = gdb_tracer.stop()
-    events = remote.stop()
+    events, gdb = traced_both_ways(board, qmp, RemoteTracer(dump, board))
     result = replay_trace(events)
     assert result.ok, (result.divergence, result.final_mismatches[:5])
-    assert len(gdb.ops) > 50 and len(events.ops) >= len(gdb.ops)
-    for cpu in (0, 1):
-        mine = [_key(op) for op in events.ops if op.cpu == cpu]
-        theirs = [_key(op) for op in gdb.ops if op.cpu == cpu]
-        starts = [i for i in range(len(mine) - len(theirs) + 1) if mine[i:i + len(theirs)] == theirs]
-        assert starts, f"vCPU {cpu}: the gdbstub's {len(theirs)} calls are not a run of the events' {len(mine)}"
+    assert_runs_of(events, gdb)
 
 
 def test_the_el2_suites_run_their_checks_and_traces_on_a_7_3_board(board, cache_dir, tmp_path):

@@ -19,6 +19,65 @@ ENUM_7_X = ("enum __kvm_host_smccc_func {\n\t__KVM_HOST_SMCCC_FUNC___pkvm_tlb_fl
             "\tMARKER(__KVM_HOST_SMCCC_FUNC_MAX)\n};\n")
 
 V6_12 = KernelVersion.parse("6.12.117")
+V7_3 = KernelVersion.parse("7.3.4")
+PAGE_ALLOC = """#include <asm/kvm_hyp.h>
+#include <nvhe/gfp.h>
+
+void hyp_put_page(struct hyp_pool *pool, void *addr)
+{
+\tstruct hyp_page *p = hyp_virt_to_page(addr);
+
+\thyp_spin_lock(&pool->lock);
+\thyp_page_ref_dec(pool, p);
+\thyp_spin_unlock(&pool->lock);
+}
+
+void hyp_get_page(struct hyp_pool *pool, void *addr)
+{
+\tstruct hyp_page *p = hyp_virt_to_page(addr);
+
+\thyp_spin_lock(&pool->lock);
+\thyp_page_ref_inc(p);
+\thyp_spin_unlock(&pool->lock);
+}
+
+void hyp_split_page(struct hyp_page *p)
+{
+\tp->order = 0;
+}
+
+void *hyp_alloc_pages(struct hyp_pool *pool, unsigned short order)
+{
+\tif (i > pool->max_order) {
+\t\thyp_spin_unlock(&pool->lock);
+\t\treturn NULL;
+\t}
+\treturn hyp_page_to_virt(p);
+}
+
+int hyp_pool_init(struct hyp_pool *pool, u64 pfn, unsigned int nr_pages, unsigned int reserved_pages)
+{
+\thyp_spin_lock_init(&pool->lock);
+\treturn 0;
+}
+"""
+HYP_MAIN = """#include <nvhe/trap_handler.h>
+
+static void f(void)
+{
+};
+static const hcall_t host_hcall[] = {
+\tHANDLE_FUNC(__pkvm_teardown_vm),
+};
+
+static void handle_host_hcall(struct kvm_cpu_context *host_ctxt)
+{
+\thfn(host_ctxt);
+
+\treturn;
+}
+"""
+HYPEVENTS = "#if 0\nHYP_EVENT(selftest,\n\tHE_PROTO(u64 id)\n);\n#endif\n"
 
 
 def _tree(tmp_path, enum: str):
@@ -28,8 +87,9 @@ def _tree(tmp_path, enum: str):
         "arch/arm64/kvm/Makefile": "obj-$(CONFIG_KVM) += kvm.o\n",
         "arch/arm64/kvm/hyp/nvhe/Makefile": "hyp-obj-y := hyp-main.o\nhyp-obj-y += $(lib-objs)\nobj-y := kvm_nvhe.o\n",
         "arch/arm64/include/asm/kvm_asm.h": "#define X 1\n" + enum + "struct other {\n};\n",
-        "arch/arm64/kvm/hyp/nvhe/hyp-main.c": "static void f(void)\n{\n};\nstatic const hcall_t host_hcall[] = {\n"
-                                              "\tHANDLE_FUNC(__pkvm_teardown_vm),\n};\n",
+        "arch/arm64/kvm/hyp/nvhe/hyp-main.c": HYP_MAIN,
+        "arch/arm64/kvm/hyp/nvhe/page_alloc.c": PAGE_ALLOC,
+        "arch/arm64/include/asm/kvm_hypevents.h": HYPEVENTS,
     }
     for rel, text in files.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -37,10 +97,10 @@ def _tree(tmp_path, enum: str):
     return tree
 
 
-@pytest.mark.parametrize("enum", [ENUM_6_12, ENUM_7_X], ids=["6.12", "7.x"])
-def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum):
+@pytest.mark.parametrize("enum, version", [(ENUM_6_12, V6_12), (ENUM_7_X, V7_3)], ids=["6.12", "7.x"])
+def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum, version):
     tree = _tree(tmp_path, enum)
-    [patch] = patches_for(ASKED, tree, tmp_path / "cache", V6_12)
+    [patch] = patches_for(ASKED, tree, tmp_path / "cache", version)
     r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     asm = (tree / "arch/arm64/include/asm/kvm_asm.h").read_text()
@@ -51,11 +111,40 @@ def test_the_dump_hypercall_is_the_last_and_has_its_handler(tmp_path, enum):
     main = (tree / "arch/arm64/kvm/hyp/nvhe/hyp-main.c").read_text()
     assert main.index("void handle___pkvm_el2_dump(") < main.index("static const hcall_t host_hcall[]")
     assert "\tHANDLE_FUNC(__pkvm_teardown_vm),\n\tHANDLE_FUNC(__pkvm_el2_dump),\n};" in main
-    assert main.startswith("static void f(void)\n{\n};\n")             # the first `};` untouched
+    assert "static void f(void)\n{\n};\n" in main                      # the first `};` untouched
     nvhe = (tree / "arch/arm64/kvm/hyp/nvhe/Makefile").read_text()
     assert nvhe.index("hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o") < nvhe.index("hyp-obj-y += $(lib-objs)")
     assert (tree / "arch/arm64/kvm/hyp/nvhe/el2_dump.c").is_file()
     assert (tree / "arch/arm64/kvm/pkvm_el2dump.c").is_file()
+    assert (tree / "arch/arm64/kvm/hyp/include/nvhe/pkh_events.h").is_file()
+
+
+@pytest.mark.parametrize("version", [V6_12, V7_3], ids=["6.12", "7.x"])
+def test_every_allocator_call_reports_itself_and_only_7_x_gets_trace_events(tmp_path, version):
+    """The same call sites on every kernel (pkh_events.h sends them to the trace remote or to the
+    ring); the HYP_EVENT definitions only where a trace remote is."""
+    tree = _tree(tmp_path, ENUM_6_12)
+    [patch] = patches_for(ASKED, tree, tmp_path / "cache", version)
+    r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    alloc = (tree / "arch/arm64/kvm/hyp/nvhe/page_alloc.c").read_text()
+    assert alloc.index("#include <nvhe/pkh_events.h>") < alloc.index("#include <nvhe/gfp.h>")
+    for function, call in [("hyp_put_page", "pkh_ev_put(hyp_virt_to_phys(pool), hyp_virt_to_phys(addr), "),
+                           ("hyp_get_page", "pkh_ev_get(hyp_virt_to_phys(pool), hyp_virt_to_phys(addr), "),
+                           ("hyp_split_page", "pkh_ev_split(hyp_page_to_phys(p));\n\tp->order = 0;"),
+                           ("hyp_alloc_pages", "pkh_ev_alloc(hyp_virt_to_phys(pool), order, 0);\n\t\treturn NULL;"),
+                           ("hyp_alloc_pages", "pkh_ev_alloc(hyp_virt_to_phys(pool), order, hyp_page_to_phys(p));"),
+                           ("hyp_pool_init", "pkh_ev_pool_init(hyp_virt_to_phys(pool), pfn, nr_pages, ")]:
+        body = alloc.split(f"{function}(struct")[1].split("\n}\n")[0]
+        assert call in body, (function, body)
+    # get and put report before taking the pool lock, as the gdbstub sees them at entry
+    get = alloc.split(" hyp_get_page(")[1]
+    assert get.index("pkh_ev_get") < get.index("hyp_spin_lock")
+    main = (tree / "arch/arm64/kvm/hyp/nvhe/hyp-main.c").read_text()
+    assert "#include <nvhe/pkh_events.h>\n#include <nvhe/trap_handler.h>" in main
+    assert main.index("pkh_ev_hcall(id,") < main.index("\thfn(host_ctxt);") < main.index("pkh_ev_hcall_ret(id,")
+    events = (tree / "arch/arm64/include/asm/kvm_hypevents.h").read_text()
+    assert ("HYP_EVENT(pkh_alloc," in events) == (version == V7_3)
 
 
 def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
@@ -71,8 +160,8 @@ def test_a_kernel_without_the_hyp_fixmap_is_refused_in_one_line(tmp_path):
         patches_for(ASKED, tree, tmp_path / "cache", KernelVersion.parse("6.1.192"))
 
 
-def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes) -> bytes:
-    return (HEADER.pack(MAGIC, kvo, len(records), len(data) // 4096, 7)
+def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes, ring: tuple[int, int] = (0, 0)) -> bytes:
+    return (HEADER.pack(MAGIC, kvo, len(records), len(data) // 4096, 7, *ring)
             + b"".join(RECORD.pack(*r) for r in records) + data)
 
 
@@ -147,3 +236,47 @@ def test_a_dump_the_hypervisor_changed_while_copying_is_found():
              f"[000]\t 1.000003: selftest id={DUMP_MARK | DUMP_END | 9}"]
     events = [e for e in map(HypEvent.parse, lines) if e is not None]
     assert [e.name for e in torn(events, 9)] == ["pkh_get"]
+
+
+def _ring_dump(ring_pa: int, events: dict[int, tuple], count: int):
+    """A dump of the ring's pages as the kernel lays them out, its header saying `count` events."""
+    from harness.el2.dump import Dump
+    from harness.el2.ring import ENTRY, RING_LEN
+
+    pages: dict[int, bytearray] = {}
+    for n, fields in events.items():
+        at = ring_pa + ((n - 1) % RING_LEN) * ENTRY.size
+        page = pages.setdefault(at & -4096, bytearray(4096))
+        ENTRY.pack_into(page, at % 4096, *fields)
+    return Dump(0, seq=3, pages={pa: bytes(b) for pa, b in pages.items()}, ring=(count, count))
+
+
+def test_the_rings_entries_between_two_counts_are_the_windows_calls():
+    """Events 10 .. 14 in the ring: the same Ops the trace remote's pkh_* events give (the TRACE
+    above), in the ring's order, each with its CPU."""
+    from harness.el2.ring import RING_LEN, entries, slots
+
+    ring = 0x4000_0000
+    calls = {10: (10, 2, 0, 1, 0x7F2A0000, 0, 0, 0), 11: (11, 3, 1, 0, 0x7F2A0000, 0x7F301000, 1, 0),
+             12: (12, 4, 0, 0, 0x7F2A0000, 0x7F301000, 2, 0), 13: (13, 5, 0, 0, 0, 0x7F302000, 0, 0),
+             14: (14, 1, 1, 0, 0x43000000, 0x43001, 16, 1)}
+    got = entries(_ring_dump(ring, calls, 14), ring, 9, 14)
+    from harness.el2.events import ops_of
+    from harness.targets.hyp_trace import HypEvent
+
+    events = [e for e in map(HypEvent.parse, TRACE.splitlines()[3:8]) if e is not None]
+    assert [e.op(i) for i, e in enumerate(got)] == ops_of(events)
+    assert slots(ring, 9, 14) == [ring]
+    # event n is in slot (n - 1) % RING_LEN: a window across the ring's end reads its last and first pages
+    assert slots(ring, RING_LEN - 1, RING_LEN + 1) == [ring, ring + RING_LEN * 32 - 4096]
+
+
+def test_a_window_the_ring_no_longer_holds_is_refused():
+    from harness.el2.ring import RING_LEN, RingLost, entries
+
+    ring = 0x4000_0000
+    overwritten = {5: (5 + RING_LEN, 3, 0, 0, 0x1000, 0x2000, 1, 0)}      # slot of event 5, rewritten
+    with pytest.raises(RingLost, match=f"holds event {5 + RING_LEN} where event 5 was"):
+        entries(_ring_dump(ring, overwritten, 5), ring, 4, 5)
+    with pytest.raises(RingLost, match=f"holds {RING_LEN} calls; {RING_LEN + 1} were made"):
+        entries(_ring_dump(ring, {}, RING_LEN + 5), ring, 4, 5)

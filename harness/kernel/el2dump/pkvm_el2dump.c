@@ -10,11 +10,14 @@
  *   read:  at offset 0 copies every page of the request at one instant: under stop_machine, so
  *          no other CPU is at EL2 or changes its state, each page through the hypercall
  *          __pkvm_el2_dump (arch/arm64/kvm/hyp/nvhe/el2_dump.c). Then, little-endian:
- *            header   "PKVMDMP1", u64 kimage_voffset, u64 nr_records, u64 nr_data_pages,
+ *            header   "PKVMDMP2", u64 kimage_voffset, u64 nr_records, u64 nr_data_pages,
  *                     u64 seq (this dump's number: where the hypervisor has a trace remote, the
  *                     dump writes the event "selftest id=DUMP_MARK|seq" before its copies and
  *                     "selftest id=DUMP_MARK|DUMP_END|seq" after them, so a trace can be cut
- *                     where the snapshot was taken)
+ *                     where the snapshot was taken),
+ *                     u64 ring_begin, u64 ring_end (where the hypervisor has the harness's event
+ *                     ring instead, the events it had recorded at the first and the last copy:
+ *                     they differ when EL2 changed while the pages were copied; 0 without)
  *            records  { u64 pa; u32 nr_pages; s32 kind; }  kind 0: copied (the pages follow the
  *                     records, in record order), 1: copied and all zero (no bytes), < 0: not
  *                     copied, the hypercall's -errno
@@ -56,6 +59,8 @@ struct dump_header {
 	u64 nr_records;
 	u64 nr_data_pages;
 	u64 seq;
+	u64 ring_begin;
+	u64 ring_end;
 };
 
 #define DUMP_MARK 0x504b480000000000ULL		/* "PKH" */
@@ -72,11 +77,13 @@ static s32 *status;
 static void *meta;			/* header and records */
 static size_t meta_len, data_len;
 static u64 seq;
+static u64 ring_begin, ring_end;	/* the hypercall's result at the first and the last copy */
 
 static int copy_all(void *unused)
 {
 	u64 i = 0, r, p;
 	long ret = 0;
+	bool first = true;
 
 #ifdef CONFIG_NVHE_EL2_TRACING
 	kvm_call_hyp_nvhe(__tracing_write_event, DUMP_MARK | seq);
@@ -87,7 +94,12 @@ static int copy_all(void *unused)
 						      vmalloc_to_pfn(data + i * PAGE_SIZE));
 			if (ret == -EBUSY)
 				goto out;
-			status[i] = ret;
+			status[i] = ret < 0 ? ret : 0;
+			if (ret >= 0) {
+				ring_begin = first ? ret : ring_begin;
+				ring_end = ret;
+				first = false;
+			}
 		}
 	}
 out:
@@ -131,6 +143,7 @@ static int take_dump(void)
 	meta_len = data_len = 0;
 	ret = grow();
 	seq++;
+	ring_begin = ring_end = 0;
 	if (!ret && nr_pages) {
 		/*
 		 * Touch what copy_all() writes: the host stage-2 maps memory lazily, and drops a
@@ -168,11 +181,13 @@ static int take_dump(void)
 			rec->kind = kind;
 		}
 	}
-	memcpy(hdr->magic, "PKVMDMP1", 8);
+	memcpy(hdr->magic, "PKVMDMP2", 8);
 	hdr->kimage_voffset = kimage_voffset;
 	hdr->nr_records = nr_records;
 	hdr->nr_data_pages = kept;
 	hdr->seq = seq;
+	hdr->ring_begin = ring_begin;
+	hdr->ring_end = ring_end;
 	meta_len = sizeof(*hdr) + nr_records * sizeof(*rec);
 	data_len = kept * PAGE_SIZE;
 	return 0;

@@ -1,0 +1,113 @@
+"""EL2 allocator calls from the dump kernel's event ring: how a board without a trace remote
+(6.12; 7.x built without EL2 debug) is traced.
+
+A test kernel built with `--config pkvm-el2-dump` and no hypervisor trace remote records every
+allocator call (pool_init, alloc, get, put, split: the fields of the 7.x pkh_* events) in a ring
+of its own in hyp memory, `pkh_ring` (harness/kernel/el2dump/el2_dump.c, pkh_events.h). Each
+dump's header carries the number of events the ring had recorded at its first and its last copy:
+a snapshot's dump where they differ is retried (EL2 changed while it was copied), and the number
+is where a window is cut.
+
+`RingTracer` has the gdbstub Tracer's shape: `start()` takes a snapshot and notes the ring's
+count, `stop()` takes another, then reads the entries between the two counts through one more
+dump. An entry's `seq` is its number: one that does not match was overwritten (the ring holds
+PKH_RING_LEN calls), and the window is refused rather than replayed with calls missing.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+from harness.el2.decode import NVHE
+from harness.el2.dump import Dump, DumpMemory
+from harness.el2.events import allocator_op
+from harness.el2.pgtable import PAGE_SIZE
+from harness.el2.snapshot import El2Reader
+from harness.el2.state import Snapshot
+from harness.el2.trace import Op, Trace
+
+SYMBOL = NVHE + "pkh_ring"
+ENTRY = struct.Struct("<IBBBxQQII")      # seq, kind, cpu, order, pool, page, a, b: struct pkh_event
+RING_LEN = 32768                         # PKH_RING_LEN
+KINDS = {1: "pkh_pool_init", 2: "pkh_alloc", 3: "pkh_get", 4: "pkh_put", 5: "pkh_split"}
+U32 = 0xFFFF_FFFF
+
+
+class RingLost(RuntimeError):
+    """The ring no longer holds every call of the window: a shorter window, or read it sooner."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    kind: int
+    cpu: int
+    order: int
+    pool: int
+    page: int
+    a: int
+    b: int
+
+    def op(self, index: int) -> Op:
+        name = KINDS.get(self.kind)
+        if name is None:
+            raise ValueError(f"ring entry {self.seq} has kind {self.kind}: not an allocator call")
+        fields = {"pool": self.pool, "page": self.page, "order": self.order, "refcount": self.a,
+                  "pfn": self.page, "nr_pages": self.a, "reserved": self.b}
+        op = allocator_op(index, name, None if self.cpu == 0xFF else self.cpu, fields)
+        assert op is not None
+        return op
+
+
+def slots(ring_pa: int, begin: int, end: int) -> list[int]:
+    """The pages holding the entries numbered begin+1 .. end (event n sits in slot (n-1) % RING_LEN)."""
+    return sorted({(ring_pa + ((n - 1) % RING_LEN) * ENTRY.size) & -PAGE_SIZE for n in range(begin + 1, end + 1)})
+
+
+def entries(dump: Dump, ring_pa: int, begin: int, end: int) -> list[Entry]:
+    """Events begin+1 .. end from a dump of the ring taken after them. RingLost when the ring
+    had wrapped past any of them by the dump's instant."""
+    if dump.ring[1] - begin > RING_LEN:
+        raise RingLost(f"the hyp's event ring holds {RING_LEN} calls; {dump.ring[1] - begin} were made since "
+                       f"the window began (a shorter window)")
+    out = []
+    for n in range(begin + 1, end + 1):
+        e = Entry(*ENTRY.unpack(dump.read(ring_pa + ((n - 1) % RING_LEN) * ENTRY.size, ENTRY.size)))
+        if e.seq != n & U32:
+            raise RingLost(f"the hyp's event ring holds event {e.seq} where event {n} was (overwritten)")
+        out.append(e)
+    return out
+
+
+class RingTracer:
+    """A window of allocator calls through the hyp's event ring (see the module doc)."""
+
+    def __init__(self, reader: El2Reader) -> None:
+        if not isinstance(reader.mem, DumpMemory):
+            raise TypeError("the ring tracer reads the ring through the EL2 dump: it needs a reader over it")
+        self.reader = reader
+        self.mem: DumpMemory = reader.mem
+        self.initial: Snapshot | None = None
+        self._begin = 0
+        self._started = 0.0
+
+    @staticmethod
+    def available(reader: El2Reader) -> bool:
+        return isinstance(reader.mem, DumpMemory) and SYMBOL in reader.kernel.symbols
+
+    def start(self) -> Snapshot:
+        self._started = time.monotonic()
+        self.initial = self.reader.snapshot()
+        self._begin = self.mem.last_ring
+        return self.initial
+
+    def stop(self) -> Trace:
+        final = self.reader.snapshot()
+        end = self.mem.last_ring
+        ring_pa = self.reader.kpa(SYMBOL)
+        calls = entries(self.mem.take(slots(ring_pa, self._begin, end)), ring_pa, self._begin, end) \
+            if end > self._begin else []
+        return Trace([e.op(i) for i, e in enumerate(calls)], self.initial, final, 0,
+                     time.monotonic() - self._started)
