@@ -234,6 +234,7 @@ def test_the_el2_suites_run_their_checks_on_a_board(board, cache_dir, tmp_path):
     r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
+    print("\n".join([*skips, r.stdout.strip().splitlines()[-1]]))
     el2_skips = [s for s in skips if "EL2 memory cannot be read" in s or "needs_el2" in s or "trace through" in s]
     assert el2_skips == [], "\n".join(el2_skips)      # the traced tests run on the event ring
     assert int(re.search(r"(\d+) passed", r.stdout).group(1)) >= 10, r.stdout[-2000:]
