@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import ROOT  # noqa: E402  (also puts the repo on sys.path)
@@ -425,17 +426,28 @@ def hostile_mix_rates(cache: Path, runs: int) -> tuple[list[float], list[float]]
     return on, off
 
 
-def board_snapshots(cache: Path, runs: int,
-                    kernel: str = "6.12") -> tuple[list[float], list[float], list[float], float]:
+@dataclass
+class BoardFigures:
+    first: list[float] = field(default_factory=list)     # s: the first snapshot through the dump
+    warm: list[float] = field(default_factory=list)      # s: later ones
+    qmp: list[float] = field(default_factory=list)       # s: the same machine's over QMP
+    kib: float = 0.0                                     # KiB a warm dump moves
+    ring_read: list[float] = field(default_factory=list)  # s: a window's calls read from the event ring
+    ring_calls: int = 0                                  # calls in that window (one VM lifecycle)
+
+
+def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigures:
     """On the EL2-dump test kernel over SSH, as on a board: seconds per snapshot through the dump
-    (the first, with its rounds; then warm), per QMP snapshot of the same machine, and the KiB a
-    warm dump moves."""
+    (the first, with its rounds; then warm), per QMP snapshot of the same machine, the KiB a warm
+    dump moves, and the time to read one VM lifecycle's calls from the event ring (the window's
+    final snapshot excluded)."""
     from dataclasses import replace
 
     from harness.el2.dump import DumpMemory
+    from harness.el2.ring import SYMBOL, entries, slots
 
-    first, warm, qmp = [], [], []
-    kib = 0.0
+    fig = BoardFigures()
+    first, warm, qmp = fig.first, fig.warm, fig.qmp
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-board-") as run_dir:
             machine = _machine(cache, Path(run_dir), el2_plugin="off",
@@ -457,5 +469,13 @@ def board_snapshots(cache: Path, runs: int,
                     t = time.monotonic()
                     over_qmp.snapshot()
                     qmp.append(time.monotonic() - t)
-                kib = (mem.bytes_fetched - before[1]) / max(1, mem.dumps - before[0]) / 1024
-    return first, warm, qmp, kib
+                fig.kib = (mem.bytes_fetched - before[1]) / max(1, mem.dumps - before[0]) / 1024
+                dump.snapshot()
+                begin = mem.last_ring
+                target.run(f"{GUEST_DIR}/pkvm_guest --vms 1 --vcpus 2 --pages 8").check()
+                dump.snapshot()
+                end, ring_pa = mem.last_ring, dump.kpa(SYMBOL)
+                t = time.monotonic()
+                fig.ring_calls = len(entries(mem.take(slots(ring_pa, begin, end)), ring_pa, begin, end))
+                fig.ring_read.append(time.monotonic() - t)
+    return fig
