@@ -31,13 +31,18 @@ HERE = Path(__file__).parent
 class Insert:
     """`text` goes into `path` just before the first line matching `before` that follows the first
     line matching `after` (the start of the file when `after` is empty). `when` names a
-    KernelVersion fact the edit needs (a kernel without it does not get the edit)."""
+    KernelVersion fact the edit needs (a kernel without it does not get the edit), `unless` one
+    that makes it unneeded (a kernel with it does not get the edit)."""
 
     path: str
     text: str
     before: str
     after: str = ""
     when: str = ""
+    unless: str = ""
+
+    def applies_to(self, version: KernelVersion) -> bool:
+        return (not self.when or getattr(version, self.when)) and not (self.unless and getattr(version, self.unless))
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,6 @@ class Overlay:
     kconfig: str                           # the entry, appended
     files: tuple[tuple[Path, str], ...]    # (harness file, where in the tree)
     edits: tuple[Insert, ...]              # lines added to existing files (Makefiles included)
-    needs: str = ""                        # a KernelVersion fact the code cannot do without
 
 
 HOSTILE_HOST = Overlay(
@@ -109,11 +113,14 @@ EL2_DUMP = Overlay(
     files=((HERE / "el2dump" / "pkvm_el2dump.c", "arch/arm64/kvm/pkvm_el2dump.c"),
            (HERE / "el2dump" / "el2_dump.c", "arch/arm64/kvm/hyp/nvhe/el2_dump.c"),
            (HERE / "el2dump" / "pkh_events.h", "arch/arm64/kvm/hyp/include/nvhe/pkh_events.h")),
-    needs="has_hyp_fixmap",
     edits=(
         Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o\n", r"\Z"),
         Insert("arch/arm64/kvm/hyp/nvhe/Makefile", "hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o\n",
                r"^hyp-obj-y \+= \$\(lib-objs\)"),
+        # 6.1: EL2 copies through its linear map and a page the host shares with it (el2_dump.c)
+        *(Insert(path, line, r"\Z", unless="has_hyp_fixmap") for path, line in (
+            ("arch/arm64/kvm/Makefile", "CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP\n"),
+            ("arch/arm64/kvm/hyp/nvhe/Makefile", "ccflags-y += -DPKH_NO_HYP_FIXMAP\n"))),
         # the last host hypercall: no other's number moves (6.12 ends the enum with `};`, 7.x with a MARKER)
         Insert("arch/arm64/include/asm/kvm_asm.h", f"\t__KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL},\n",
                r"^\s*(MARKER\(__KVM_HOST_SMCCC_FUNC_MAX\)|\};)", after=r"^enum __kvm_host_smccc_func \{"),
@@ -135,12 +142,8 @@ def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path,
 
 
 def _patch(overlay: Overlay, tree: Path, cache_dir: Path, version: KernelVersion) -> Path:
-    if overlay.needs and not getattr(version, overlay.needs):
-        raise UsageError(f"CONFIG_{overlay.symbol} cannot be added to Linux {version}: it has no "
-                         f"{overlay.needs.removeprefix('has_').replace('_', ' ')}",
-                         hint="see docs/boards.md for the kernels it supports")
     edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"),
-             *(e for e in overlay.edits if not e.when or getattr(version, e.when))]
+             *(e for e in overlay.edits if e.applies_to(version))]
     changed: dict[str, list[str]] = {}
     for edit in edits:
         lines = changed.get(edit.path)

@@ -330,7 +330,8 @@ class KernelVersion:
     def has_hyp_fixmap(self) -> bool:
         """EL2 can map any page briefly through a per-CPU fixmap slot (hyp_fixmap_map(), nvhe/mm.c),
         which the harness's EL2 dump copies through. Read in 6.12.117 and 7.3.4; 6.1.192 has none
-        (it came with pKVM's guest support, 6.2)."""
+        (it came with pKVM's guest support, 6.2): there the dump copies through the hyp's linear
+        map and a page the host shares with it."""
         return self.at_least(6, 2)
 
     @property

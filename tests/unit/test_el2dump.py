@@ -154,10 +154,19 @@ def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
     assert EL2_DUMP.symbol == "PKVM_EL2_DUMP"
 
 
-def test_a_kernel_without_the_hyp_fixmap_is_refused_in_one_line(tmp_path):
-    tree = _tree(tmp_path, ENUM_6_12)
-    with pytest.raises(UsageError, match=r"PKVM_EL2_DUMP cannot be added to Linux 6\.1\.192: it has no hyp fixmap"):
-        patches_for(ASKED, tree, tmp_path / "cache", KernelVersion.parse("6.1.192"))
+def test_a_kernel_without_the_hyp_fixmap_copies_through_a_shared_page(tmp_path):
+    """6.1 has no hyp fixmap: both halves are built with PKH_NO_HYP_FIXMAP (el2_dump.c copies
+    through the hyp's linear map into a page the host shared); 6.12 is not."""
+    for version, wanted in ((KernelVersion.parse("6.1.192"), True), (V6_12, False)):
+        tree = _tree(tmp_path / str(version), ENUM_6_12)
+        [patch] = patches_for(ASKED, tree, tmp_path / "cache", version)
+        r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        host = (tree / "arch/arm64/kvm/Makefile").read_text()
+        nvhe = (tree / "arch/arm64/kvm/hyp/nvhe/Makefile").read_text()
+        assert ("CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP" in host) == wanted
+        assert ("ccflags-y += -DPKH_NO_HYP_FIXMAP" in nvhe) == wanted
 
 
 def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes, ring: tuple[int, int] = (0, 0)) -> bytes:

@@ -9,6 +9,11 @@
  * stage-2 or the hyp stage-1 lock is held (the host retries), -EINVAL for a source that is not
  * memory, -EPERM for a destination the host does not own. It reads EL2 state and never
  * writes it: the copy goes through this CPU's fixmap slot and a bounce page of its own.
+ *
+ * Without a hyp fixmap (6.1: PKH_NO_HYP_FIXMAP, from KernelVersion.has_hyp_fixmap) the hyp
+ * copies through its own linear map, which holds every page it owns or was shared, into the one
+ * page the host shared with it for the purpose; a source page only the host owns it leaves to
+ * the host (-ENOENT: the host reads its own memory).
  */
 #include <asm/cputype.h>
 #include <asm/kvm_asm.h>
@@ -23,8 +28,15 @@
 #include <nvhe/spinlock.h>
 #include <nvhe/trap_handler.h>
 
+#ifdef PKH_NO_HYP_FIXMAP
+#define host_mmu host_kvm		/* 6.1's name for the host stage-2 and its lock */
+typedef u32 pkh_level_t;
+#else
+typedef s8 pkh_level_t;
+
 static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
 static DEFINE_HYP_SPINLOCK(bounce_lock);
+#endif
 
 #ifndef CONFIG_NVHE_EL2_TRACING
 /*
@@ -87,10 +99,44 @@ u64 pkh_ring_events(void)
 static bool host_owns(phys_addr_t pa)
 {
 	kvm_pte_t pte = 0;
-	s8 level;
+	pkh_level_t level;
 
 	return !kvm_pgtable_get_leaf(&host_mmu.pgt, pa, &pte, &level) && (kvm_pte_valid(pte) || !pte);
 }
+
+#ifdef PKH_NO_HYP_FIXMAP
+static bool hyp_maps(phys_addr_t pa)
+{
+	kvm_pte_t pte = 0;
+	pkh_level_t level;
+
+	return !kvm_pgtable_get_leaf(&pkvm_pgtable, (u64)hyp_phys_to_virt(pa), &pte, &level) && kvm_pte_valid(pte);
+}
+
+static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
+{
+	bool src_mapped, dst_shared, src_hosts;
+
+	if (hyp_spin_is_locked(&host_mmu.lock) || hyp_spin_is_locked(&pkvm_pgd_lock))
+		return -EBUSY;
+	if (!addr_is_memory(src) || !addr_is_memory(dst))
+		return -EINVAL;
+	hyp_spin_lock(&pkvm_pgd_lock);
+	src_mapped = hyp_maps(src);
+	dst_shared = hyp_maps(dst);
+	hyp_spin_unlock(&pkvm_pgd_lock);
+	hyp_spin_lock(&host_mmu.lock);
+	dst_shared = dst_shared && host_owns(dst);	/* shared by the host, not given to the hyp */
+	src_hosts = !src_mapped && host_owns(src);
+	hyp_spin_unlock(&host_mmu.lock);
+	if (!dst_shared)
+		return -EPERM;
+	if (!src_mapped)
+		return src_hosts ? -ENOENT : -EPERM;
+	memcpy(hyp_phys_to_virt(dst), hyp_phys_to_virt(src), PAGE_SIZE);
+	return 0;
+}
+#else
 
 static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
 {
@@ -118,6 +164,7 @@ static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
 	hyp_spin_unlock(&bounce_lock);
 	return 0;
 }
+#endif
 
 void handle___pkvm_el2_dump(struct kvm_cpu_context *host_ctxt)
 {

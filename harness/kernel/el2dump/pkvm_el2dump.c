@@ -36,6 +36,7 @@
 #include <linux/vmalloc.h>
 
 #include <asm/kvm_host.h>
+#include <asm/kvm_mmu.h>
 #include <asm/memory.h>
 
 #define MAX_RANGES 4096
@@ -79,6 +80,44 @@ static size_t meta_len, data_len;
 static u64 seq;
 static u64 ring_begin, ring_end;	/* the hypercall's result at the first and the last copy */
 
+#ifdef PKH_NO_HYP_FIXMAP
+/*
+ * 6.1 (no hyp fixmap): EL2 copies into this page, which the host shared with it once at boot,
+ * and the host copies on from there; a page the host owns, EL2 leaves to the host (-ENOENT).
+ */
+static void *window;
+
+static long copy_page_at(u64 pa, void *to)
+{
+	long ret = (long)kvm_call_hyp_nvhe(__pkvm_el2_dump, PHYS_PFN(pa), virt_to_pfn(window));
+
+	if (ret >= 0)
+		memcpy(to, window, PAGE_SIZE);
+	if (ret == -ENOENT && pfn_valid(PHYS_PFN(pa))) {
+		memcpy(to, phys_to_virt(pa), PAGE_SIZE);
+		return 0;
+	}
+	return ret;
+}
+
+static int share_window(void)
+{
+	window = (void *)get_zeroed_page(GFP_KERNEL);
+	return window ? kvm_share_hyp(window, window + PAGE_SIZE) : -ENOMEM;
+}
+#else
+/* EL2 copies straight into the buffer, through its fixmap */
+static long copy_page_at(u64 pa, void *to)
+{
+	return (long)kvm_call_hyp_nvhe(__pkvm_el2_dump, PHYS_PFN(pa), vmalloc_to_pfn(to));
+}
+
+static int share_window(void)
+{
+	return 0;
+}
+#endif
+
 static int copy_all(void *unused)
 {
 	u64 i = 0, r, p;
@@ -90,8 +129,7 @@ static int copy_all(void *unused)
 #endif
 	for (r = 0; r < nr_ranges; r++) {
 		for (p = 0; p < ranges[r].nr; p++, i++) {
-			ret = (long)kvm_call_hyp_nvhe(__pkvm_el2_dump, PHYS_PFN(ranges[r].pa) + p,
-						      vmalloc_to_pfn(data + i * PAGE_SIZE));
+			ret = copy_page_at(ranges[r].pa + p * PAGE_SIZE, data + i * PAGE_SIZE);
 			if (ret == -EBUSY)
 				goto out;
 			status[i] = ret < 0 ? ret : 0;
@@ -280,6 +318,10 @@ static int __init pkvm_el2dump_init(void)
 
 	if (!is_protected_kvm_enabled())
 		return 0;
+	if (share_window()) {
+		pr_err("pkvm_el2dump: could not share a page with the hypervisor: no EL2 dump\n");
+		return 0;
+	}
 	dir = debugfs_create_dir("pkvm_el2dump", NULL);
 	debugfs_create_file("dump", 0600, dir, NULL, &dump_fops);
 	pr_warn("pkvm_el2dump: an EL2 memory dump interface is in this kernel (a pkvm-harness test kernel)\n");

@@ -1,0 +1,69 @@
+"""6.1 boards: the EL2 dump without a hyp fixmap, proved on QEMU.
+
+6.1 has no hyp fixmap, so its dump kernel copies through the hyp's linear map into a page the host
+shared with it at boot, and leaves pages only the host owns to the host (el2_dump.c,
+PKH_NO_HYP_FIXMAP). Its event ring is 6.12's. The same checks as 6.12's (test_board_el2.py): QMP
+and the dump read the same, the ring holds the gdbstub tracer's calls, and (slow) the EL2 suites
+run over SSH. A cold 6.1 dump build is about 6 min.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from harness.el2.ring import RingTracer
+from harness.options import KernelOptions
+from harness.replay import replay_trace
+from tests.integration.test_board_el2 import (
+    _as_board,
+    _sandwich,
+    assert_runs_of,
+    readers,
+    start_board,
+    traced_both_ways,
+)
+
+KERNEL = KernelOptions(kernel="6.1", fragments=("pkvm-el2-dump",))
+
+
+@pytest.fixture(scope="module")
+def board(cache_dir, tmp_path_factory):
+    t = start_board(cache_dir, tmp_path_factory.mktemp("board61"), KERNEL)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def both(board, cache_dir):
+    with readers(board, cache_dir) as pair:
+        yield pair
+
+
+def test_qmp_and_the_dump_read_the_same_on_6_1(both):
+    qmp, dump = both
+    over_qmp, over_dump, tries = _sandwich(qmp, dump)
+    print(f"equal after {tries} tries; {dump.mem.dumps} dumps")
+    assert over_qmp["unavailable"] == {} and set(over_qmp["pools"]) >= {"hpool", "host_s2_pool"}
+    for part in over_qmp:
+        assert over_dump[part] == over_qmp[part], f"{part} differs between QMP and the dump"
+
+
+def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_6_1(board, both):
+    qmp, dump = both
+    assert RingTracer.available(dump)
+    window, gdb = traced_both_ways(board, qmp, RingTracer(dump))
+    result = replay_trace(window)
+    assert result.ok, (result.divergence, result.final_mismatches[:5])
+    assert_runs_of(window, gdb)
+
+
+@pytest.mark.slow
+def test_the_el2_suites_run_their_checks_on_a_6_1_board(board, cache_dir, tmp_path):
+    r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2", extra=("--pkvm-kernel", "6.1"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
+    print("\n".join([*skips, r.stdout.strip().splitlines()[-1]]))
+    el2_skips = [s for s in skips if "EL2 memory cannot be read" in s or "needs_el2" in s or "trace through" in s]
+    assert el2_skips == [], "\n".join(el2_skips)
