@@ -45,6 +45,11 @@ def run_suites(tmp_path: Path, kernel: str, patch: Path | None,
     if not junit.is_file():
         pytest.fail(f"the suites did not run (exit {r.returncode}): {(r.stdout + r.stderr)[-800:]}")
     failed, total = failures(junit)
+    result = tmp_path / "run" / "result.json"
+    session = json.loads(result.read_text()) if result.is_file() else {}
+    if session.get("outcome") == "error" and not failed:
+        # the session never judged the kernel (its target was not usable): neither caught nor missed
+        pytest.fail(f"the suites could not judge this kernel: {session.get('reason')}")
     return r.returncode, failed, total, r.stdout[-3000:]
 
 
