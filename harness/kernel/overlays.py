@@ -135,34 +135,35 @@ OVERLAYS = (HOSTILE_HOST, EL2_DUMP)
 
 
 def patches_for(requested: dict[str, ConfigOption], tree: Path, cache_dir: Path, version: KernelVersion) -> list[Path]:
-    """The patches that add each overlay the config enables, for this tree (written once, cached
-    by content)."""
-    return [_patch(o, tree, cache_dir, version) for o in OVERLAYS
-            if (opt := requested.get(o.symbol)) is not None and opt.value == "y"]
-
-
-def _patch(overlay: Overlay, tree: Path, cache_dir: Path, version: KernelVersion) -> Path:
-    edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"),
-             *(e for e in overlay.edits if e.applies_to(version))]
+    """One patch that adds every overlay the config enables, for this tree (written once, cached
+    by content); none when it enables none. One patch, because overlays edit the same files (both
+    append to arch/arm64/kvm/Makefile and Kconfig): each overlay's edits go onto the text the one
+    before left, where two patches made against the pristine tree would not both apply."""
+    chosen = [o for o in OVERLAYS if (opt := requested.get(o.symbol)) is not None and opt.value == "y"]
+    if not chosen:
+        return []
     changed: dict[str, list[str]] = {}
-    for edit in edits:
-        lines = changed.get(edit.path)
-        if lines is None:
-            lines = changed[edit.path] = (tree / edit.path).read_text().splitlines(keepends=True)
-        at = _position(lines, edit, overlay.symbol)
-        lines[at:at] = edit.text.splitlines(keepends=True)
+    for overlay in chosen:
+        edits = [Insert(f"{overlay.kconfig_dir}/Kconfig", overlay.kconfig, r"\Z"),
+                 *(e for e in overlay.edits if e.applies_to(version))]
+        for edit in edits:
+            lines = changed.get(edit.path)
+            if lines is None:
+                lines = changed[edit.path] = (tree / edit.path).read_text().splitlines(keepends=True)
+            at = _position(lines, edit, overlay.symbol)
+            lines[at:at] = edit.text.splitlines(keepends=True)
     diff = "".join(
         [line for rel, new in changed.items()
          for line in difflib.unified_diff((tree / rel).read_text().splitlines(keepends=True), new,
                                           f"a/{rel}", f"b/{rel}")]
-        + [line for src, rel in overlay.files
+        + [line for overlay in chosen for src, rel in overlay.files
            for line in difflib.unified_diff([], src.read_text().splitlines(keepends=True), "/dev/null", f"b/{rel}")])
     digest = hashlib.sha256(diff.encode()).hexdigest()[:16]
-    path = cache_dir / "overlays" / f"{overlay.symbol.lower()}-{digest}.patch"
+    path = cache_dir / "overlays" / f"{'+'.join(o.symbol.lower() for o in chosen)}-{digest}.patch"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, diff)
-    return path
+    return [path]
 
 
 def _position(lines: list[str], edit: Insert, symbol: str) -> int:

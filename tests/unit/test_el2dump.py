@@ -289,3 +289,18 @@ def test_a_window_the_ring_no_longer_holds_is_refused():
         entries(_ring_dump(ring, overwritten, 5), ring, 4, 5)
     with pytest.raises(RingLost, match=f"holds {RING_LEN} calls; {RING_LEN + 1} were made"):
         entries(_ring_dump(ring, {}, RING_LEN + 5), ring, 4, 5)
+
+
+def test_the_hostile_host_and_the_dump_compose_into_one_patch(tmp_path):
+    """Both overlays append to arch/arm64/kvm/Makefile and Kconfig: two patches made against the
+    pristine tree did not both apply (mutant 19 over SSH needs both)."""
+    tree = _tree(tmp_path, ENUM_6_12)
+    both = {**ASKED, "PKVM_HOSTILE_HOST": ConfigOption("PKVM_HOSTILE_HOST", "y", "a fragment")}
+    [patch] = patches_for(both, tree, tmp_path / "cache", V6_12)
+    r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    makefile = (tree / "arch/arm64/kvm/Makefile").read_text()
+    assert "obj-$(CONFIG_PKVM_HOSTILE_HOST) += pkvm_hostile.o" in makefile
+    assert "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o" in makefile
+    kconfig = (tree / "arch/arm64/kvm/Kconfig").read_text()
+    assert "config PKVM_HOSTILE_HOST" in kconfig and "config PKVM_EL2_DUMP" in kconfig
