@@ -425,6 +425,9 @@ def el2_inject(target: Target, el2: Any) -> Callable[..., Any]:
     return window
 
 
+RING_HISTORY = pytest.StashKey[Any]()      # session: a board's every EL2 allocator call since boot (harness.el2.ring)
+
+
 @pytest.fixture
 def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Callable[[], Any]:
     """el2_trace() -> a context manager that traces every EL2 allocator call while its block runs;
@@ -435,13 +438,14 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
     replayed from a snapshot at the start."""
     from harness.el2.dump import DumpMemory
     from harness.el2.events import RemoteTracer
-    from harness.el2.ring import RingTracer
+    from harness.el2.ring import RingHistory, RingTracer
 
     live = _recorder(request.config).live
     board = live is None and not isinstance(target, Debugger) and isinstance(el2.mem, DumpMemory)
     # a board's own record of the calls: the trace remote's events (7.x), else the dump kernel's ring
     board_tracer = None if not board else (lambda: RemoteTracer(el2, target)) if RemoteTracer.available(target) \
-        else (lambda: RingTracer(el2)) if RingTracer.available(el2) else None
+        else (lambda: RingTracer(el2, request.config.stash.setdefault(RING_HISTORY, RingHistory()))) \
+        if RingTracer.available(el2) else None
     if live is None and not isinstance(target, Debugger) and board_tracer is None:
         pytest.skip(f"{target.name} has neither el2trace, a gdbstub, nor a dump kernel's record of the EL2 "
                     "allocator's calls to trace through")
@@ -495,6 +499,8 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         tracer.start()
         yield box
         box.trace = tracer.stop()
-        box.result = replay_trace(box.trace)
+        # the ring's calls from power-on, while it holds them all: the model knows every free list's order
+        from_boot = tracer.from_boot() if isinstance(tracer, RingTracer) else None
+        box.result = replay_trace(from_boot or box.trace)
 
     return plugin_window if live is not None else board_window if board_tracer is not None else gdbstub_window

@@ -20,7 +20,7 @@ import pytest
 
 from harness.el2.dump import FILE, DumpBusy, DumpMemory, check_vmlinux, running_build_id
 from harness.el2.gdbstub import GdbStub
-from harness.el2.ring import RingTracer
+from harness.el2.ring import RingHistory, RingTracer
 from harness.el2.snapshot import NVHE, El2Reader, SnapshotBusy
 from harness.el2.trace import Tracer
 from harness.errors import UsageError
@@ -169,13 +169,27 @@ def test_the_event_ring_holds_the_gdbstub_tracers_calls(board, both):
     model with no divergence."""
     qmp, dump = both
     assert RingTracer.available(dump)
-    window, gdb = traced_both_ways(board, qmp, RingTracer(dump))
+    tracer = RingTracer(dump, RingHistory())
+    window, gdb = traced_both_ways(board, qmp, tracer)
     result = replay_trace(window)
     print(f"{len(window.ops)} calls in the ring's window, {len(gdb.ops)} traced by the gdbstub; "
           f"replay: {result.ok}")
     assert result.ok, (result.divergence, result.final_mismatches[:5])
     assert_runs_of(window, gdb)
     assert {op.op for op in window.ops} >= {"alloc", "get", "put"}
+    assert_replays_from_boot(tracer, window)
+
+
+def assert_replays_from_boot(tracer, window) -> None:
+    """The ring still holds every call since power-on: replayed from the pools' inits, the model
+    ends where the kernel is, the window's calls last."""
+    boot = tracer.from_boot()
+    assert boot is not None, tracer.history.lost
+    assert boot.ops[0].op == "init" and [_key(op) for op in boot.ops[-len(window.ops):]] == \
+        [_key(op) for op in window.ops]
+    result = replay_trace(boot)
+    print(f"{len(boot.ops)} calls from power-on replayed: {result.ok}")
+    assert result.ok, (result.divergence, result.final_mismatches[:5])
 
 
 def test_the_dump_refuses_while_the_hyp_stage1_lock_is_held(board, both):

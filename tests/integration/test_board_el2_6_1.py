@@ -13,12 +13,13 @@ import re
 
 import pytest
 
-from harness.el2.ring import RingTracer
+from harness.el2.ring import RingHistory, RingTracer
 from harness.options import KernelOptions
 from harness.replay import replay_trace
 from tests.integration.test_board_el2 import (
     _as_board,
     _sandwich,
+    assert_replays_from_boot,
     assert_runs_of,
     readers,
     start_board,
@@ -53,10 +54,12 @@ def test_qmp_and_the_dump_read_the_same_on_6_1(both):
 def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_6_1(board, both):
     qmp, dump = both
     assert RingTracer.available(dump)
-    window, gdb = traced_both_ways(board, qmp, RingTracer(dump))
+    tracer = RingTracer(dump, RingHistory())
+    window, gdb = traced_both_ways(board, qmp, tracer)
     result = replay_trace(window)
     assert result.ok, (result.divergence, result.final_mismatches[:5])
     assert_runs_of(window, gdb)
+    assert_replays_from_boot(tracer, window)
 
 
 @pytest.mark.slow
