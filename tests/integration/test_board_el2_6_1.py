@@ -58,7 +58,7 @@ def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_6_1(board, both):
     window, gdb = traced_both_ways(board, qmp, tracer)
     result = replay_trace(window)
     assert result.ok, (result.divergence, result.final_mismatches[:5])
-    assert_runs_of(window, gdb)
+    assert_runs_of(window, gdb, at_least=30)          # 6.1's lifecycle: 42 calls (no VM pools at EL2)
     assert_replays_from_boot(tracer, window)
 
 

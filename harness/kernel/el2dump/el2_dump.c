@@ -19,6 +19,7 @@
 #include <asm/kvm_asm.h>
 #include <asm/kvm_host.h>
 #include <asm/kvm_hyp.h>
+#include <asm/kvm_mmu.h>		/* before nvhe/mem_protect.h, which 6.1's needs it for */
 #include <asm/kvm_pgtable.h>
 
 #include <nvhe/mem_protect.h>
@@ -35,7 +36,7 @@ typedef u32 pkh_level_t;
 typedef s8 pkh_level_t;
 
 static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
-static DEFINE_HYP_SPINLOCK(bounce_lock);
+static hyp_spinlock_t bounce_lock;		/* zero: unlocked (6.1 has no DEFINE_HYP_SPINLOCK) */
 #endif
 
 #ifndef CONFIG_NVHE_EL2_TRACING
@@ -48,7 +49,7 @@ static_assert(sizeof(struct pkh_event) == 32);
 
 struct pkh_event pkh_ring[PKH_RING_LEN] __aligned(PAGE_SIZE);
 u64 pkh_ring_head;
-static DEFINE_HYP_SPINLOCK(ring_lock);
+static hyp_spinlock_t ring_lock;
 
 /* the logical CPU number, as the host and QEMU count (6.12's hyp has no smp_processor_id) */
 static u8 this_cpu(void)
