@@ -176,8 +176,8 @@ def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes, ring: tupl
 
 def test_a_dump_parses_into_pages_zeros_and_refusals():
     page = bytes(range(256)) * 16
-    d = parse(_blob(0x1234, [(0x1000, 1, 0), (0x2000, 2, 1), (0x4000, 1, -22)], page))
-    assert (d.kimage_voffset, d.seq) == (0x1234, 7)
+    d = parse(_blob(0x1234, [(0x1000, 1, 0), (0x2000, 2, 1), (0x4000, 1, -22)], page, ring=(7430, 7432)))
+    assert (d.kimage_voffset, d.seq, d.ring) == (0x1234, 7, (7430, 7432))
     assert d.pages == {0x1000: page, 0x2000: bytes(4096), 0x3000: bytes(4096)}
     assert d.refused == {0x4000: 22}
     assert d.read(0x1ff8, 16) == page[-8:] + bytes(8)
