@@ -36,7 +36,9 @@ def test_cpu_max_boots_protected_hvhe(kernel, tmp_path):
     assert result["outcome"] == "pass" and result["exit_code"] == 0
     assert result["boot"]["pkvm_mode"] == "hVHE" and result["boot"]["cpu"] == "max"
     assert 0 < result["boot"]["seconds_to_pkvm"] < result["boot"]["seconds_to_ready"]
-    assert result["kernel"]["version"] == "6.12.117" and result["kernel"]["cache_key"] == kernel.key
+    # the version Debian's 6.12 source has today (it moves: .117, then .118), as the build recorded it
+    assert result["kernel"]["version"] == kernel.meta["version"] and kernel.meta["version"].startswith("6.12.")
+    assert result["kernel"]["cache_key"] == kernel.key
     assert "Protected hVHE mode initialized successfully" in (run_dir / "console.log").read_text(errors="replace")
     cmd = (run_dir / "qemu-cmd.sh").read_text()
     assert "virtualization=on,gic-version=3" in cmd and "kvm-arm.mode=protected" in cmd and "-cpu max" in cmd
