@@ -52,17 +52,24 @@ def readers(board, cache_dir) -> Iterator[tuple[El2Reader, El2Reader]]:
         dump.close()
 
 
-@pytest.fixture(scope="module")
-def board(cache_dir, tmp_path_factory):
-    t = start_board(cache_dir, tmp_path_factory.mktemp("board"), DUMP_KERNEL)
-    yield t
-    t.close()
+def board_fixtures(kernel: KernelOptions, name: str):
+    """A module's `board` (the dump kernel, booted once) and `both` (it read both ways) fixtures."""
+
+    @pytest.fixture(scope="module")
+    def board(cache_dir, tmp_path_factory):
+        t = start_board(cache_dir, tmp_path_factory.mktemp(name), kernel)
+        yield t
+        t.close()
+
+    @pytest.fixture(scope="module")
+    def both(board, cache_dir):
+        with readers(board, cache_dir) as pair:
+            yield pair
+
+    return board, both
 
 
-@pytest.fixture(scope="module")
-def both(board, cache_dir):
-    with readers(board, cache_dir) as pair:
-        yield pair
+board, both = board_fixtures(DUMP_KERNEL, "board")
 
 
 @contextlib.contextmanager

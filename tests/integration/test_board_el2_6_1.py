@@ -21,25 +21,14 @@ from tests.integration.test_board_el2 import (
     _sandwich,
     assert_replays_from_boot,
     assert_runs_of,
-    readers,
-    start_board,
+    board_fixtures,
     traced_both_ways,
 )
 
 KERNEL = KernelOptions(kernel="6.1", fragments=("pkvm-el2-dump",))
 
 
-@pytest.fixture(scope="module")
-def board(cache_dir, tmp_path_factory):
-    t = start_board(cache_dir, tmp_path_factory.mktemp("board61"), KERNEL)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def both(board, cache_dir):
-    with readers(board, cache_dir) as pair:
-        yield pair
+board, both = board_fixtures(KERNEL, "board61")
 
 
 def test_qmp_and_the_dump_read_the_same_on_6_1(both):

@@ -18,8 +18,7 @@ from tests.integration.test_board_el2 import (
     _as_board,
     _sandwich,
     assert_runs_of,
-    readers,
-    start_board,
+    board_fixtures,
     traced_both_ways,
 )
 
@@ -28,17 +27,7 @@ pytestmark = pytest.mark.slow
 KERNEL = KernelOptions(kernel="7.3", fragments=("pkvm-el2-dump",))
 
 
-@pytest.fixture(scope="module")
-def board(cache_dir, tmp_path_factory):
-    t = start_board(cache_dir, tmp_path_factory.mktemp("board73"), KERNEL)
-    yield t
-    t.close()
-
-
-@pytest.fixture(scope="module")
-def both(board, cache_dir):
-    with readers(board, cache_dir) as pair:
-        yield pair
+board, both = board_fixtures(KERNEL, "board73")
 
 
 def test_qmp_and_the_dump_read_the_same_on_7_3(both):
