@@ -444,7 +444,7 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
     from dataclasses import replace
 
     from harness.el2.dump import DumpMemory
-    from harness.el2.ring import SYMBOL, entries, slots
+    from harness.el2.ring import SYMBOL, read
 
     fig = BoardFigures()
     first, warm, qmp = fig.first, fig.warm, fig.qmp
@@ -476,6 +476,6 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
                 dump.snapshot()
                 end, ring_pa = mem.last_ring, dump.kpa(SYMBOL)
                 t = time.monotonic()
-                fig.ring_calls = len(entries(mem.take(slots(ring_pa, begin, end)), ring_pa, begin, end))
+                fig.ring_calls = len(read(mem, ring_pa, begin, end))
                 fig.ring_read.append(time.monotonic() - t)
     return fig

@@ -68,9 +68,14 @@ class Entry:
         return op
 
 
+def slot_pa(ring_pa: int, n: int) -> int:
+    """Where event number n sits: slot (n-1) % RING_LEN."""
+    return ring_pa + ((n - 1) % RING_LEN) * ENTRY.size
+
+
 def slots(ring_pa: int, begin: int, end: int) -> list[int]:
-    """The pages holding the entries numbered begin+1 .. end (event n sits in slot (n-1) % RING_LEN)."""
-    return sorted({(ring_pa + ((n - 1) % RING_LEN) * ENTRY.size) & -PAGE_SIZE for n in range(begin + 1, end + 1)})
+    """The pages holding the entries numbered begin+1 .. end."""
+    return sorted({slot_pa(ring_pa, n) & -PAGE_SIZE for n in range(begin + 1, end + 1)})
 
 
 def entries(dump: Dump, ring_pa: int, begin: int, end: int) -> list[Entry]:
@@ -81,11 +86,16 @@ def entries(dump: Dump, ring_pa: int, begin: int, end: int) -> list[Entry]:
                        f"the window began (a shorter window)")
     out = []
     for n in range(begin + 1, end + 1):
-        e = Entry(*ENTRY.unpack(dump.read(ring_pa + ((n - 1) % RING_LEN) * ENTRY.size, ENTRY.size)))
+        e = Entry(*ENTRY.unpack(dump.read(slot_pa(ring_pa, n), ENTRY.size)))
         if e.seq != n & U32:
             raise RingLost(f"the hyp's event ring holds event {e.seq} where event {n} was (overwritten)")
         out.append(e)
     return out
+
+
+def read(mem: DumpMemory, ring_pa: int, begin: int, end: int) -> list[Entry]:
+    """Events begin+1 .. end, through one dump of just their slots."""
+    return entries(mem.take(slots(ring_pa, begin, end)), ring_pa, begin, end) if end > begin else []
 
 
 class RingHistory:
@@ -98,9 +108,9 @@ class RingHistory:
     def extend(self, mem: DumpMemory, ring_pa: int, end: int) -> bool:
         """Read the calls after the last one held, up to number `end`; False once any was lost."""
         begin = len(self.entries)
-        if self.lost is None and end > begin:
+        if self.lost is None:
             try:
-                self.entries += entries(mem.take(slots(ring_pa, begin, end)), ring_pa, begin, end)
+                self.entries += read(mem, ring_pa, begin, end)
             except RingLost as e:
                 self.lost = str(e)
         return self.lost is None
@@ -137,8 +147,7 @@ class RingTracer:
         if self.history is not None and self.history.extend(self.mem, ring_pa, end):
             calls = self.history.entries[self._begin:end]
         else:
-            calls = entries(self.mem.take(slots(ring_pa, self._begin, end)), ring_pa, self._begin, end) \
-                if end > self._begin else []
+            calls = read(self.mem, ring_pa, self._begin, end)
         return Trace([e.op(i) for i, e in enumerate(calls)], self.initial, self.final, 0,
                      time.monotonic() - self._started)
 
