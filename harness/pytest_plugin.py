@@ -338,10 +338,11 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
     teardown), with the lines or findings. A test that already failed is not judged again, but
     its transitions are. The time it takes goes to result.json (el2trace.after_test_checks)."""
     el2 = request.getfixturevalue("el2") if _has_el2(target) else None
-    live = _recorder(request.config).live if el2 is not None else None
-    if live is not None and el2 is not None and live.transitions.states is None:
+    oracle = _transition_oracle(request.config, target, el2)
+    paused = getattr(oracle, "poll", None)
+    if oracle is not None and el2 is not None and oracle.transitions.states is None:
         try:                                  # the model starts here
-            before = live.check_transitions(el2.snapshot(while_paused=live.poll))
+            before = oracle.check_transitions(el2.snapshot(while_paused=paused))
         except ValueError as e:               # not seeded: the next test tries again
             before = [f"the page states could not be read to start from: {e}"]
         if before:                            # calls since power-on that went wrong (a VM's teardown, say)
@@ -352,16 +353,17 @@ def el2_clean_after(request: pytest.FixtureRequest, target: Target) -> Iterator[
         return
     started = time.monotonic()
     try:
-        _judge_after_test(target, mark, el2, live, getattr(request.node, "stash", {}).get(PHASE_FAILED, False))
+        _judge_after_test(target, mark, el2, oracle, getattr(request.node, "stash", {}).get(PHASE_FAILED, False))
     finally:
         recorder = _recorder(request.config)
         recorder.after_checks = (recorder.after_checks[0] + 1, recorder.after_checks[1] + time.monotonic() - started)
 
 
-def _judge_after_test(target: Target, mark: Any, el2: Any, live: Any, failed: bool) -> None:
-    """The kernel log since `mark`, the invariants on a fresh snapshot, and with el2trace the
-    transitions since the last check, all reported together. After a failed test only the
-    transitions: they are this test's evidence (an error at its teardown), not the next test's."""
+def _judge_after_test(target: Target, mark: Any, el2: Any, oracle: Any, failed: bool) -> None:
+    """The kernel log since `mark`, the invariants on a fresh snapshot, and with a transition
+    oracle (el2trace's, or a board's ring) the transitions since the last check, all reported
+    together. After a failed test only the transitions: they are this test's evidence (an error
+    at its teardown), not the next test's."""
     from harness.model.invariants import render, run_checks
     from harness.verdict import clean, scan
 
@@ -369,12 +371,12 @@ def _judge_after_test(target: Target, mark: Any, el2: Any, live: Any, failed: bo
     if not failed and (events := scan(clean(target.dmesg(mark)))):
         messages.append("the kernel log during this test:\n" + "\n".join(f"{e.kind}: {e.line}" for e in events))
     if el2 is not None:
-        snap = el2.snapshot(while_paused=live.poll if live is not None else None)
+        snap = el2.snapshot(while_paused=getattr(oracle, "poll", None))
         if not failed and (findings := render(run_checks(snap))):
             messages.append("invariants broken after this test:\n" + findings)
-        if live is not None:
+        if oracle is not None:
             try:
-                transitions = live.check_transitions(snap)
+                transitions = oracle.check_transitions(snap)
             except ValueError as e:
                 transitions = [f"the page states could not be compared: {e}"]
             if transitions:
@@ -388,16 +390,37 @@ def _judge_after_test(target: Target, mark: Any, el2: Any, live: Any, failed: bo
 def el2_transitions(request: pytest.FixtureRequest, el2: Any) -> Callable[[], Any]:
     """el2_transitions() -> (the TransitionChecker, its findings against a fresh snapshot): every
     host/hyp page-state transition since the last check, judged (harness.model.transitions).
-    Skips without el2trace."""
-    live = _recorder(request.config).live
-    if live is None:
-        pytest.skip("the transitions are traced by el2trace (QEMU 9.1+ with --el2-plugin)")
+    Skips without el2trace or a board's ring."""
+    oracle = _transition_oracle(request.config, request.getfixturevalue("target"), el2)
+    if oracle is None:
+        pytest.skip("the transitions are traced by el2trace (QEMU 9.1+ with --el2-plugin) or a dump "
+                    "kernel's ring (a board)")
 
     def check() -> Any:
-        snap = el2.snapshot(while_paused=live.poll)
-        return live.transitions, live.check_transitions(snap)
+        snap = el2.snapshot(while_paused=getattr(oracle, "poll", None))
+        return oracle.transitions, oracle.check_transitions(snap)
 
     return check
+
+
+RING_TRANSITIONS = pytest.StashKey[Any]()  # session: a board's transition oracle (harness.el2.ring_transitions)
+
+
+def _transition_oracle(config: pytest.Config, target: Target, el2: Any) -> Any:
+    """What judges each host/hyp transition: el2trace's live replay on QEMU, a board's ring
+    (harness.el2.ring_transitions) over SSH; None for neither (a gdbstub-only QEMU)."""
+    from harness.el2.dump import DumpMemory
+    from harness.el2.ring_transitions import RingTransitions
+
+    live = _recorder(config).live
+    if live is not None or el2 is None:
+        return live if el2 is not None else None
+    if isinstance(target, Debugger) or not isinstance(el2.mem, DumpMemory) or not RingTransitions.available(el2):
+        return None
+    oracle = config.stash.get(RING_TRANSITIONS, None)
+    if oracle is None or oracle.reader is not el2:
+        oracle = config.stash[RING_TRANSITIONS] = RingTransitions(el2)
+    return oracle
 
 
 @pytest.fixture
@@ -434,18 +457,17 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
     on leaving, `.result` holds the replay against the model (harness.model.replay.ReplayResult),
     its pools compared with a snapshot at the end. With el2trace (QEMU 9.1+) the window is a slice
     of the replay from power-on; without it, a gdbstub trace replayed from a snapshot at its start;
-    on a board (a dump kernel over SSH), its trace remote's events (7.x) or its event ring (6.12),
-    replayed from a snapshot at the start."""
+    on a board (a dump kernel over SSH), its event ring, replayed from power-on while the ring
+    holds every call since, else from a snapshot at the start."""
     from harness.el2.dump import DumpMemory
-    from harness.el2.events import RemoteTracer
     from harness.el2.ring import RingHistory, RingTracer
 
     live = _recorder(request.config).live
     board = live is None and not isinstance(target, Debugger) and isinstance(el2.mem, DumpMemory)
-    # a board's own record of the calls: the trace remote's events (7.x), else the dump kernel's ring
-    board_tracer = None if not board else (lambda: RemoteTracer(el2, target)) if RemoteTracer.available(target) \
-        else (lambda: RingTracer(el2, request.config.stash.setdefault(RING_HISTORY, RingHistory()))) \
-        if RingTracer.available(el2) else None
+    # a board's own record of the calls: the dump kernel's ring, ordered by one lock on every CPU
+    # (the 7.x trace remote merges its per-CPU buffers by timestamp: tests/integration checks it)
+    board_tracer = (lambda: RingTracer(el2, request.config.stash.setdefault(RING_HISTORY, RingHistory()))) \
+        if board and RingTracer.available(el2) else None
     if live is None and not isinstance(target, Debugger) and board_tracer is None:
         pytest.skip(f"{target.name} has neither el2trace, a gdbstub, nor a dump kernel's record of the EL2 "
                     "allocator's calls to trace through")
@@ -500,7 +522,6 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         yield box
         box.trace = tracer.stop()
         # the ring's calls from power-on, while it holds them all: the model knows every free list's order
-        from_boot = tracer.from_boot() if isinstance(tracer, RingTracer) else None
-        box.result = replay_trace(from_boot or box.trace)
+        box.result = replay_trace(tracer.from_boot() or box.trace)
 
     return plugin_window if live is not None else board_window if board_tracer is not None else gdbstub_window

@@ -1,12 +1,13 @@
-"""EL2 allocator calls from the dump kernel's event ring: how a board without a trace remote
-(6.12; 7.x built without EL2 debug) is traced.
+"""EL2 allocator calls from the dump kernel's event ring: how a board is traced.
 
-A test kernel built with `--config pkvm-el2-dump` and no hypervisor trace remote records every
-allocator call (pool_init, alloc, get, put, split: the fields of the 7.x pkh_* events) in a ring
-of its own in hyp memory, `pkh_ring` (harness/kernel/el2dump/el2_dump.c, pkh_events.h). Each
-dump's header carries the number of events the ring had recorded at its first and its last copy:
-a snapshot's dump where they differ is retried (EL2 changed while it was copied), and the number
-is where a window is cut.
+A test kernel built with `--config pkvm-el2-dump` records every allocator call (pool_init, alloc,
+get, put, split: the fields of the 7.x pkh_* events) in a ring of its own in hyp memory,
+`pkh_ring` (harness/kernel/el2dump/el2_dump.c, pkh_events.h), with the host/hyp transitions
+(harness.el2.ring_transitions reads those). One hyp lock orders the ring: its order is the order
+the calls took effect on every CPU, where the 7.x trace remote merges its per-CPU buffers by
+timestamp. Each dump's header carries the number of events the ring had recorded at its first
+and its last copy: a snapshot's dump where they differ is retried (EL2 changed while it was
+copied), and the number is where a window is cut.
 
 `RingTracer` has the gdbstub Tracer's shape: `start()` takes a snapshot and notes the ring's
 count, `stop()` takes another, then reads the entries between the two counts through one more
@@ -38,7 +39,7 @@ from harness.el2.trace import Op, Trace
 SYMBOL = NVHE + "pkh_ring"
 ENTRY = struct.Struct("<IBBBxQQII")      # seq, kind, cpu, order, pool, page, a, b: struct pkh_event
 RING_LEN = 32768                         # PKH_RING_LEN
-KINDS = {1: "pkh_pool_init", 2: "pkh_alloc", 3: "pkh_get", 4: "pkh_put", 5: "pkh_split"}
+KINDS = {1: "pkh_pool_init", 2: "pkh_alloc", 3: "pkh_get", 4: "pkh_put", 5: "pkh_split"}   # enum pkh_kind
 U32 = 0xFFFF_FFFF
 
 
@@ -57,15 +58,23 @@ class Entry:
     a: int
     b: int
 
-    def op(self, index: int) -> Op:
+    def op(self, index: int) -> Op | None:
+        """The allocator call this entry is; None for another kind (a transition, a hypercall)."""
         name = KINDS.get(self.kind)
         if name is None:
-            raise ValueError(f"ring entry {self.seq} has kind {self.kind}: not an allocator call")
+            return None
         fields = {"pool": self.pool, "page": self.page, "order": self.order, "refcount": self.a,
                   "pfn": self.page, "nr_pages": self.a, "reserved": self.b}
-        op = allocator_op(index, name, None if self.cpu == 0xFF else self.cpu, fields)
-        assert op is not None
-        return op
+        return allocator_op(index, name, None if self.cpu == 0xFF else self.cpu, fields)
+
+
+def ops_of(calls: list[Entry]) -> list[Op]:
+    """The allocator calls among the entries, in the ring's order, numbered from 0."""
+    ops: list[Op] = []
+    for e in calls:
+        if (op := e.op(len(ops))) is not None:
+            ops.append(op)
+    return ops
 
 
 def slot_pa(ring_pa: int, n: int) -> int:
@@ -148,8 +157,7 @@ class RingTracer:
             calls = self.history.entries[self._begin:end]
         else:
             calls = read(self.mem, ring_pa, self._begin, end)
-        return Trace([e.op(i) for i, e in enumerate(calls)], self.initial, self.final, 0,
-                     time.monotonic() - self._started)
+        return Trace(ops_of(calls), self.initial, self.final, 0, time.monotonic() - self._started)
 
     def from_boot(self) -> Trace | None:
         """After stop(): every call from power-on to the window's final snapshot, when the
@@ -157,4 +165,4 @@ class RingTracer:
         if self.history is None or self.history.lost is not None or self.final is None:
             return None
         calls = self.history.entries[:self._end]
-        return Trace([e.op(i) for i, e in enumerate(calls)], None, self.final, 0, time.monotonic() - self._started)
+        return Trace(ops_of(calls), None, self.final, 0, time.monotonic() - self._started)

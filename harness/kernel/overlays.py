@@ -67,10 +67,10 @@ HOSTILE_HOST = Overlay(
 
 DUMP_HYPERCALL = "__pkvm_el2_dump"
 
-# The allocator's calls and the host's hypercalls, what el2trace and the gdbstub tracer see on
-# QEMU: hypervisor trace events where the kernel has the trace remote (7.x: tracefs'
-# remotes/hypervisor/, harness/targets/hyp_trace.py), the harness's event ring where it has not
-# (6.12: harness/el2/ring.py). The call sites are the same; el2dump/pkh_events.h picks.
+# The allocator's calls, the host's hypercalls and the host/hyp transitions, what el2trace and the
+# gdbstub tracer see on QEMU: in the harness's event ring on every kernel (harness/el2/ring.py),
+# and where the kernel has the trace remote (7.x: tracefs' remotes/hypervisor/,
+# harness/targets/hyp_trace.py) also as hypervisor trace events. el2dump/pkh_events.h has both.
 _HYP_EVENTS = (HERE / "el2dump" / "pkvm_hypevents.h").read_text()
 _PA = "hyp_virt_to_phys"
 _NOT_DUMP = f"if (id != __KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL})\n\t\t"
@@ -98,7 +98,26 @@ EVENTS = (
          r"^\thfn\(host_ctxt\);", r"^static void handle_host_hcall\("),
         ("arch/arm64/kvm/hyp/nvhe/hyp-main.c", f"\t{_NOT_DUMP}pkh_ev_hcall_ret(id, cpu_reg(host_ctxt, 1));\n",
          r"^\treturn;", r"^\thfn\(host_ctxt\);"),
+        ("arch/arm64/kvm/hyp/nvhe/mem_protect.c", _INCLUDE, r"^#include <nvhe/mm.h>", ""),
     )),
+    # each host/hyp transition at its end, under both locks (every version releases the hyp's
+    # first); 7.x's range check before the locks (-EINVAL, nothing changed) is not recorded
+    *(Insert("arch/arm64/kvm/hyp/nvhe/mem_protect.c", f"\tpkh_ev_xfer({kind}, {pa}, {pages}, {ret});\n",
+             r"^\thyp_unlock_component\(\);", rf"^(int|void) {fn}\(", when=when)
+      for fn, kind, pa, pages, ret, when in (
+        ("__pkvm_host_share_hyp", "PKH_SHARE_HYP", "hyp_pfn_to_phys(pfn)", "1", "ret", ""),
+        ("__pkvm_host_unshare_hyp", "PKH_UNSHARE_HYP", "hyp_pfn_to_phys(pfn)", "1", "ret", ""),
+        ("__pkvm_host_donate_hyp", "PKH_DONATE_HYP", "hyp_pfn_to_phys(pfn)", "nr_pages", "ret",
+         "has_host_hyp_donations"),
+        ("__pkvm_hyp_donate_host", "PKH_HYP_DONATE_HOST", "hyp_pfn_to_phys(pfn)", "nr_pages", "ret",
+         "has_host_hyp_donations"),
+        ("hyp_pin_shared_mem", "PKH_PIN", "__hyp_pa(start)", "(end - start) >> PAGE_SHIFT", "ret",
+         "has_host_hyp_donations"),
+        ("hyp_unpin_shared_mem", "PKH_UNPIN", "__hyp_pa(start)", "(end - start) >> PAGE_SHIFT", "0",
+         "has_host_hyp_donations"))),
+    # what the pages the hyp gives back hold, before it takes the locks
+    Insert("arch/arm64/kvm/hyp/nvhe/mem_protect.c", "\tpkh_ev_giving_back(hyp_pfn_to_phys(pfn), nr_pages);\n",
+           r"^\thost_lock_component\(\);", r"^int __pkvm_hyp_donate_host\(", when="has_host_hyp_donations"),
 )
 EL2_DUMP = Overlay(
     "PKVM_EL2_DUMP", "arch/arm64/kvm",

@@ -91,6 +91,13 @@ class KernelVersion:
         return self.at_least(6, 2)
 
     @property
+    def has_host_hyp_donations(self) -> bool:
+        """6.2 (pKVM's VMs at EL2) brought page donations between host and hyp
+        (__pkvm_host_donate_hyp, __pkvm_hyp_donate_host) and pins of shared pages
+        (hyp_pin_shared_mem): 6.1.192's mem_protect.c has only the share pair."""
+        return self.at_least(6, 2)
+
+    @property
     def has_host_mmu(self) -> bool:
         """6.2 renamed the host stage-2 container host_kvm -> host_mmu."""
         return self.at_least(6, 2)

@@ -12,20 +12,26 @@ import contextlib
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from harness.el2 import ring
 from harness.el2.dump import FILE, DumpBusy, DumpMemory, check_vmlinux, running_build_id
 from harness.el2.gdbstub import GdbStub
 from harness.el2.ring import RingHistory, RingTracer
+from harness.el2.ring_transitions import RingCalls
 from harness.el2.snapshot import NVHE, El2Reader, SnapshotBusy
+from harness.el2.tcg.probes import Layout
+from harness.el2.tcg.stream import Calls, Follower
 from harness.el2.trace import Tracer
 from harness.errors import UsageError
 from harness.image.keys import ensure_keys
 from harness.image.payloads import GUEST_DIR
+from harness.model.transitions import PIN, TRANSITION_OF, UNPIN, Transition
 from harness.options import KernelOptions
 from harness.replay import replay_trace
 from tests.integration.conftest import assembled
@@ -197,6 +203,53 @@ def assert_replays_from_boot(tracer, window) -> None:
     result = replay_trace(boot)
     print(f"{len(boot.ops)} calls from power-on replayed: {result.ok}")
     assert result.ok, (result.divergence, result.final_mismatches[:5])
+
+
+def ring_transitions(dump: El2Reader) -> list[Transition]:
+    """Every host/hyp transition the ring holds from power-on, to the instant of a fresh snapshot."""
+    dump.snapshot()
+    end = dump.mem.last_ring
+    entries = ring.read(dump.mem, dump.kpa(ring.SYMBOL), 0, end)
+    return [t for t in RingCalls(dump.kernel.hypercalls).feed(entries) if isinstance(t, Transition)]
+
+
+def el2trace_transitions(board, at_least: int, deadline: float = 60.0) -> list[Transition]:
+    """Every transition el2trace (the machine's TCG plugin) has streamed from power-on, once it
+    has streamed `at_least` (it writes each as it happens; the deadline bounds the wait)."""
+    stream = board.spec.plugin[2]
+    calls = Calls(Layout.from_json(stream.with_name("el2trace-layout.json").read_text()))
+    follower = Follower(stream)
+    until = time.monotonic() + deadline
+    while True:
+        calls.feed(follower.new_records())
+        if len(calls.transitions) >= at_least or time.monotonic() > until:
+            return calls.transitions
+        time.sleep(0.5)
+
+
+def _call(t: Transition) -> tuple:
+    return t.name, t.pa, t.nr_pages, t.ret, t.hypercall, t.scan
+
+
+def assert_transitions_as_el2trace_sees_them(board, dump: El2Reader, functions: set[str]) -> None:
+    """The ring's transitions from power-on are el2trace's, call for call on each CPU: function,
+    pages, return, the hypercall it ran under and the scan of what a donation moved."""
+    assert board.spec.plugin is not None, "this QEMU cannot run el2trace: nothing to check the ring against"
+    board.run(f"{GUEST_DIR}/pkvm_guest --vms 1 --vcpus 2 --pages 8").check()
+    mine = ring_transitions(dump)
+    theirs = el2trace_transitions(board, len(mine))
+    print(f"{len(mine)} transitions in the ring from power-on, {len(theirs)} traced by el2trace: "
+          + ", ".join(f"{n} {sum(t.name == n for t in mine)}" for n in sorted({t.name for t in mine})))
+    assert {t.name for t in mine} == functions
+    for cpu in sorted({t.vcpu for t in mine} | {t.vcpu for t in theirs}):
+        assert [_call(t) for t in mine if t.vcpu == cpu] == [_call(t) for t in theirs if t.vcpu == cpu], f"CPU {cpu}"
+    assert any(t.scan is not None for t in mine) == bool(functions & {"__pkvm_hyp_donate_host"})
+
+
+def test_the_rings_transitions_are_el2traces(board, both):
+    """The board's transition oracle reads the ring; on QEMU el2trace sees the same calls."""
+    _, dump = both
+    assert_transitions_as_el2trace_sees_them(board, dump, set(TRANSITION_OF) | {PIN, UNPIN})
 
 
 def test_the_dump_refuses_while_the_hyp_stage1_lock_is_held(board, both):

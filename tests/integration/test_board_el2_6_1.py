@@ -3,8 +3,8 @@
 6.1 has no hyp fixmap, so its dump kernel copies through the hyp's linear map into a page the host
 shared with it at boot, and leaves pages only the host owns to the host (el2_dump.c,
 PKH_NO_HYP_FIXMAP). Its event ring is 6.12's. The same checks as 6.12's (test_board_el2.py): QMP
-and the dump read the same, the ring holds the gdbstub tracer's calls, and (slow) the EL2 suites
-run over SSH. A cold 6.1 dump build is about 6 min.
+and the dump read the same, the ring holds the gdbstub tracer's calls and el2trace's transitions,
+and (slow) the EL2 suites run over SSH. A cold 6.1 dump build is about 6 min.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tests.integration.test_board_el2 import (
     _sandwich,
     assert_replays_from_boot,
     assert_runs_of,
+    assert_transitions_as_el2trace_sees_them,
     board_fixtures,
     traced_both_ways,
 )
@@ -49,6 +50,12 @@ def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_6_1(board, both):
     assert result.ok, (result.divergence, result.final_mismatches[:5])
     assert_runs_of(window, gdb, at_least=30)          # 6.1's lifecycle: 42 calls (no VM pools at EL2)
     assert_replays_from_boot(tracer, window)
+
+
+def test_the_rings_transitions_are_el2traces_on_6_1(board, both):
+    """6.1 has only the share pair between host and hyp (no donations, no pins)."""
+    _, dump = both
+    assert_transitions_as_el2trace_sees_them(board, dump, {"__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp"})
 
 
 @pytest.mark.slow

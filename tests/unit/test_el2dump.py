@@ -78,9 +78,21 @@ static void handle_host_hcall(struct kvm_cpu_context *host_ctxt)
 }
 """
 HYPEVENTS = "#if 0\nHYP_EVENT(selftest,\n\tHE_PROTO(u64 id)\n);\n#endif\n"
+# each transition function as 6.12 has it: both locks, one unlock path (6.1 has the share pair only)
+_LOCKED = "\thost_lock_component();\n\thyp_lock_component();\n\n\tret = do_it();\n\n" \
+    "unlock:\n\thyp_unlock_component();\n\thost_unlock_component();\n\n\treturn ret;\n}}\n\n"
+_SHARE_PAIR = ("int __pkvm_host_share_hyp(u64 pfn)\n{{\n\tint ret;\n\n" + _LOCKED
+               + "int __pkvm_host_unshare_hyp(u64 pfn)\n{{\n\tint ret;\n\n" + _LOCKED)
+MEM_PROTECT = "#include <nvhe/memory.h>\n#include <nvhe/mm.h>\n\n" + "".join(
+    (f"{sig}\n{{{{\n\tu64 start = 0, end = 0;\n\tint ret;\n\n" + _LOCKED).format()
+    for sig in ("int __pkvm_host_share_hyp(u64 pfn)", "int __pkvm_host_unshare_hyp(u64 pfn)",
+                "int __pkvm_host_donate_hyp(u64 pfn, u64 nr_pages)",
+                "int __pkvm_hyp_donate_host(u64 pfn, u64 nr_pages)", "int hyp_pin_shared_mem(void *from, void *to)",
+                "void hyp_unpin_shared_mem(void *from, void *to)"))
+MEM_PROTECT_6_1 = "#include <nvhe/memory.h>\n#include <nvhe/mm.h>\n\n" + _SHARE_PAIR.format()
 
 
-def _tree(tmp_path, enum: str):
+def _tree(tmp_path, enum: str, mem_protect: str = MEM_PROTECT):
     tree = tmp_path / "linux"
     files = {
         "arch/arm64/kvm/Kconfig": "config KVM\n\tbool \"KVM\"\n",
@@ -90,6 +102,7 @@ def _tree(tmp_path, enum: str):
         "arch/arm64/kvm/hyp/nvhe/hyp-main.c": HYP_MAIN,
         "arch/arm64/kvm/hyp/nvhe/page_alloc.c": PAGE_ALLOC,
         "arch/arm64/include/asm/kvm_hypevents.h": HYPEVENTS,
+        "arch/arm64/kvm/hyp/nvhe/mem_protect.c": mem_protect,
     }
     for rel, text in files.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +158,32 @@ def test_every_allocator_call_reports_itself_and_only_7_x_gets_trace_events(tmp_
     assert main.index("pkh_ev_hcall(id,") < main.index("\thfn(host_ctxt);") < main.index("pkh_ev_hcall_ret(id,")
     events = (tree / "arch/arm64/include/asm/kvm_hypevents.h").read_text()
     assert ("HYP_EVENT(pkh_alloc," in events) == (version == V7_3)
+
+
+@pytest.mark.parametrize("version", [KernelVersion.parse("6.1.192"), V6_12, V7_3], ids=["6.1", "6.12", "7.x"])
+def test_every_transition_reports_itself_under_both_locks(tmp_path, version):
+    """Each transition function records its call at its end, before the hyp lock is released (the
+    ring's order is then the order they took effect); the hyp's giving back is scanned before it
+    takes a lock. 6.1 has only the share pair: it gets only theirs."""
+    donations = version.has_host_hyp_donations
+    tree = _tree(tmp_path, ENUM_6_12, MEM_PROTECT if donations else MEM_PROTECT_6_1)
+    [patch] = patches_for(ASKED, tree, tmp_path / "cache", version)
+    r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (tree / "arch/arm64/kvm/hyp/nvhe/mem_protect.c").read_text()
+    assert "#include <nvhe/pkh_events.h>\n#include <nvhe/mm.h>" in text
+    calls = {"__pkvm_host_share_hyp": "PKH_SHARE_HYP, hyp_pfn_to_phys(pfn), 1, ret",
+             "__pkvm_host_unshare_hyp": "PKH_UNSHARE_HYP, hyp_pfn_to_phys(pfn), 1, ret"}
+    if donations:
+        calls |= {"__pkvm_host_donate_hyp": "PKH_DONATE_HYP, hyp_pfn_to_phys(pfn), nr_pages, ret",
+                  "__pkvm_hyp_donate_host": "PKH_HYP_DONATE_HOST, hyp_pfn_to_phys(pfn), nr_pages, ret",
+                  "hyp_pin_shared_mem": "PKH_PIN, __hyp_pa(start), (end - start) >> PAGE_SHIFT, ret",
+                  "hyp_unpin_shared_mem": "PKH_UNPIN, __hyp_pa(start), (end - start) >> PAGE_SHIFT, 0"}
+    assert text.count("pkh_ev_xfer(") == len(calls)
+    for function, args in calls.items():
+        body = text.split(f" {function}(")[1].split("\n}\n")[0]
+        assert f"unlock:\n\tpkh_ev_xfer({args});\n\thyp_unlock_component();" in body, (function, body)
+    assert ("\tpkh_ev_giving_back(hyp_pfn_to_phys(pfn), nr_pages);\n\thost_lock_component();" in text) == donations
 
 
 def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):

@@ -5,7 +5,7 @@
  *
  * __pkvm_el2_dump(src_pfn, dst_pfn) copies one page of memory (any page: the hypervisor's own,
  * a VM's, the host's) into a page the host can write, and returns the number of events the ring
- * below has recorded since boot (0 where the trace remote has them instead); -EBUSY while the host
+ * below has recorded since boot; -EBUSY while the host
  * stage-2 or the hyp stage-1 lock is held (the host retries), -EINVAL for a source that is not
  * memory, -EPERM for a destination the host does not own. It reads EL2 state and never
  * writes it: the copy goes through this CPU's fixmap slot and a bounce page of its own.
@@ -39,17 +39,24 @@ static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
 static hyp_spinlock_t bounce_lock;		/* zero: unlocked (6.1 has no DEFINE_HYP_SPINLOCK) */
 #endif
 
-#ifndef CONFIG_NVHE_EL2_TRACING
 /*
- * The allocator's calls, for kernels without the trace remote (pkh_events.h). One ring for all
- * CPUs, in the order the calls took its lock: the harness reads it through this very hypercall,
- * and knows by an entry's seq whether it was overwritten.
+ * The allocator's calls, the host/hyp transitions and the hypercalls that made them
+ * (pkh_events.h). One ring for all CPUs, in the order the calls took its lock: the harness reads it
+ * through this very hypercall, and knows by an entry's seq whether it was overwritten.
  */
 static_assert(sizeof(struct pkh_event) == 32);
 
 struct pkh_event pkh_ring[PKH_RING_LEN] __aligned(PAGE_SIZE);
 u64 pkh_ring_head;
 static hyp_spinlock_t ring_lock;
+
+/* the host hypercall this CPU is in: recorded in the ring only once it makes a transition */
+struct pkh_call {
+	u64 id, a1, a2, a3;
+	u32 entry;		/* its PKH_HCALL entry's seq; 0: not recorded yet */
+	bool in;
+};
+static DEFINE_PER_CPU(struct pkh_call, pkh_call);
 
 /* the logical CPU number, as the host and QEMU count (6.12's hyp has no smp_processor_id) */
 static u8 this_cpu(void)
@@ -63,10 +70,11 @@ static u8 this_cpu(void)
 	return U8_MAX;
 }
 
-void pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b)
+u32 pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b)
 {
 	struct pkh_event *e;
 	u8 cpu = this_cpu();
+	u32 seq;
 
 	hyp_spin_lock(&ring_lock);
 	e = &pkh_ring[pkh_ring_head++ & (PKH_RING_LEN - 1)];
@@ -77,20 +85,93 @@ void pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b)
 	e->page = page;
 	e->a = a;
 	e->b = b;
-	e->seq = (u32)pkh_ring_head;
+	seq = e->seq = (u32)pkh_ring_head;
 	hyp_spin_unlock(&ring_lock);
+	return seq;
 }
 
 u64 pkh_ring_events(void)
 {
 	return READ_ONCE(pkh_ring_head);
 }
-#else
-u64 pkh_ring_events(void)
+
+void pkh_hcall_enter(u64 id, u64 a1, u64 a2, u64 a3)
 {
-	return 0;
+	struct pkh_call *c = this_cpu_ptr(&pkh_call);
+
+	*c = (struct pkh_call){ .id = id, .a1 = a1, .a2 = a2, .a3 = a3, .in = true };
 }
-#endif
+
+void pkh_hcall_exit(u64 id, u64 ret)
+{
+	struct pkh_call *c = this_cpu_ptr(&pkh_call);
+
+	if (c->in && c->entry)
+		pkh_record(PKH_HCALL_RET, 0, ret, 0, (u32)id, c->entry);
+	c->in = false;
+}
+
+/* FNV-1a 64 of a page past its first word (a memcache link), as el2trace.c's page_scan */
+static u64 page_hash(const u8 *page, u64 pa, u64 *first_dirty)
+{
+	u64 hash = 0xcbf29ce484222325ULL;
+	int b;
+
+	for (b = 8; b < PAGE_SIZE; b++) {
+		if (first_dirty && page[b] && *first_dirty == ~0ULL)
+			*first_dirty = pa + b;
+		hash = (hash ^ page[b]) * 0x100000001b3ULL;
+	}
+	return hash;
+}
+
+/* pages the hyp maps at its linear address: a hash of each of the first, where the rest are dirty */
+static void scan_pages(u64 pa, u64 nr_pages)
+{
+	u64 i, first = ~0ULL, n = min_t(u64, nr_pages, PKH_SCAN_MAX);
+
+	for (i = 0; i < n; i++) {
+		u64 at = pa + i * PAGE_SIZE;
+		u64 hash = page_hash(hyp_phys_to_virt(at), at, i >= PKH_SCAN_HASHED ? &first : NULL);
+
+		if (i < PKH_SCAN_HASHED)
+			pkh_record(PKH_SCAN, hash, at, 0, (u32)i, 0);
+	}
+	pkh_record(PKH_SCAN_END, pa, first, 0, (u32)n, 0);
+}
+
+static bool hyp_maps(phys_addr_t pa)
+{
+	kvm_pte_t pte = 0;
+	pkh_level_t level;
+
+	return !kvm_pgtable_get_leaf(&pkvm_pgtable, (u64)hyp_phys_to_virt(pa), &pte, &level) && kvm_pte_valid(pte);
+}
+
+/* before the hyp gives pages back (no lock held): only when it maps them all, as it must */
+void pkh_scan_hyp_pages(u64 pa, u64 nr_pages)
+{
+	u64 i, n = min_t(u64, nr_pages, PKH_SCAN_MAX);
+	bool mapped = true;
+
+	hyp_spin_lock(&pkvm_pgd_lock);
+	for (i = 0; i < n && mapped; i++)
+		mapped = hyp_maps(pa + i * PAGE_SIZE);
+	hyp_spin_unlock(&pkvm_pgd_lock);
+	if (mapped)
+		scan_pages(pa, nr_pages);
+}
+
+void pkh_transition(u8 fn, u64 pa, u64 nr_pages, int ret)
+{
+	struct pkh_call *c = this_cpu_ptr(&pkh_call);
+
+	if (fn == PKH_DONATE_HYP && !ret)
+		scan_pages(pa, nr_pages);	/* now the hyp's and mapped: what the host gave */
+	if (c->in && !c->entry)
+		c->entry = pkh_record(PKH_HCALL, c->a1, c->a2, 0, (u32)c->id, (u32)c->a3);
+	pkh_record(PKH_XFER, c->in ? c->entry : 0, pa, fn, (u32)min_t(u64, nr_pages, U32_MAX), (u32)ret);
+}
 
 /*
  * The host owns the page: its stage-2 maps it, or has no entry for it yet (the host stage-2 maps
@@ -106,14 +187,6 @@ static bool host_owns(phys_addr_t pa)
 }
 
 #ifdef PKH_NO_HYP_FIXMAP
-static bool hyp_maps(phys_addr_t pa)
-{
-	kvm_pte_t pte = 0;
-	pkh_level_t level;
-
-	return !kvm_pgtable_get_leaf(&pkvm_pgtable, (u64)hyp_phys_to_virt(pa), &pte, &level) && kvm_pte_valid(pte);
-}
-
 static int el2_dump_page(phys_addr_t src, phys_addr_t dst)
 {
 	bool src_mapped, dst_shared, src_hosts;
