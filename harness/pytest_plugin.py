@@ -227,10 +227,6 @@ def _board_el2(target: Target, config: pytest.Config, cache: Path) -> Any:
         check_vmlinux(target, vmlinux, cache)
     except HarnessError as e:
         _stop_session(_recorder(config), e)
-    from harness.el2.events import RemoteTracer
-
-    if RemoteTracer.available(target):         # 7.x: its trace buffers are part of every baseline
-        RemoteTracer.prepare(target)
     return El2Reader(DumpMemory(target, getattr(target, "scratch", "/tmp")), vmlinux, cache)
 
 

@@ -1,7 +1,7 @@
-"""7.x boards: EL2 through the dump and the hypervisor's own trace events, proved on QEMU.
+"""7.x boards: EL2 through the dump, its event ring and the hypervisor's own trace events, proved on QEMU.
 
-The guest runs the 7.3 test kernel built with `--config pkvm-el2-dump` (the dump, and the pkh_*
-hypervisor events in its trace remote), reached over SSH. About 6 min with the kernel built
+The guest runs the 7.3 test kernel built with `--config pkvm-el2-dump` (the dump, its event ring,
+and the pkh_* hypervisor events in its trace remote), reached over SSH. About 6 min with the kernel built
 (`make test-slow`): a cold 7.3 build adds about 10 min, more than `make test` can spare.
 """
 
@@ -12,12 +12,16 @@ import re
 import pytest
 
 from harness.el2.events import RemoteTracer
+from harness.el2.ring import RingHistory, RingTracer
+from harness.model.transitions import HOST_HYP_FUNCTIONS
 from harness.options import KernelOptions
 from harness.replay import replay_trace
 from tests.integration.test_board_el2 import (
     _as_board,
     _sandwich,
+    assert_replays_from_boot,
     assert_runs_of,
+    assert_transitions_as_el2trace_sees_them,
     board_fixtures,
     traced_both_ways,
 )
@@ -46,12 +50,28 @@ def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
     assert_runs_of(events, gdb)
 
 
+def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_7_3(board, both):
+    """The board's suites trace through the ring on 7.x too: one lock orders it across CPUs."""
+    qmp, dump = both
+    tracer = RingTracer(dump, RingHistory())
+    window, gdb = traced_both_ways(board, qmp, tracer)
+    result = replay_trace(window)
+    assert result.ok, (result.divergence, result.final_mismatches[:5])
+    assert_runs_of(window, gdb)
+    assert_replays_from_boot(tracer, window)
+
+
+def test_the_rings_transitions_are_el2traces_on_7_3(board, both):
+    _, dump = both
+    assert_transitions_as_el2trace_sees_them(board, dump, set(HOST_HYP_FUNCTIONS))
+
+
 def test_the_el2_suites_run_their_checks_and_traces_on_a_7_3_board(board, cache_dir, tmp_path):
-    """The allocator and stage-2 suites as on a board: the EL2 checks through the dump, and the
-    traced tests (replay against the model) through the hypervisor's events. Only what needs QEMU
-    itself may skip: el2trace's transition oracle and the gdbstub's fault injection."""
+    """The allocator and stage-2 suites as on a board: the EL2 checks through the dump, the traced
+    tests (replay against the model) and the transition oracle through the ring. Only the
+    gdbstub's fault injection may skip."""
     r = _as_board(board, cache_dir, tmp_path, "allocator", "stage2", extra=("--pkvm-kernel", "7.3"))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     skips = re.findall(r"^SKIPPED .*$", r.stdout, re.MULTILINE)
-    assert all("el2trace" in s or "no gdbstub to fail" in s for s in skips), "\n".join(skips)
+    assert all("no gdbstub to fail" in s for s in skips), "\n".join(skips)
     assert int(re.search(r"(\d+) passed", r.stdout).group(1)) >= 16, r.stdout[-2000:]
