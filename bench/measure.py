@@ -444,7 +444,7 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
     from dataclasses import replace
 
     from harness.el2.dump import DumpMemory
-    from harness.el2.ring import SYMBOL, read
+    from harness.el2.ring import ALLOCATOR, read
 
     fig = BoardFigures()
     first, warm, qmp = fig.first, fig.warm, fig.qmp
@@ -471,11 +471,11 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
                     qmp.append(time.monotonic() - t)
                 fig.kib = (mem.bytes_fetched - before[1]) / max(1, mem.dumps - before[0]) / 1024
                 dump.snapshot()
-                begin = mem.last_ring
+                begin = ALLOCATOR.count(mem.last_ring)
                 target.run(f"{GUEST_DIR}/pkvm_guest --vms 1 --vcpus 2 --pages 8").check()
                 dump.snapshot()
-                end, ring_pa = mem.last_ring, dump.kpa(SYMBOL)
+                end, ring_pa = ALLOCATOR.count(mem.last_ring), dump.kpa(ALLOCATOR.symbol)
                 t = time.monotonic()
-                fig.ring_calls = len(read(mem, ring_pa, begin, end))
+                fig.ring_calls = len(read(mem, ALLOCATOR, ring_pa, begin, end))
                 fig.ring_read.append(time.monotonic() - t)
     return fig

@@ -508,7 +508,7 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
 
     @contextlib.contextmanager
     def board_window() -> Iterator[Any]:
-        from harness.replay import replay_trace
+        from harness.replay import replay_trace, replay_window
 
         assert board_tracer is not None
         box = types.SimpleNamespace(trace=None, result=None)
@@ -518,6 +518,7 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         yield box
         box.trace = tracer.stop()
         # the ring's calls from power-on, while it holds them all: the model knows every free list's order
-        box.result = replay_trace(tracer.from_boot() or box.trace)
+        boot = tracer.from_boot()
+        box.result = replay_window(boot, box.trace) if boot is not None else replay_trace(box.trace)
 
     return plugin_window if live is not None else board_window if board_tracer is not None else gdbstub_window

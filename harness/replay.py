@@ -34,6 +34,37 @@ def replay_trace(trace: Trace) -> ReplayResult:
                   start.kernel_version, pool_names(trace))
 
 
+def replay_window(boot: Trace, window: Trace) -> ReplayResult:
+    """A window's calls replayed as the last of every call since power-on (`boot`, which ends with
+    them: a board's RingTracer.from_boot), as el2trace's live replay slices them: the model built
+    from the pools' inits, compared with the window's first snapshot where the window begins (the
+    pools of VMs gone by then dropped there), and with its last at its end. The result counts the
+    window's calls and drops only."""
+    assert window.initial is not None and window.final is not None and len(boot.ops) >= len(window.ops)
+    start = len(boot.ops) - len(window.ops)
+    replayer = Replayer({}, window.initial.kernel_version, pool_names(window))
+    before: list[str] = []
+    if replayer.feed(boot.ops[:start]) is None:
+        before = [f"before the window: {m}" for m in replayer.compare(_pools(window.initial))]
+    mark = Mark(replayer.count, len(replayer.dropped), {k: dict(v) for k, v in replayer.per_pool.items()})
+    final = _pools(window.final)
+    after = replayer.compare(final) if replayer.feed(boot.ops[start:], final) is None else []
+    return _since(replayer, mark, before + after)
+
+
+def _pools(snapshot: Snapshot) -> dict[int, Any]:
+    return {p.struct_pa: p for p in snapshot.pools.values()}
+
+
+def _since(replayer: Replayer, mark: Mark, mismatches: list[str]) -> ReplayResult:
+    """What `replayer` made of the calls since `mark`."""
+    per_pool = {pool: diff for pool, counts in replayer.per_pool.items()
+                if (diff := {op: n - mark.per_pool.get(pool, {}).get(op, 0) for op, n in counts.items()
+                             if n > mark.per_pool.get(pool, {}).get(op, 0)})}
+    return ReplayResult(replayer.count - mark.ops, per_pool, replayer.divergence, mismatches,
+                        replayer.dropped[mark.dropped:])
+
+
 def replay_saved(path: Path) -> ReplayResult:
     """Replay a saved trace (trace.jsonl or its run directory) offline. Anything that is not a
     saved trace is a UsageError naming the file and what it lacks."""
@@ -140,9 +171,4 @@ class LiveReplay:
 
     def since(self, mark: Mark, snapshot: Snapshot) -> ReplayResult:
         """What the model made of the calls since `mark`, compared at the end with `snapshot`."""
-        mismatches = self.compare(snapshot)
-        per_pool = {pool: diff for pool, counts in self.replayer.per_pool.items()
-                    if (diff := {op: n - mark.per_pool.get(pool, {}).get(op, 0) for op, n in counts.items()
-                                 if n > mark.per_pool.get(pool, {}).get(op, 0)})}
-        return ReplayResult(self.replayer.count - mark.ops, per_pool, self.replayer.divergence, mismatches,
-                            self.replayer.dropped[mark.dropped:])
+        return _since(self.replayer, mark, self.compare(snapshot))

@@ -52,7 +52,7 @@ class DumpBusy(RuntimeError):
 class Dump:
     kimage_voffset: int
     seq: int = 0                                            # the dump's number since boot (its trace mark)
-    ring: tuple[int, int] = (0, 0)     # events in the hyp's ring at the first and the last copy (harness.el2.ring)
+    ring: tuple[int, int] = (0, 0)     # the rings' counts at the first and the last copy (packed: harness.el2.ring)
     pages: dict[int, bytes] = field(default_factory=dict)   # page PA -> its bytes (all-zero ones included)
     refused: dict[int, int] = field(default_factory=dict)   # page PA -> the hypercall's errno
 
@@ -147,7 +147,7 @@ class DumpMemory(WordReads):
         self.bytes_fetched = 0
         self.seconds = 0.0                       # spent taking and fetching dumps
         self.last_seq = 0                        # the number of the last dump taken
-        self.last_ring = 0                       # the events the hyp's ring had recorded at its copies
+        self.last_ring = 0                       # the hyp's rings' counts at the last dump (packed: ring.Ring.count)
 
     @staticmethod
     def present(target: Target) -> bool:
@@ -192,7 +192,8 @@ class DumpMemory(WordReads):
     def instant(self, wanted: set[int]) -> Iterator[DumpView]:
         dump = self.take(wanted)
         if dump.ring[0] != dump.ring[1]:     # a kernel with the event ring tells: EL2 changed mid-copy
-            raise DumpBusy(f"EL2 made {dump.ring[1] - dump.ring[0]} allocator calls while dump {dump.seq} was copied")
+            raise DumpBusy(f"EL2 recorded calls in its event rings while dump {dump.seq} was copied (their counts "
+                           f"{dump.ring[0]:#x}, then {dump.ring[1]:#x})")
         yield DumpView(dump)
 
     def close(self) -> None:

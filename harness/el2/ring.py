@@ -36,11 +36,29 @@ from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
 from harness.el2.trace import Op, Trace
 
-SYMBOL = NVHE + "pkh_ring"
 ENTRY = struct.Struct("<IBBBxQQII")      # seq, kind, cpu, order, pool, page, a, b: struct pkh_event
-RING_LEN = 32768                         # PKH_RING_LEN
 KINDS = {1: "pkh_pool_init", 2: "pkh_alloc", 3: "pkh_get", 4: "pkh_put", 5: "pkh_split"}   # enum pkh_kind
 U32 = 0xFFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Ring:
+    """One of the dump kernel's rings: its symbol, how many entries it holds, and where its count
+    sits in the dump hypercall's result (el2_dump.c, pkh_ring_events: both counts, packed)."""
+
+    symbol: str
+    length: int
+    shift: int
+    bits: int
+    holds: str
+
+    def count(self, packed: int) -> int:
+        """This ring's count since boot, from a dump's (or DumpMemory.last_ring's) packed value."""
+        return (packed >> self.shift) & ((1 << self.bits) - 1)
+
+
+ALLOCATOR = Ring(NVHE + "pkh_ring", 32768, 0, 40, "allocator calls")                      # PKH_RING_LEN
+TRANSITIONS = Ring(NVHE + "pkh_xring", 8192, 40, 23, "transitions and their hypercalls")   # PKH_XRING_LEN
 
 
 class RingLost(RuntimeError):
@@ -77,34 +95,34 @@ def ops_of(calls: list[Entry]) -> list[Op]:
     return ops
 
 
-def slot_pa(ring_pa: int, n: int) -> int:
-    """Where event number n sits: slot (n-1) % RING_LEN."""
-    return ring_pa + ((n - 1) % RING_LEN) * ENTRY.size
+def slot_pa(ring: Ring, ring_pa: int, n: int) -> int:
+    """Where event number n sits: slot (n-1) % length."""
+    return ring_pa + ((n - 1) % ring.length) * ENTRY.size
 
 
-def slots(ring_pa: int, begin: int, end: int) -> list[int]:
+def slots(ring: Ring, ring_pa: int, begin: int, end: int) -> list[int]:
     """The pages holding the entries numbered begin+1 .. end."""
-    return sorted({slot_pa(ring_pa, n) & -PAGE_SIZE for n in range(begin + 1, end + 1)})
+    return sorted({slot_pa(ring, ring_pa, n) & -PAGE_SIZE for n in range(begin + 1, end + 1)})
 
 
-def entries(dump: Dump, ring_pa: int, begin: int, end: int) -> list[Entry]:
+def entries(dump: Dump, ring: Ring, ring_pa: int, begin: int, end: int) -> list[Entry]:
     """Events begin+1 .. end from a dump of the ring taken after them. RingLost when the ring
     had wrapped past any of them by the dump's instant."""
-    if dump.ring[1] - begin > RING_LEN:
-        raise RingLost(f"the hyp's event ring holds {RING_LEN} calls; {dump.ring[1] - begin} were made since "
-                       f"the window began (a shorter window)")
+    made = ring.count(dump.ring[1]) - begin
+    if made > ring.length:
+        raise RingLost(f"the hyp's ring of {ring.holds} holds {ring.length}; {made} were made since the last read")
     out = []
     for n in range(begin + 1, end + 1):
-        e = Entry(*ENTRY.unpack(dump.read(slot_pa(ring_pa, n), ENTRY.size)))
+        e = Entry(*ENTRY.unpack(dump.read(slot_pa(ring, ring_pa, n), ENTRY.size)))
         if e.seq != n & U32:
-            raise RingLost(f"the hyp's event ring holds event {e.seq} where event {n} was (overwritten)")
+            raise RingLost(f"the hyp's ring of {ring.holds} holds event {e.seq} where event {n} was (overwritten)")
         out.append(e)
     return out
 
 
-def read(mem: DumpMemory, ring_pa: int, begin: int, end: int) -> list[Entry]:
+def read(mem: DumpMemory, ring: Ring, ring_pa: int, begin: int, end: int) -> list[Entry]:
     """Events begin+1 .. end, through one dump of just their slots."""
-    return entries(mem.take(slots(ring_pa, begin, end)), ring_pa, begin, end) if end > begin else []
+    return entries(mem.take(slots(ring, ring_pa, begin, end)), ring, ring_pa, begin, end) if end > begin else []
 
 
 class RingHistory:
@@ -119,7 +137,7 @@ class RingHistory:
         begin = len(self.entries)
         if self.lost is None:
             try:
-                self.entries += read(mem, ring_pa, begin, end)
+                self.entries += read(mem, ALLOCATOR, ring_pa, begin, end)
             except RingLost as e:
                 self.lost = str(e)
         return self.lost is None
@@ -141,22 +159,22 @@ class RingTracer:
 
     @staticmethod
     def available(reader: El2Reader) -> bool:
-        return isinstance(reader.mem, DumpMemory) and SYMBOL in reader.kernel.symbols
+        return isinstance(reader.mem, DumpMemory) and ALLOCATOR.symbol in reader.kernel.symbols
 
     def start(self) -> Snapshot:
         self._started = time.monotonic()
         self.initial = self.reader.snapshot()
-        self._begin = self.mem.last_ring
+        self._begin = ALLOCATOR.count(self.mem.last_ring)
         return self.initial
 
     def stop(self) -> Trace:
         self.final = self.reader.snapshot()
-        end = self._end = self.mem.last_ring
-        ring_pa = self.reader.kpa(SYMBOL)
+        end = self._end = ALLOCATOR.count(self.mem.last_ring)
+        ring_pa = self.reader.kpa(ALLOCATOR.symbol)
         if self.history is not None and self.history.extend(self.mem, ring_pa, end):
             calls = self.history.entries[self._begin:end]
         else:
-            calls = read(self.mem, ring_pa, self._begin, end)
+            calls = read(self.mem, ALLOCATOR, ring_pa, self._begin, end)
         return Trace(ops_of(calls), self.initial, self.final, 0, time.monotonic() - self._started)
 
     def from_boot(self) -> Trace | None:

@@ -2,7 +2,8 @@
 
 On QEMU, el2trace probes each transition function of mem_protect.c (share, unshare, donate either
 way, pin, unpin) and the host's hypercalls, and `harness.model.transitions.TransitionChecker`
-judges every call. A dump kernel records the same in its ring (harness/kernel/el2dump/):
+judges every call. A dump kernel records the same in its ring of transitions (`pkh_xring`, apart
+from the allocator's calls, so that a flood of those overwrites none; harness/kernel/el2dump/):
 
 - PKH_XFER at each transition function's end, still under the host and hyp locks: which function,
   its first page, its page count, its return, and the ring number of the hypercall it ran under;
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 
 from harness.el2.decode import NVHE
 from harness.el2.dump import DumpMemory
-from harness.el2.ring import SYMBOL, Entry, RingLost, read
+from harness.el2.ring import TRANSITIONS, Entry, RingLost, read
 from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
 from harness.el2.tcg.stream import HOST_HCALL_BASE, HostCall
@@ -91,15 +92,16 @@ def _page_scan(scans: list[Entry]) -> PageScan | None:
 class RingTransitions:
     """Every host/hyp transition a board's ring recorded, judged at each snapshot (the interface
     of el2trace's LiveReplay: `transitions`, `check_transitions(snap)`). From power-on while the
-    ring still holds every call since; where it has overwritten some before they were read, the
-    checker starts again from that snapshot and says so once."""
+    ring still holds every call since (8,192 entries: about 50 VM lifecycles between two checks);
+    where it has overwritten some before they were read, the checker starts again from that
+    snapshot and says so once."""
 
     def __init__(self, reader: El2Reader) -> None:
         if not isinstance(reader.mem, DumpMemory):
             raise TypeError("the ring is read through the EL2 dump: it needs a reader over it")
         self.reader = reader
         self.mem: DumpMemory = reader.mem
-        self.ring_pa = reader.kpa(SYMBOL)
+        self.ring_pa = reader.kpa(TRANSITIONS.symbol)
         self.transitions = TransitionChecker()
         self.calls = RingCalls(reader.kernel.hypercalls)
         self.read_to = 0                               # the ring entries followed so far
@@ -113,9 +115,9 @@ class RingTransitions:
         """Every transition up to `snapshot` (the dump just taken: its ring count is the instant's),
         judged, and the page states against it. The first check only starts the model here,
         returning what went wrong since power-on."""
-        end = self.mem.last_ring
+        end = TRANSITIONS.count(self.mem.last_ring)
         try:
-            entries = read(self.mem, self.ring_pa, self.read_to, end)
+            entries = read(self.mem, TRANSITIONS, self.ring_pa, self.read_to, end)
         except RingLost as e:
             self.read_to = end
             self.transitions, self.calls = TransitionChecker(), RingCalls(self.calls.hypercalls)

@@ -33,7 +33,7 @@ from harness.image.keys import ensure_keys
 from harness.image.payloads import GUEST_DIR
 from harness.model.transitions import HOST_HYP_FUNCTIONS, Transition
 from harness.options import KernelOptions
-from harness.replay import replay_trace
+from harness.replay import replay_trace, replay_window
 from tests.integration.conftest import assembled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,13 +203,17 @@ def assert_replays_from_boot(tracer, window) -> None:
     result = replay_trace(boot)
     print(f"{len(boot.ops)} calls from power-on replayed: {result.ok}")
     assert result.ok, (result.divergence, result.final_mismatches[:5])
+    # the el2_trace fixture's result: the window as the last calls from power-on, counted alone
+    alone, sliced = replay_trace(window), replay_window(boot, window)
+    assert sliced.ok, (sliced.divergence, sliced.final_mismatches[:5])
+    assert (sliced.ops, sliced.per_pool, sliced.dropped) == (alone.ops, alone.per_pool, alone.dropped)
 
 
 def ring_transitions(dump: El2Reader) -> list[Transition]:
     """Every host/hyp transition the ring holds from power-on, to the instant of a fresh snapshot."""
     dump.snapshot()
-    end = dump.mem.last_ring
-    entries = ring.read(dump.mem, dump.kpa(ring.SYMBOL), 0, end)
+    end = ring.TRANSITIONS.count(dump.mem.last_ring)
+    entries = ring.read(dump.mem, ring.TRANSITIONS, dump.kpa(ring.TRANSITIONS.symbol), 0, end)
     return [t for t in RingCalls(dump.kernel.hypercalls).feed(entries) if isinstance(t, Transition)]
 
 

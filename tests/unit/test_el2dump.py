@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -286,48 +287,69 @@ def test_a_dump_the_hypervisor_changed_while_copying_is_found():
     assert [e.name for e in torn(events, 9)] == ["pkh_get"]
 
 
-def _ring_dump(ring_pa: int, events: dict[int, tuple], count: int):
-    """A dump of the ring's pages as the kernel lays them out, its header saying `count` events."""
+def _ring_dump(ring_pa: int, events: dict[int, tuple], count: int, ring=None):
+    """A dump of a ring's pages as the kernel lays them out, its header saying `count` events."""
     from harness.el2.dump import Dump
-    from harness.el2.ring import ENTRY, RING_LEN
+    from harness.el2.ring import ALLOCATOR, ENTRY
 
+    ring = ring or ALLOCATOR
     pages: dict[int, bytearray] = {}
     for n, fields in events.items():
-        at = ring_pa + ((n - 1) % RING_LEN) * ENTRY.size
+        at = ring_pa + ((n - 1) % ring.length) * ENTRY.size
         page = pages.setdefault(at & -4096, bytearray(4096))
         ENTRY.pack_into(page, at % 4096, *fields)
-    return Dump(0, seq=3, pages={pa: bytes(b) for pa, b in pages.items()}, ring=(count, count))
+    packed = count << ring.shift
+    return Dump(0, seq=3, pages={pa: bytes(b) for pa, b in pages.items()}, ring=(packed, packed))
 
 
 def test_the_rings_entries_between_two_counts_are_the_windows_calls():
     """Events 10 .. 14 in the ring: the same Ops the trace remote's pkh_* events give (the TRACE
     above), in the ring's order, each with its CPU."""
-    from harness.el2.ring import RING_LEN, entries, slots
+    from harness.el2.ring import ALLOCATOR, entries, ops_of, slots
 
     ring = 0x4000_0000
     calls = {10: (10, 2, 0, 1, 0x7F2A0000, 0, 0, 0), 11: (11, 3, 1, 0, 0x7F2A0000, 0x7F301000, 1, 0),
              12: (12, 4, 0, 0, 0x7F2A0000, 0x7F301000, 2, 0), 13: (13, 5, 0, 0, 0, 0x7F302000, 0, 0),
              14: (14, 1, 1, 0, 0x43000000, 0x43001, 16, 1)}
-    got = entries(_ring_dump(ring, calls, 14), ring, 9, 14)
-    from harness.el2.events import ops_of
+    got = entries(_ring_dump(ring, calls, 14), ALLOCATOR, ring, 9, 14)
+    from harness.el2.events import ops_of as events_ops_of
     from harness.targets.hyp_trace import HypEvent
 
     events = [e for e in map(HypEvent.parse, TRACE.splitlines()[3:8]) if e is not None]
-    assert [e.op(i) for i, e in enumerate(got)] == ops_of(events)
-    assert slots(ring, 9, 14) == [ring]
-    # event n is in slot (n - 1) % RING_LEN: a window across the ring's end reads its last and first pages
-    assert slots(ring, RING_LEN - 1, RING_LEN + 1) == [ring, ring + RING_LEN * 32 - 4096]
+    assert ops_of(got) == events_ops_of(events)
+    assert slots(ALLOCATOR, ring, 9, 14) == [ring]
+    # event n is in slot (n - 1) % length: a window across the ring's end reads its last and first pages
+    n = ALLOCATOR.length
+    assert slots(ALLOCATOR, ring, n - 1, n + 1) == [ring, ring + n * 32 - 4096]
 
 
 def test_a_window_the_ring_no_longer_holds_is_refused():
-    from harness.el2.ring import RING_LEN, RingLost, entries
+    from harness.el2.ring import ALLOCATOR, TRANSITIONS, RingLost, entries
 
-    ring = 0x4000_0000
-    overwritten = {5: (5 + RING_LEN, 3, 0, 0, 0x1000, 0x2000, 1, 0)}      # slot of event 5, rewritten
-    with pytest.raises(RingLost, match=f"holds event {5 + RING_LEN} where event 5 was"):
-        entries(_ring_dump(ring, overwritten, 5), ring, 4, 5)
-    with pytest.raises(RingLost, match=f"holds {RING_LEN} calls; {RING_LEN + 1} were made"):
-        entries(_ring_dump(ring, {}, RING_LEN + 5), ring, 4, 5)
+    ring, n = 0x4000_0000, ALLOCATOR.length
+    overwritten = {5: (5 + n, 3, 0, 0, 0x1000, 0x2000, 1, 0)}      # slot of event 5, rewritten
+    with pytest.raises(RingLost, match=f"holds event {5 + n} where event 5 was"):
+        entries(_ring_dump(ring, overwritten, 5), ALLOCATOR, ring, 4, 5)
+    with pytest.raises(RingLost, match=f"allocator calls holds {n}; {n + 1} were made"):
+        entries(_ring_dump(ring, {}, n + 5), ALLOCATOR, ring, 4, 5)
+    # the transitions' ring is apart: a million allocator calls leave its entries be
+    m = TRANSITIONS.length
+    with pytest.raises(RingLost, match=f"transitions and their hypercalls holds {m}; {m + 1} were made"):
+        entries(_ring_dump(ring, {}, m + 5, TRANSITIONS), TRANSITIONS, ring, 4, 5)
+
+
+def test_the_dumps_result_packs_both_rings_counts():
+    """el2_dump.c's pkh_ring_events: the transitions' count above bit 40, the allocator's below;
+    the result stays positive, as errors are negative."""
+    from harness.el2.ring import ALLOCATOR, TRANSITIONS
+
+    packed = 1234 << 40 | 1_046_693
+    assert (ALLOCATOR.count(packed), TRANSITIONS.count(packed)) == (1_046_693, 1234)
+    assert TRANSITIONS.shift + TRANSITIONS.bits == 63
+    header = (Path(__file__).parents[2] / "harness/kernel/el2dump/pkh_events.h").read_text()
+    for name, value in (("PKH_RING_LEN", ALLOCATOR.length), ("PKH_XRING_LEN", TRANSITIONS.length),
+                        ("PKH_COUNT_BITS", TRANSITIONS.shift), ("PKH_XCOUNT_BITS", TRANSITIONS.bits)):
+        assert f"#define {name} {value}\t" in header, name
 
 
 def test_the_hostile_host_and_the_dump_compose_into_one_patch(tmp_path):

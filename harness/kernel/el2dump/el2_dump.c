@@ -4,8 +4,8 @@
  * kernel built with kernel_configs/pkvm-el2-dump.config (CONFIG_PKVM_EL2_DUMP).
  *
  * __pkvm_el2_dump(src_pfn, dst_pfn) copies one page of memory (any page: the hypervisor's own,
- * a VM's, the host's) into a page the host can write, and returns the number of events the ring
- * below has recorded since boot; -EBUSY while the host
+ * a VM's, the host's) into a page the host can write, and returns the number of events the rings
+ * below have recorded since boot (pkh_ring_events); -EBUSY while the host
  * stage-2 or the hyp stage-1 lock is held (the host retries), -EINVAL for a source that is not
  * memory, -EPERM for a destination the host does not own. It reads EL2 state and never
  * writes it: the copy goes through this CPU's fixmap slot and a bounce page of its own.
@@ -40,15 +40,17 @@ static hyp_spinlock_t bounce_lock;		/* zero: unlocked (6.1 has no DEFINE_HYP_SPI
 #endif
 
 /*
- * The allocator's calls, the host/hyp transitions and the hypercalls that made them
- * (pkh_events.h). One ring for all CPUs, in the order the calls took its lock: the harness reads it
- * through this very hypercall, and knows by an entry's seq whether it was overwritten.
+ * The allocator's calls (pkh_ring), the host/hyp transitions and the hypercalls that made them
+ * (pkh_xring): pkh_events.h. Each ring holds all CPUs' calls, in the order they took its lock: the
+ * harness reads them through this very hypercall, and knows by an entry's seq (its number in its
+ * ring) whether it was overwritten.
  */
 static_assert(sizeof(struct pkh_event) == 32);
 
 struct pkh_event pkh_ring[PKH_RING_LEN] __aligned(PAGE_SIZE);
-u64 pkh_ring_head;
-static hyp_spinlock_t ring_lock;
+struct pkh_event pkh_xring[PKH_XRING_LEN] __aligned(PAGE_SIZE);
+u64 pkh_ring_head, pkh_xring_head;
+static hyp_spinlock_t ring_lock;		/* both rings: one order across them */
 
 /* the host hypercall this CPU is in: recorded in the ring only once it makes a transition */
 struct pkh_call {
@@ -77,7 +79,13 @@ u32 pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b)
 	u32 seq;
 
 	hyp_spin_lock(&ring_lock);
-	e = &pkh_ring[pkh_ring_head++ & (PKH_RING_LEN - 1)];
+	if (kind < PKH_HCALL) {
+		e = &pkh_ring[pkh_ring_head++ & (PKH_RING_LEN - 1)];
+		seq = (u32)pkh_ring_head;
+	} else {
+		e = &pkh_xring[pkh_xring_head++ & (PKH_XRING_LEN - 1)];
+		seq = (u32)pkh_xring_head;
+	}
 	e->kind = kind;
 	e->cpu = cpu;
 	e->order = order;
@@ -85,14 +93,20 @@ u32 pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b)
 	e->page = page;
 	e->a = a;
 	e->b = b;
-	seq = e->seq = (u32)pkh_ring_head;
+	e->seq = seq;
 	hyp_spin_unlock(&ring_lock);
 	return seq;
 }
 
 u64 pkh_ring_events(void)
 {
-	return READ_ONCE(pkh_ring_head);
+	u64 head, xhead;
+
+	hyp_spin_lock(&ring_lock);
+	head = pkh_ring_head;
+	xhead = pkh_xring_head;
+	hyp_spin_unlock(&ring_lock);
+	return (xhead & (BIT_ULL(PKH_XCOUNT_BITS) - 1)) << PKH_COUNT_BITS | (head & (BIT_ULL(PKH_COUNT_BITS) - 1));
 }
 
 void pkh_hcall_enter(u64 id, u64 a1, u64 a2, u64 a3)

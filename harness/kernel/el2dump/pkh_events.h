@@ -51,11 +51,18 @@ struct pkh_event {
 	u32 b;			/* pool_init: reserved_pages; xfer: its return; hcall: x3; hcall_ret: its seq */
 };
 
-#define PKH_RING_LEN 32768	/* entries (1 MiB): a power of two */
+#define PKH_RING_LEN 32768	/* allocator calls (1 MiB): a power of two */
+#define PKH_XRING_LEN 8192	/* transitions, their scans and hypercalls (256 KiB): a power of two */
+#define PKH_COUNT_BITS 40	/* the dump's result: xring count << 40 | ring count (harness/el2/ring.py) */
+#define PKH_XCOUNT_BITS 23	/* (the result stays positive: errors are negative) */
 #define PKH_SCAN_HASHED 16	/* as el2trace.c's SCAN_HASHED */
 #define PKH_SCAN_MAX 1024	/* as el2trace.c's SCAN_MAX */
 
-/* the events the ring has recorded since boot: the dump hypercall's result */
+/*
+ * The allocator's calls go to pkh_ring, the rest to pkh_xring: a test that makes a million
+ * allocator calls (host stage-2 pressure) then still leaves its few transitions to be read.
+ * Both counts since boot, packed: the dump hypercall's result.
+ */
 u64 pkh_ring_events(void);
 u32 pkh_record(u8 kind, u64 pool, u64 page, u8 order, u32 a, u32 b);
 void pkh_hcall_enter(u64 id, u64 a1, u64 a2, u64 a3);
