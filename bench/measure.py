@@ -434,17 +434,21 @@ class BoardFigures:
     kib: float = 0.0                                     # KiB a warm dump moves
     ring_read: list[float] = field(default_factory=list)  # s: a window's calls read from the event ring
     ring_calls: int = 0                                  # calls in that window (one VM lifecycle)
+    judged: list[float] = field(default_factory=list)    # s: the transitions since power-on read and followed
+    transitions: int = 0                                 # how many (a boot and one VM lifecycle)
 
 
 def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigures:
     """On the EL2-dump test kernel over SSH, as on a board: seconds per snapshot through the dump
     (the first, with its rounds; then warm), per QMP snapshot of the same machine, the KiB a warm
-    dump moves, and the time to read one VM lifecycle's calls from the event ring (the window's
-    final snapshot excluded)."""
+    dump moves, the time to read one VM lifecycle's calls from the event ring (the window's
+    final snapshot excluded), and the time the board's transition oracle takes to read and follow
+    every transition since power-on (a boot and that lifecycle; the snapshot excluded)."""
     from dataclasses import replace
 
     from harness.el2.dump import DumpMemory
     from harness.el2.ring import ALLOCATOR, read
+    from harness.el2.ring_transitions import RingTransitions
 
     fig = BoardFigures()
     first, warm, qmp = fig.first, fig.warm, fig.qmp
@@ -478,4 +482,10 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
                 t = time.monotonic()
                 fig.ring_calls = len(read(mem, ALLOCATOR, ring_pa, begin, end))
                 fig.ring_read.append(time.monotonic() - t)
+                oracle, snap = RingTransitions(dump), dump.snapshot()
+                t = time.monotonic()
+                findings = oracle.check_transitions(snap)
+                fig.judged.append(time.monotonic() - t)
+                assert findings == [], findings
+                fig.transitions = oracle.transitions.count
     return fig

@@ -207,6 +207,8 @@ def main() -> int:
         f.add("boards", "the same machine's snapshot over QMP", b.qmp, "s", digits=2)
         f.add("boards", f"a VM lifecycle's {b.ring_calls} calls read from the 6.12 event ring", b.ring_read, "s",
               digits=2)
+        f.add("boards", f"{b.transitions} transitions since power-on read from the ring and followed to a snapshot",
+              b.judged, "s", digits=2)
     if "bisect" in only:
         print("bisect (the whole nine-commit bisect)", flush=True)
         steps = measure.bisect_steps(cache)
