@@ -80,8 +80,9 @@ class RingCalls:
 
 
 def _page_scan(scans: list[Entry]) -> PageScan | None:
-    """The scan of the pages a donation moves: None when the hyp did not scan them (it maps not
-    every page it is giving back: the call is refused, or the scan was cut by a snapshot's read)."""
+    """The scan of the pages a donation moves (its entries may come before a snapshot, its call
+    after: RingCalls keeps them across feeds). None when the hyp did not scan them: it did not map
+    every page it was to give back (a call the kernel refuses)."""
     end = next((s for s in reversed(scans) if s.kind == SCAN_END), None)
     if end is None:
         return None
