@@ -136,10 +136,13 @@ EL2_DUMP = Overlay(
         Insert("arch/arm64/kvm/Makefile", "obj-$(CONFIG_PKVM_EL2_DUMP) += pkvm_el2dump.o\n", r"\Z"),
         Insert("arch/arm64/kvm/hyp/nvhe/Makefile", "hyp-obj-$(CONFIG_PKVM_EL2_DUMP) += el2_dump.o\n",
                r"^hyp-obj-y \+= \$\(lib-objs\)"),
-        # 6.1: EL2 copies through its linear map and a page the host shares with it (el2_dump.c)
-        *(Insert(path, line, r"\Z", unless="has_hyp_fixmap") for path, line in (
-            ("arch/arm64/kvm/Makefile", "CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP\n"),
-            ("arch/arm64/kvm/hyp/nvhe/Makefile", "ccflags-y += -DPKH_NO_HYP_FIXMAP\n"))),
+        # 6.1: EL2 copies through its linear map and a page the host shares with it (el2_dump.c),
+        # names the host stage-2 host_kvm, and has u32 page-table levels
+        *(Insert(path, line, r"\Z", unless=fact) for path, line, fact in (
+            ("arch/arm64/kvm/Makefile", "CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP\n", "has_hyp_fixmap"),
+            ("arch/arm64/kvm/hyp/nvhe/Makefile", "ccflags-y += -DPKH_NO_HYP_FIXMAP\n", "has_hyp_fixmap"),
+            ("arch/arm64/kvm/hyp/nvhe/Makefile", "ccflags-y += -DPKH_HOST_KVM\n", "has_host_mmu"),
+            ("arch/arm64/kvm/hyp/nvhe/Makefile", "ccflags-y += -DPKH_U32_LEVELS\n", "pgtable_levels_signed"))),
         # the last host hypercall: no other's number moves (6.12 ends the enum with `};`, 7.x with a MARKER)
         Insert("arch/arm64/include/asm/kvm_asm.h", f"\t__KVM_HOST_SMCCC_FUNC_{DUMP_HYPERCALL},\n",
                r"^\s*(MARKER\(__KVM_HOST_SMCCC_FUNC_MAX\)|\};)", after=r"^enum __kvm_host_smccc_func \{"),

@@ -342,6 +342,13 @@ class KernelVersion:
         return self.at_least(6, 2)
 
     @property
+    def pgtable_levels_signed(self) -> bool:
+        """The page-table walkers' level is an s8 (kvm_pgtable_get_leaf(..., s8 *level)), where it
+        was a u32: LPA2's level -1 made it signed in 6.8. Read: u32 in 6.1.192, s8 in 6.12.118;
+        the boundary is upstream's change, not read here."""
+        return self.at_least(6, 8)
+
+    @property
     def has_hyp_trace_remote(self) -> bool:
         """The hypervisor writes events (hyp_enter, hyp_exit, selftest) into a ring buffer the host
         reads at /sys/kernel/tracing/remotes/hypervisor/, with NVHE_EL2_DEBUG. Read in 7.2.13 and

@@ -196,17 +196,22 @@ def test_a_tree_without_the_anchor_is_refused_in_one_line(tmp_path):
 
 def test_a_kernel_without_the_hyp_fixmap_copies_through_a_shared_page(tmp_path):
     """6.1 has no hyp fixmap: both halves are built with PKH_NO_HYP_FIXMAP (el2_dump.c copies
-    through the hyp's linear map into a page the host shared); 6.12 is not."""
-    for version, wanted in ((KernelVersion.parse("6.1.192"), True), (V6_12, False)):
-        tree = _tree(tmp_path / str(version), ENUM_6_12)
-        [patch] = patches_for(ASKED, tree, tmp_path / "cache", version)
+    through the hyp's linear map into a page the host shared). Its host stage-2's name and its
+    page-table levels' type are two more differences, each from a fact of its own (6.6 has the
+    fixmap and host_mmu, and u32 levels still)."""
+    for version, no_fixmap, host_kvm, u32_levels in (("6.1.192", True, True, True), ("6.6.60", False, False, True),
+                                                    ("6.12.117", False, False, False)):
+        tree = _tree(tmp_path / version, ENUM_6_12)
+        [patch] = patches_for(ASKED, tree, tmp_path / "cache", KernelVersion.parse(version))
         r = subprocess.run(["patch", "-p1", "--batch", "-d", str(tree), "-i", str(patch)], capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         host = (tree / "arch/arm64/kvm/Makefile").read_text()
         nvhe = (tree / "arch/arm64/kvm/hyp/nvhe/Makefile").read_text()
-        assert ("CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP" in host) == wanted
-        assert ("ccflags-y += -DPKH_NO_HYP_FIXMAP" in nvhe) == wanted
+        assert ("CFLAGS_pkvm_el2dump.o += -DPKH_NO_HYP_FIXMAP" in host) == no_fixmap, version
+        assert ("ccflags-y += -DPKH_NO_HYP_FIXMAP" in nvhe) == no_fixmap, version
+        assert ("ccflags-y += -DPKH_HOST_KVM" in nvhe) == host_kvm, version
+        assert ("ccflags-y += -DPKH_U32_LEVELS" in nvhe) == u32_levels, version
 
 
 def _blob(kvo: int, records: list[tuple[int, int, int]], data: bytes, ring: tuple[int, int] = (0, 0)) -> bytes:

@@ -29,12 +29,17 @@
 #include <nvhe/spinlock.h>
 #include <nvhe/trap_handler.h>
 
-#ifdef PKH_NO_HYP_FIXMAP
-#define host_mmu host_kvm		/* 6.1's name for the host stage-2 and its lock */
-typedef u32 pkh_level_t;
+/* each from a KernelVersion fact, through the overlay's Makefile lines (harness/kernel/overlays.py) */
+#ifdef PKH_HOST_KVM
+#define host_mmu host_kvm		/* the host stage-2 and its lock's name before 6.2 (has_host_mmu) */
+#endif
+#ifdef PKH_U32_LEVELS
+typedef u32 pkh_level_t;		/* page-table levels before LPA2's s8 (pgtable_levels_signed) */
 #else
 typedef s8 pkh_level_t;
+#endif
 
+#ifndef PKH_NO_HYP_FIXMAP
 static u8 bounce[PAGE_SIZE] __aligned(PAGE_SIZE);
 static hyp_spinlock_t bounce_lock;		/* zero: unlocked (6.1 has no DEFINE_HYP_SPINLOCK) */
 #endif
