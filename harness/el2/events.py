@@ -1,10 +1,13 @@
-"""EL2 allocator calls from the hypervisor's own trace events: how a board is traced (7.x).
+"""EL2 allocator calls from the hypervisor's own trace events (7.x).
 
 A 7.x test kernel built with `--config pkvm-el2-dump` has hypervisor trace events for the
 allocator's calls (pkh_pool_init, pkh_alloc, pkh_get, pkh_put, pkh_split) and the host's
 hypercalls (pkh_hcall, pkh_hcall_ret) in its trace remote (harness/kernel/el2dump/,
 harness/targets/hyp_trace.py). `ops_of` turns them into the records the QEMU tracers give
-(harness.el2.trace.Op), so the same replay runs on a board.
+(harness.el2.trace.Op), so the same replay runs on them. The suites on a board read the dump
+kernel's event ring instead (harness.el2.ring), which one lock orders across CPUs where the
+trace remote merges its per-CPU buffers by timestamp; tests/integration checks these events
+against the gdbstub tracer.
 
 `RemoteTracer` has the gdbstub Tracer's shape: `start()` enables the events and takes a snapshot,
 `stop()` takes another and returns the Trace between them. Each dump writes a mark into the

@@ -14,7 +14,7 @@ count, `stop()` takes another, then reads the entries between the two counts thr
 dump. An entry's `seq` is its number: one that does not match was overwritten (the ring holds
 PKH_RING_LEN calls), and the window is refused rather than replayed with calls missing.
 
-The ring records from power-on: about 7,400 calls by the end of a 6.12 boot, 500 to 750 per VM
+The ring records from power-on: about 7,600 calls by the end of a 6.12 boot, 250 to 750 per VM
 lifecycle. While it still holds every call since boot, a `RingHistory` (one per session) keeps
 them all, read a slice per window, and `RingTracer.from_boot()` gives the trace from power-on, as
 el2trace gives it on QEMU: the model then builds each pool at its init and knows every free
