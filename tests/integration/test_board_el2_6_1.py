@@ -13,17 +13,13 @@ import re
 
 import pytest
 
-from harness.el2.ring import RingHistory, RingTracer
 from harness.options import KernelOptions
-from harness.replay import replay_trace
 from tests.integration.test_board_el2 import (
     _as_board,
-    _sandwich,
-    assert_replays_from_boot,
-    assert_runs_of,
+    assert_reads_the_same,
+    assert_ring_holds_the_gdbstub_calls,
     assert_transitions_as_el2trace_sees_them,
     board_fixtures,
-    traced_both_ways,
 )
 
 KERNEL = KernelOptions(kernel="6.1", fragments=("pkvm-el2-dump",))
@@ -33,23 +29,11 @@ board, both = board_fixtures(KERNEL, "board61")
 
 
 def test_qmp_and_the_dump_read_the_same_on_6_1(both):
-    qmp, dump = both
-    over_qmp, over_dump, tries = _sandwich(qmp, dump)
-    print(f"equal after {tries} tries; {dump.mem.dumps} dumps")
-    assert over_qmp["unavailable"] == {} and set(over_qmp["pools"]) >= {"hpool", "host_s2_pool"}
-    for part in over_qmp:
-        assert over_dump[part] == over_qmp[part], f"{part} differs between QMP and the dump"
+    assert_reads_the_same(*both)
 
 
 def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_6_1(board, both):
-    qmp, dump = both
-    assert RingTracer.available(dump)
-    tracer = RingTracer(dump, RingHistory())
-    window, gdb = traced_both_ways(board, qmp, tracer)
-    result = replay_trace(window)
-    assert result.ok, (result.divergence, result.final_mismatches[:5])
-    assert_runs_of(window, gdb, at_least=30)          # 6.1's lifecycle: 42 calls (no VM pools at EL2)
-    assert_replays_from_boot(tracer, window)
+    assert_ring_holds_the_gdbstub_calls(board, *both, at_least=30)   # 6.1's lifecycle: 42 calls (no VM pools)
 
 
 def test_the_rings_transitions_are_el2traces_on_6_1(board, both):

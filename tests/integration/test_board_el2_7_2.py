@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness.el2.ring import RingHistory, RingTracer
 from harness.model.transitions import HOST_HYP_FUNCTIONS
 from harness.options import KernelOptions
-from harness.replay import replay_trace
 from tests.integration.test_board_el2 import (
-    _sandwich,
-    assert_replays_from_boot,
-    assert_runs_of,
+    assert_reads_the_same,
+    assert_ring_holds_the_gdbstub_calls,
     assert_transitions_as_el2trace_sees_them,
     board_fixtures,
-    traced_both_ways,
 )
 
 pytestmark = pytest.mark.slow
@@ -32,21 +28,12 @@ board, both = board_fixtures(KERNEL, "board72")
 
 
 def test_qmp_and_the_dump_read_the_same_on_7_2(both):
-    over_qmp, over_dump, _ = _sandwich(*both)
-    assert over_qmp["unavailable"] == {} and over_dump == over_qmp
+    assert_reads_the_same(*both)
 
 
 def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_7_2(board, both):
-    qmp, dump = both
-    tracer = RingTracer(dump, RingHistory())
-    window, gdb = traced_both_ways(board, qmp, tracer)
-    result = replay_trace(window)
-    print(f"{len(window.ops)} calls in the ring's window, {len(gdb.ops)} traced by the gdbstub")
-    assert result.ok, (result.divergence, result.final_mismatches[:5])
-    assert_runs_of(window, gdb)
-    assert_replays_from_boot(tracer, window)
+    assert_ring_holds_the_gdbstub_calls(board, *both)
 
 
 def test_the_rings_transitions_are_el2traces_on_7_2(board, both):
-    _, dump = both
-    assert_transitions_as_el2trace_sees_them(board, dump, set(HOST_HYP_FUNCTIONS))
+    assert_transitions_as_el2trace_sees_them(board, both[1], set(HOST_HYP_FUNCTIONS))

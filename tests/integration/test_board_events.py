@@ -12,14 +12,13 @@ import re
 import pytest
 
 from harness.el2.events import RemoteTracer
-from harness.el2.ring import RingHistory, RingTracer
 from harness.model.transitions import HOST_HYP_FUNCTIONS
 from harness.options import KernelOptions
 from harness.replay import replay_trace
 from tests.integration.test_board_el2 import (
     _as_board,
-    _sandwich,
-    assert_replays_from_boot,
+    assert_reads_the_same,
+    assert_ring_holds_the_gdbstub_calls,
     assert_runs_of,
     assert_transitions_as_el2trace_sees_them,
     board_fixtures,
@@ -35,8 +34,7 @@ board, both = board_fixtures(KERNEL, "board73")
 
 
 def test_qmp_and_the_dump_read_the_same_on_7_3(both):
-    over_qmp, over_dump, _ = _sandwich(*both)
-    assert over_qmp["unavailable"] == {} and over_dump == over_qmp
+    assert_reads_the_same(*both)
 
 
 def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
@@ -52,13 +50,7 @@ def test_the_hypervisor_events_are_the_gdbstub_tracers_calls(board, both):
 
 def test_the_event_ring_holds_the_gdbstub_tracers_calls_on_7_3(board, both):
     """The board's suites trace through the ring on 7.x too: one lock orders it across CPUs."""
-    qmp, dump = both
-    tracer = RingTracer(dump, RingHistory())
-    window, gdb = traced_both_ways(board, qmp, tracer)
-    result = replay_trace(window)
-    assert result.ok, (result.divergence, result.final_mismatches[:5])
-    assert_runs_of(window, gdb)
-    assert_replays_from_boot(tracer, window)
+    assert_ring_holds_the_gdbstub_calls(board, *both)
 
 
 def test_the_rings_transitions_are_el2traces_on_7_3(board, both):
