@@ -454,7 +454,7 @@ def board_snapshots(cache: Path, runs: int, kernel: str = "6.12") -> BoardFigure
     first, warm, qmp = fig.first, fig.warm, fig.qmp
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="pkvm-bench-board-") as run_dir:
-            machine = _machine(cache, Path(run_dir), el2_plugin="off",
+            machine = _machine(cache, Path(run_dir), el2_plugin="off", payloads=True,
                                kernel=KernelOptions(kernel=kernel, fragments=["pkvm-el2-dump"]))
             machine = replace(machine, spec=replace(machine.spec, no_reboot=True))
             with machine.start(Path(run_dir), "ssh") as target, \

@@ -519,6 +519,11 @@ def el2_trace(request: pytest.FixtureRequest, target: Target, el2: Any) -> Calla
         box.trace = tracer.stop()
         # the ring's calls from power-on, while it holds them all: the model knows every free list's order
         boot = tracer.from_boot()
-        box.result = replay_window(boot, box.trace) if boot is not None else replay_trace(box.trace)
+        sliced, before = replay_window(boot, box.trace) if boot is not None else (None, [])
+        box.result = sliced if sliced is not None and not before else replay_trace(box.trace)
+        if before and tracer.history is not None:   # said once; later windows replay from their first snapshot
+            tracer.history.lost = f"the replay from power-on differed from the kernel before {request.node.nodeid}"
+            pytest.fail("the replay from power-on differs from the kernel's pools before this window began:\n  "
+                        + "\n  ".join(before[:10]))
 
     return plugin_window if live is not None else board_window if board_tracer is not None else gdbstub_window

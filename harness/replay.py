@@ -34,22 +34,22 @@ def replay_trace(trace: Trace) -> ReplayResult:
                   start.kernel_version, pool_names(trace))
 
 
-def replay_window(boot: Trace, window: Trace) -> ReplayResult:
+def replay_window(boot: Trace, window: Trace) -> tuple[ReplayResult, list[str]]:
     """A window's calls replayed as the last of every call since power-on (`boot`, which ends with
     them: a board's RingTracer.from_boot), as el2trace's live replay slices them: the model built
     from the pools' inits, compared with the window's first snapshot where the window begins (the
     pools of VMs gone by then dropped there), and with its last at its end. The result counts the
-    window's calls and drops only."""
+    window's calls and drops only; with it, what already differed when the window began (a
+    divergence or the pools' mismatches: then the window is not judged from power-on)."""
     assert window.initial is not None and window.final is not None and len(boot.ops) >= len(window.ops)
     start = len(boot.ops) - len(window.ops)
     replayer = Replayer({}, window.initial.kernel_version, pool_names(window))
-    before: list[str] = []
-    if replayer.feed(boot.ops[:start]) is None:
-        before = [f"before the window: {m}" for m in replayer.compare(_pools(window.initial))]
+    diverged = replayer.feed(boot.ops[:start])
+    before = [diverged.render()] if diverged is not None else replayer.compare(_pools(window.initial))
     mark = Mark(replayer.count, len(replayer.dropped), {k: dict(v) for k, v in replayer.per_pool.items()})
     final = _pools(window.final)
     after = replayer.compare(final) if replayer.feed(boot.ops[start:], final) is None else []
-    return _since(replayer, mark, before + after)
+    return _since(replayer, mark, after), before
 
 
 def _pools(snapshot: Snapshot) -> dict[int, Any]:

@@ -144,11 +144,26 @@ static u64 page_hash(const u8 *page, u64 pa, u64 *first_dirty)
 	return hash;
 }
 
-/* pages the hyp maps at its linear address: a hash of each of the first, where the rest are dirty */
+static bool hyp_maps(phys_addr_t pa)
+{
+	kvm_pte_t pte = 0;
+	pkh_level_t level;
+
+	return !kvm_pgtable_get_leaf(&pkvm_pgtable, (u64)hyp_phys_to_virt(pa), &pte, &level) && kvm_pte_valid(pte);
+}
+
+/*
+ * The pages as el2trace scans them: a hash of each of the first, where the rest are first dirty.
+ * Only pages the hyp maps are read (a donation whose mapping failed, a give-back the kernel will
+ * refuse: nothing is scanned); the caller holds pkvm_pgd_lock, so none is unmapped meanwhile.
+ */
 static void scan_pages(u64 pa, u64 nr_pages)
 {
 	u64 i, first = ~0ULL, n = min_t(u64, nr_pages, PKH_SCAN_MAX);
 
+	for (i = 0; i < n; i++)
+		if (!hyp_maps(pa + i * PAGE_SIZE))
+			return;
 	for (i = 0; i < n; i++) {
 		u64 at = pa + i * PAGE_SIZE;
 		u64 hash = page_hash(hyp_phys_to_virt(at), at, i >= PKH_SCAN_HASHED ? &first : NULL);
@@ -159,26 +174,12 @@ static void scan_pages(u64 pa, u64 nr_pages)
 	pkh_record(PKH_SCAN_END, pa, first, 0, (u32)n, 0);
 }
 
-static bool hyp_maps(phys_addr_t pa)
-{
-	kvm_pte_t pte = 0;
-	pkh_level_t level;
-
-	return !kvm_pgtable_get_leaf(&pkvm_pgtable, (u64)hyp_phys_to_virt(pa), &pte, &level) && kvm_pte_valid(pte);
-}
-
-/* before the hyp gives pages back (no lock held): only when it maps them all, as it must */
+/* before the hyp gives pages back, before it takes a lock of its own */
 void pkh_scan_hyp_pages(u64 pa, u64 nr_pages)
 {
-	u64 i, n = min_t(u64, nr_pages, PKH_SCAN_MAX);
-	bool mapped = true;
-
 	hyp_spin_lock(&pkvm_pgd_lock);
-	for (i = 0; i < n && mapped; i++)
-		mapped = hyp_maps(pa + i * PAGE_SIZE);
+	scan_pages(pa, nr_pages);
 	hyp_spin_unlock(&pkvm_pgd_lock);
-	if (mapped)
-		scan_pages(pa, nr_pages);
 }
 
 void pkh_transition(u8 fn, u64 pa, u64 nr_pages, int ret)
@@ -186,7 +187,7 @@ void pkh_transition(u8 fn, u64 pa, u64 nr_pages, int ret)
 	struct pkh_call *c = this_cpu_ptr(&pkh_call);
 
 	if (fn == PKH_DONATE_HYP && !ret)
-		scan_pages(pa, nr_pages);	/* now the hyp's and mapped: what the host gave */
+		scan_pages(pa, nr_pages);	/* now the hyp's: what the host gave (pkvm_pgd_lock held) */
 	if (c->in && !c->entry)
 		c->entry = pkh_record(PKH_HCALL, c->a1, c->a2, 0, (u32)c->id, (u32)c->a3);
 	pkh_record(PKH_XFER, c->in ? c->entry : 0, pa, fn, (u32)min_t(u64, nr_pages, U32_MAX), (u32)ret);
