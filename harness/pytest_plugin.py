@@ -408,9 +408,10 @@ def _transition_oracle(config: pytest.Config, target: Target, el2: Any) -> Any:
     from harness.el2.dump import DumpMemory
     from harness.el2.ring_transitions import RingTransitions
 
-    live = _recorder(config).live
-    if live is not None or el2 is None:
-        return live if el2 is not None else None
+    if el2 is None:
+        return None
+    if (live := _recorder(config).live) is not None:
+        return live
     if isinstance(target, Debugger) or not isinstance(el2.mem, DumpMemory) or not RingTransitions.available(el2):
         return None
     oracle = config.stash.get(RING_TRANSITIONS, None)

@@ -10,12 +10,12 @@ from typing import Any
 
 from harness.el2.state import Snapshot
 from harness.el2.tcg.probes import Layout
-from harness.el2.tcg.stream import Calls, Follower, HostCall
+from harness.el2.tcg.stream import Calls, Follower, judge_in_order
 from harness.el2.trace import Op, Trace, load, pools_from_json
 from harness.errors import UsageError
 from harness.model.guest_transitions import GUEST_FUNCTIONS
 from harness.model.replay import Divergence, Replayer, ReplayResult, replay
-from harness.model.transitions import Transition, TransitionChecker, snapshot_states
+from harness.model.transitions import TransitionChecker, snapshot_states
 
 
 def pool_names(trace: Trace) -> dict[int, str]:
@@ -29,8 +29,8 @@ def replay_trace(trace: Trace) -> ReplayResult:
     """Replay a live trace in the model, from its initial snapshot (or power-on) to its final one."""
     start = trace.initial if trace.initial is not None else trace.final
     assert start is not None, "a trace from power-on ends with a snapshot"
-    return replay({p.struct_pa: p for p in trace.initial.pools.values()} if trace.initial is not None else {},
-                  trace.ops, {p.struct_pa: p for p in trace.final.pools.values()} if trace.final else None,
+    return replay(_pools(trace.initial) if trace.initial is not None else {},
+                  trace.ops, _pools(trace.final) if trace.final else None,
                   start.kernel_version, pool_names(trace))
 
 
@@ -46,14 +46,19 @@ def replay_window(boot: Trace, window: Trace) -> tuple[ReplayResult, list[str]]:
     replayer = Replayer({}, window.initial.kernel_version, pool_names(window))
     diverged = replayer.feed(boot.ops[:start])
     before = [diverged.render()] if diverged is not None else replayer.compare(_pools(window.initial))
-    mark = Mark(replayer.count, len(replayer.dropped), {k: dict(v) for k, v in replayer.per_pool.items()})
+    mark = _mark(replayer)
     final = _pools(window.final)
     after = replayer.compare(final) if replayer.feed(boot.ops[start:], final) is None else []
     return _since(replayer, mark, after), before
 
 
 def _pools(snapshot: Snapshot) -> dict[int, Any]:
+    """A snapshot's pools as the model keys them: by their struct's PA."""
     return {p.struct_pa: p for p in snapshot.pools.values()}
+
+
+def _mark(replayer: Replayer) -> Mark:
+    return Mark(replayer.count, len(replayer.dropped), {k: dict(v) for k, v in replayer.per_pool.items()})
 
 
 def _since(replayer: Replayer, mark: Mark, mismatches: list[str]) -> ReplayResult:
@@ -141,12 +146,7 @@ class LiveReplay:
         self.replayer.feed(ops)
         self.host_calls_total += len(host_calls)
         transitions, self.calls.transitions = self.calls.transitions, []
-        events: list[Transition | HostCall] = [*transitions, *host_calls]
-        for event in sorted(events, key=lambda e: e.seq):
-            if isinstance(event, HostCall):
-                self.transitions.hypercall(event.entry_seq, event.name, event.args, event.result)
-            else:
-                self.transitions.transition(event)
+        judge_in_order(self.transitions, [*transitions, *host_calls])
 
     def check_transitions(self, snapshot: Snapshot) -> list[str]:
         """Every transition since the last check, judged, and the page states against `snapshot`
@@ -160,14 +160,13 @@ class LiveReplay:
         return self.replayer.divergence
 
     def mark(self) -> Mark:
-        return Mark(self.replayer.count, len(self.replayer.dropped),
-                    {k: dict(v) for k, v in self.replayer.per_pool.items()})
+        return _mark(self.replayer)
 
     def compare(self, snapshot: Snapshot) -> list[str]:
         """The models against a snapshot whose instant is the last poll's (taken while_paused)."""
         if self.replayer.divergence is not None:
             return []
-        return self.replayer.compare({p.struct_pa: p for p in snapshot.pools.values()})
+        return self.replayer.compare(_pools(snapshot))
 
     def since(self, mark: Mark, snapshot: Snapshot) -> ReplayResult:
         """What the model made of the calls since `mark`, compared at the end with `snapshot`."""

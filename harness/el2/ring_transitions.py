@@ -29,7 +29,7 @@ from harness.el2.dump import DumpMemory
 from harness.el2.ring import TRANSITIONS, Entry, RingLost, read
 from harness.el2.snapshot import El2Reader
 from harness.el2.state import Snapshot
-from harness.el2.tcg.stream import HOST_HCALL_BASE, HostCall
+from harness.el2.tcg.stream import HOST_HCALL_BASE, HostCall, judge_in_order
 from harness.model.transitions import PIN, UNPIN, PageScan, Transition, TransitionChecker, snapshot_states
 
 HCALL, HCALL_RET, XFER, SCAN, SCAN_END = 6, 7, 8, 9, 10           # enum pkh_kind
@@ -128,9 +128,5 @@ class RingTransitions:
                 return []
             return [f"the transitions since the last check were not judged: {e}; the model starts again here"]
         self.read_to = end
-        for event in self.calls.feed(entries):
-            if isinstance(event, HostCall):
-                self.transitions.hypercall(event.entry_seq, event.name, event.args, event.result)
-            else:
-                self.transitions.transition(event)
+        judge_in_order(self.transitions, self.calls.feed(entries))
         return self.transitions.compare(snapshot_states(snapshot))

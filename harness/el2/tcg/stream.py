@@ -25,7 +25,14 @@ from harness.el2.symbols import Field
 from harness.el2.tcg.probes import PAGE_SCANS, RESULT_REGS, SCAN_HASHED, TRAP, Layout
 from harness.el2.trace import Op
 from harness.model.guest_transitions import DONATE, FORCE_RECLAIM, GUEST_FUNCTIONS, RECLAIM, SHARE, UNSHARE
-from harness.model.transitions import HOST_HYP_FUNCTIONS, TRANSITION_OF, UNPIN, PageScan, Transition
+from harness.model.transitions import (
+    HOST_HYP_FUNCTIONS,
+    TRANSITION_OF,
+    UNPIN,
+    PageScan,
+    Transition,
+    TransitionChecker,
+)
 
 META, PROBE, COVER, STATS, VARS = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IBBHIIQQ")       # len, type, kind, fn, vcpu, failed, seq, pc
@@ -305,6 +312,16 @@ class Calls:
             return Op(seq, entry.vcpu, None, "split",
                       {"addr": ((x[0] - self.vmemmap) // self.layout.page_size) << 12})
         return None
+
+
+def judge_in_order(checker: TransitionChecker, events: Iterable[Transition | HostCall]) -> None:
+    """Transitions and host hypercalls to the checker, in order of their sequence numbers (a
+    hypercall's return settles the calls it made)."""
+    for event in sorted(events, key=lambda e: e.seq):
+        if isinstance(event, HostCall):
+            checker.hypercall(event.entry_seq, event.name, event.args, event.result)
+        else:
+            checker.transition(event)
 
 
 def _int(x0: int) -> int:
